@@ -1,0 +1,205 @@
+"""Stage-1 data: LLM templates, prompt sets (demo and the LVD benchmark) and the negative prompt.
+
+Templates are JSON files in ``templates/`` (``<version>.json``): a system message, worked
+examples and a caption prefix. Add a file there, or pass a path, to use your own template without
+touching code. Prompt sets are plain data built from the benchmark's word lists (reference spec 9).
+"""
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from utils.layout import normalize_prompt
+from utils.predicates import (LEFT_TO_RIGHT, RIGHT_TO_LEFT, AttributionCheck, Check, DynamicSpatialCheck,
+                              NumeracyCheck, SequentialCheck, VisibilityCheck)
+
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+DEFAULT_TEMPLATE_VERSION = "v0.1"
+
+# Used by every stage-2 method (spec 5.3).
+NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weird, abrupt"
+
+DEMO_PROMPTS = ("A bear walks from the left to the right",)
+
+
+# --------------------------------------------------------------------------------------------
+# Templates
+
+
+@dataclass(frozen=True)
+class Template:
+    version: str
+    system: str
+    examples: tuple[tuple[str, str], ...]  # (caption, response) pairs
+    caption_prefix: str = "Caption: "
+    num_keyframes: int = 6
+
+
+def available_templates() -> list[str]:
+    return sorted(path.stem for path in TEMPLATE_DIR.glob("*.json"))
+
+
+def load_template(version_or_path: str = DEFAULT_TEMPLATE_VERSION) -> Template:
+    """A template by version name (a file in ``templates/``) or by path to a JSON file."""
+    path = Path(version_or_path)
+    if not (path.suffix == ".json" and path.is_file()):
+        path = TEMPLATE_DIR / f"{version_or_path}.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no template {version_or_path!r}: expected one of {available_templates()} "
+                                f"(files in {TEMPLATE_DIR}) or a path to a JSON template file")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        return Template(version=data.get("version", path.stem), system=data["system"],
+                        examples=tuple((e["caption"], e["response"]) for e in data["examples"]),
+                        caption_prefix=data.get("caption_prefix", "Caption: "),
+                        num_keyframes=int(data.get("num_keyframes", 6)))
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"template {path} lacks a field: {error}; expected 'system' and "
+                         "'examples' [{'caption', 'response'}]") from None
+
+
+def build_messages(template: Template, prompt: str) -> list[dict[str, str]]:
+    """The chat: system, then (user caption, assistant layout) per example, then the caption."""
+    messages = [{"role": "system", "content": template.system}]
+    for caption, response in template.examples:
+        messages.append({"role": "user", "content": template.caption_prefix + caption})
+        messages.append({"role": "assistant", "content": response})
+    messages.append({"role": "user", "content": template.caption_prefix + normalize_prompt(prompt)})
+    return messages
+
+
+def format_messages(messages: list[dict[str, str]]) -> str:
+    """Messages as plain text, for pasting into a chat UI (manual mode)."""
+    return "\n\n".join(f"[{m['role']}]\n{m['content']}" for m in messages)
+
+
+# --------------------------------------------------------------------------------------------
+# The LVD benchmark (spec 9)
+
+PREFIX = "A realistic lively video of a scene"
+PREFIX_TOP_DOWN = "A realistic lively video of a top-down viewed scene"
+CLASSES = (("moving car", "car"), ("lively cat", "cat"), ("flying bird", "bird"),
+           ("moving ball", "ball"), ("walking dog", "dog"))
+BARE_CLASSES = tuple(bare for _, bare in CLASSES)
+COLORS = ("red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray")
+SEQUENTIAL_PATHS = (("lower left", "lower right", "upper right"), ("lower left", "upper left", "upper right"),
+                    ("lower right", "lower left", "upper left"), ("lower right", "upper right", "upper left"))
+
+
+@dataclass(frozen=True)
+class BenchmarkPrompt:
+    prompt: str
+    check: Check
+
+    @property
+    def task(self) -> str:
+        return self.check.task
+
+
+@functools.lru_cache(maxsize=1)
+def _inflect():
+    import inflect
+
+    return inflect.engine()
+
+
+def _query(noun_phrase: str) -> str:
+    return f"a photo of {_inflect().a(noun_phrase)}"
+
+
+def _numeracy() -> list[BenchmarkPrompt]:
+    p = _inflect()
+    items = []
+    for count in range(1, 5):
+        for obj, bare in CLASSES:
+            noun = obj if count == 1 else p.plural(obj)
+            prompt = f"{PREFIX} with {p.number_to_words(count)} {noun}"
+            items += [BenchmarkPrompt(prompt, NumeracyCheck(bare, count, (_query(bare),)))] * 5
+    return items
+
+
+def _attribution() -> list[BenchmarkPrompt]:
+    p = _inflect()
+    items = []
+    for seed in range(100):
+        rng = np.random.RandomState(seed)  # same stream as the reference's np.random.seed(seed)
+        color1, color2 = rng.choice(COLORS, 2, replace=False)
+        obj1, obj2 = rng.choice(BARE_CLASSES, 2, replace=False)
+        prompt = f"{PREFIX} with {p.a(color1)} {obj1} and {p.a(color2)} {obj2}"
+        names = (f"{color1} {obj1}", f"{color2} {obj2}")
+        items.append(BenchmarkPrompt(prompt, AttributionCheck(names, tuple(_query(n) for n in names))))
+    return items
+
+
+def _visibility() -> list[BenchmarkPrompt]:
+    p = _inflect()
+    items = []
+    for obj, bare in CLASSES:
+        for half, appears in (("second", True), ("first", False)):
+            prompt = f"{PREFIX} in which {p.a(obj)} appears only in the {half} half of the video"
+            items += [BenchmarkPrompt(prompt, VisibilityCheck(bare, appears, (_query(bare),)))] * 10
+    return items
+
+
+_DIRECTIONS = (("left", "right", LEFT_TO_RIGHT), ("right", "left", RIGHT_TO_LEFT))
+
+
+def _dynamic_spatial() -> list[BenchmarkPrompt]:
+    p = _inflect()
+    items = []
+    for bare in BARE_CLASSES:
+        for start, end, direction in _DIRECTIONS:
+            prompt = f"{PREFIX} with {p.a(bare)} moving from the {start} to the {end}"
+            items += [BenchmarkPrompt(prompt, DynamicSpatialCheck((bare,), direction, (_query(bare),)))] * 5
+    for seed in range(25):
+        rng = np.random.RandomState(seed)
+        for start, end, direction in _DIRECTIONS:
+            obj1, obj2 = rng.choice(BARE_CLASSES, 2, replace=False)
+            prompt = f"{PREFIX} with {p.a(obj1)} moving from the {start} of {p.a(obj2)} to its {end}"
+            check = DynamicSpatialCheck((str(obj1), str(obj2)), direction, (_query(obj1), _query(obj2)))
+            items.append(BenchmarkPrompt(prompt, check))
+    return items
+
+
+def _sequential() -> list[BenchmarkPrompt]:
+    p = _inflect()
+    items = []
+    for bare in BARE_CLASSES:
+        for first, second, third in SEQUENTIAL_PATHS:
+            prompt = (f"{PREFIX_TOP_DOWN} in which {p.a(bare)} initially on the {first} of the scene. "
+                      f"It first moves to the {second} of the scene and then moves to the {third} of the scene.")
+            check = SequentialCheck(bare, (first, second, third), (_query(bare),))
+            items += [BenchmarkPrompt(normalize_prompt(prompt), check)] * 5
+    return items
+
+
+_TASK_BUILDERS = {"numeracy": _numeracy, "attribution": _attribution, "visibility": _visibility,
+                  "dynamic_spatial": _dynamic_spatial, "sequential": _sequential}
+BENCHMARK_PROMPT_TYPES = {
+    "lvd": ("numeracy", "attribution", "visibility", "dynamic_spatial", "sequential"),
+    "lvd_static": ("numeracy", "attribution"),
+    "lvd_dynamic": ("visibility", "dynamic_spatial", "sequential"),
+    **{f"lvd_{task}": (task,) for task in _TASK_BUILDERS},
+}
+PROMPT_TYPES = ("demo", *BENCHMARK_PROMPT_TYPES)
+
+
+def get_benchmark(prompt_type: str = "lvd") -> list[BenchmarkPrompt]:
+    """The benchmark entries of a prompt type, in the reference order, repeats included."""
+    if prompt_type not in BENCHMARK_PROMPT_TYPES:
+        raise ValueError(f"unknown benchmark prompt type {prompt_type!r}; expected one of "
+                         f"{sorted(BENCHMARK_PROMPT_TYPES)}")
+    return [item for task in BENCHMARK_PROMPT_TYPES[prompt_type] for item in _TASK_BUILDERS[task]()]
+
+
+def get_prompts(prompt_type: str = "demo") -> list[str]:
+    """The prompt list of a prompt type, normalised (stripped, trailing periods removed)."""
+    if prompt_type == "demo":
+        return [normalize_prompt(p) for p in DEMO_PROMPTS]
+    if prompt_type not in BENCHMARK_PROMPT_TYPES:
+        raise ValueError(f"unknown prompt type {prompt_type!r}; expected one of {list(PROMPT_TYPES)}")
+    return [normalize_prompt(item.prompt) for item in get_benchmark(prompt_type)]
