@@ -1,0 +1,153 @@
+"""Stage 2: one video from a layout condition (or a bare prompt), a loaded model and the configs.
+
+The loop is the reference's (spec 5): DPM-Solver++ from the model's scheduler config, classifier-free
+guidance with the fixed negative prompt, latents reshaped to frames for the scheduler step, VAE
+decode frame by frame, frames as ``floor(255 * clip(x / 2 + 0.5, 0, 1))``. Before the CFG pass of
+each of the first ``max_index_step`` steps, LVD guidance (spec 4) moves the latents down the box
+energy of the conditional branch's cross-attention.
+
+Initial noise is drawn on the CPU in float32 from ``torch.Generator().manual_seed(seed)`` and then
+moved to the model's device and dtype, so a seed gives the same noise on every machine (the
+reference drew fp16 noise on the GPU, which is device-dependent).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from generation.config import GuidanceConfig, SamplingConfig
+from generation.energies import GuidanceTargets, compute_guidance_energy, prepare_guidance_targets
+from generation.guidance import GuidanceRecord, GuidanceSchedule
+from models.attention import AttentionRecorder, recording_attention, run_recorded_forward
+from utils.layout import LayoutCondition
+
+logger = logging.getLogger(__name__)
+
+StepCallback = Callable[[int, int], None]  # (step index, number of steps)
+
+
+@dataclass
+class VideoResult:
+    frames: np.ndarray                 # (F, H, W, 3) uint8 RGB
+    latents: torch.Tensor              # (1, 4, F, h, w) final latents before decoding, on the CPU
+    seed: int
+    prompt: str                        # the prompt the model saw
+    guidance_log: list[GuidanceRecord] = field(default_factory=list)
+
+
+def encode_prompts(model, prompts: list[str]) -> torch.Tensor:
+    """Prompts -> (n, 77, D) text embeddings (padded to 77 with the tokenizer's pad, truncated)."""
+    tokens = model.tokenizer(prompts, padding="max_length", max_length=model.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        return model.text_encoder(tokens.input_ids.to(model.device))[0].to(model.dtype)
+
+
+def prepare_latents(seed: int, num_frames: int, height: int, width: int, channels: int, device, dtype,
+                    vae_scale_factor: int = 8) -> torch.Tensor:
+    """(1, C, F, H/8, W/8) standard normal noise, drawn on the CPU in float32 (portable)."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    shape = (1, channels, num_frames, height // vae_scale_factor, width // vae_scale_factor)
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """(1, 4, F, h, w) latents -> (F, H, W, 3) float32 in [0, 1], one frame per VAE call."""
+    latents = latents / vae.config.scaling_factor
+    frames = latents[0].permute(1, 0, 2, 3)  # (F, 4, h, w)
+    with torch.no_grad():
+        images = torch.cat([vae.decode(frame[None]).sample for frame in frames])
+    return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+
+
+def frames_to_uint8(frames: torch.Tensor) -> np.ndarray:
+    """[0, 1] floats -> uint8 by truncation, as the reference does (``astype(uint8)`` of x * 255)."""
+    return (frames.cpu().numpy() * 255).astype(np.uint8)
+
+
+def _vae_scale_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def _make_energy_fn(model, recorder: AttentionRecorder, targets: GuidanceTargets, cond_embedding: torch.Tensor,
+                    timestep: torch.Tensor, guidance: GuidanceConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+    weights = guidance.energy_weights()
+
+    def energy_fn(latents: torch.Tensor) -> torch.Tensor:
+        maps = run_recorded_forward(model.unet, recorder, latents, timestep, encoder_hidden_states=cond_embedding)
+        if not guidance.record_object_tokens_only:
+            maps = {name: m.index_select(-1, targets.token_indices) for name, m in maps.items()}
+        return guidance.loss_scale * compute_guidance_energy(maps, targets, **weights)
+
+    return energy_fn
+
+
+def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
+                   condition: LayoutCondition | None = None, guidance: GuidanceConfig | None = None,
+                   step_callback: StepCallback | None = None) -> VideoResult:
+    """Generate one video.
+
+    ``model`` has ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``, ``device``, ``dtype``
+    (see ``models.loading.VideoModel``). With a ``condition`` the model sees ``condition.prompt`` (the
+    diffusion prompt with the background); with ``guidance`` too, LVD guidance runs on its boxes.
+    Baselines pass neither and the prompt is used as is.
+    """
+    unet, scheduler = model.unet, model.scheduler
+    device, dtype = model.device, model.dtype
+    text = condition.prompt if condition is not None else prompt
+    embeddings = encode_prompts(model, [sampling.negative_prompt, text])  # (2, 77, D): [uncond; cond]
+    latents = prepare_latents(seed, sampling.num_frames, sampling.height, sampling.width,
+                              unet.config.in_channels, device, dtype, _vae_scale_factor(model.vae))
+    scheduler.set_timesteps(sampling.num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+    latents = latents * scheduler.init_noise_sigma
+
+    schedule = None
+    if guidance is not None and condition is not None:
+        if not condition.phrases:
+            logger.warning("prompt %r: the layout has no objects; generating without guidance", prompt)
+        elif guidance.max_index_step > 0:
+            schedule = GuidanceSchedule(guidance)
+            targets = prepare_guidance_targets(condition.boxes_xyxy, condition.token_positions,
+                                               latents.shape[-2], latents.shape[-1], device)
+            recorder = AttentionRecorder(
+                guidance.guided_layers,
+                token_indices=targets.token_indices if guidance.record_object_tokens_only else None,
+                stop_when_complete=guidance.stop_after_last_guided_layer)
+            # Step sizes sqrt(1 - alpha_bar_t) for every step, computed once: no host sync in the loop.
+            alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
+            step_sizes = torch.sqrt(1 - alphas_cumprod[timesteps.cpu().long()]).to(device)
+
+    context = recording_attention(unet, recorder) if schedule is not None else contextlib.nullcontext()
+    with context:
+        for step_index, timestep in enumerate(timesteps):
+            if schedule is not None and step_index < guidance.max_index_step:
+                energy_fn = _make_energy_fn(model, recorder, targets, embeddings[1:], timestep, guidance)
+                latents = schedule.guide(latents, step_index, int(timestep), energy_fn, step_sizes[step_index])
+            with torch.no_grad():
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
+                noise = unet(model_input, timestep, encoder_hidden_states=embeddings, return_dict=False)[0]
+                noise_uncond, noise_cond = noise.chunk(2)
+                noise = noise_uncond + sampling.guidance_scale * (noise_cond - noise_uncond)
+                latents = _scheduler_step(scheduler, noise, timestep, latents)
+            if step_callback is not None:
+                step_callback(step_index, len(timesteps))
+
+    frames = frames_to_uint8(decode_latents(model.vae, latents))
+    return VideoResult(frames=frames, latents=latents.detach().cpu(), seed=seed, prompt=text,
+                       guidance_log=list(schedule.log) if schedule is not None else [])
+
+
+def _scheduler_step(scheduler, noise: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+    """The scheduler steps on (B*F, C, h, w), as the reference pipeline reshapes (spec 5.2)."""
+    batch, channels, frames, height, width = latents.shape
+    flat_latents = latents.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+    flat_noise = noise.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+    flat_latents = scheduler.step(flat_noise, timestep, flat_latents).prev_sample
+    return flat_latents.reshape(batch, frames, channels, height, width).permute(0, 2, 1, 3, 4)
+
