@@ -4,17 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from models.registry import LVD_GUIDED_LAYERS
 from prompt import NEGATIVE_PROMPT
-
-# The six spatial cross-attention layers LVD guides (spec 4.1), as module paths of the stock UNet3D.
-GUIDED_LAYERS = (
-    "down_blocks.1.attentions.0.transformer_blocks.0.attn2",
-    "down_blocks.2.attentions.0.transformer_blocks.0.attn2",
-    "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
-    "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
-    "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
-    "up_blocks.2.attentions.2.transformer_blocks.0.attn2",
-)
 
 STOP_CARRIED = "carried"    # reference rule: compare the carried loss; stop for good once below (spec 4.5)
 STOP_PER_STEP = "per-step"  # corrected rule (spec 15.2): recompute at every step, stop that step when below
@@ -51,7 +42,7 @@ class GuidanceConfig:
     com_loss_scale: float = 0.0
     use_ratio_based_loss: bool = False
     stop_rule: str = STOP_CARRIED
-    guided_layers: tuple[str, ...] = GUIDED_LAYERS
+    guided_layers: tuple[str, ...] = LVD_GUIDED_LAYERS  # spec 4.1
     # Efficiency switches that change no result; off reproduces the reference's work for comparison.
     stop_after_last_guided_layer: bool = True
     record_object_tokens_only: bool = True

@@ -33,6 +33,14 @@ class GuidanceRecord:
     loss: float        # loss_scale * L, what the threshold is compared with (divided by loss_scale)
 
 
+def compute_step_sizes(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """(steps,) float32 guidance step sizes ``sqrt(1 - alpha_bar_t)``, one per timestep (spec 4.5).
+
+    Computed once per video on the CPU, so the loop never indexes the CPU table with a device timestep.
+    """
+    return torch.sqrt(1 - alphas_cumprod.to(torch.float32)[timesteps.cpu().long()])
+
+
 def guidance_step(latents: torch.Tensor, energy_fn: Callable[[torch.Tensor], torch.Tensor],
                   step_size: torch.Tensor | float,
                   update_if: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:

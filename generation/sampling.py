@@ -22,7 +22,7 @@ import torch
 
 from generation.config import GuidanceConfig, SamplingConfig
 from generation.energies import GuidanceTargets, compute_guidance_energy, prepare_guidance_targets
-from generation.guidance import GuidanceRecord, GuidanceSchedule
+from generation.guidance import GuidanceRecord, GuidanceSchedule, compute_step_sizes
 from models.attention import AttentionRecorder, recording_attention, run_recorded_forward
 from utils.layout import LayoutCondition
 
@@ -97,7 +97,9 @@ def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
     diffusion prompt with the background); with ``guidance`` too, LVD guidance runs on its boxes.
     Baselines pass neither and the prompt is used as is.
     """
-    unet, scheduler = model.unet, model.scheduler
+    unet = model.unet
+    # A fresh scheduler per video: DPM-Solver keeps the previous model outputs as state.
+    scheduler = type(model.scheduler).from_config(model.scheduler.config)
     device, dtype = model.device, model.dtype
     text = condition.prompt if condition is not None else prompt
     embeddings = encode_prompts(model, [sampling.negative_prompt, text])  # (2, 77, D): [uncond; cond]
@@ -112,6 +114,7 @@ def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
         if not condition.phrases:
             logger.warning("prompt %r: the layout has no objects; generating without guidance", prompt)
         elif guidance.max_index_step > 0:
+            _check_condition(condition, sampling.num_frames)
             schedule = GuidanceSchedule(guidance)
             targets = prepare_guidance_targets(condition.boxes_xyxy, condition.token_positions,
                                                latents.shape[-2], latents.shape[-1], device)
@@ -119,9 +122,7 @@ def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
                 guidance.guided_layers,
                 token_indices=targets.token_indices if guidance.record_object_tokens_only else None,
                 stop_when_complete=guidance.stop_after_last_guided_layer)
-            # Step sizes sqrt(1 - alpha_bar_t) for every step, computed once: no host sync in the loop.
-            alphas_cumprod = scheduler.alphas_cumprod.to(torch.float32)
-            step_sizes = torch.sqrt(1 - alphas_cumprod[timesteps.cpu().long()]).to(device)
+            step_sizes = compute_step_sizes(scheduler.alphas_cumprod, timesteps).to(device)
 
     context = recording_attention(unet, recorder) if schedule is not None else contextlib.nullcontext()
     with context:
@@ -141,6 +142,17 @@ def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
     frames = frames_to_uint8(decode_latents(model.vae, latents))
     return VideoResult(frames=frames, latents=latents.detach().cpu(), seed=seed, prompt=text,
                        guidance_log=list(schedule.log) if schedule is not None else [])
+
+
+def _check_condition(condition: LayoutCondition, num_frames: int) -> None:
+    """Guidance needs token positions and one box per generated frame; say so instead of failing deep inside."""
+    if condition.token_positions is None:
+        raise ValueError(f"prompt {condition.prompt!r}: guidance needs the objects' token positions; build "
+                         "the condition with the model's tokenizer (build_condition(..., tokenizer=...))")
+    boxes_frames = condition.boxes_xyxy.shape[1]
+    if boxes_frames != num_frames:
+        raise ValueError(f"prompt {condition.prompt!r}: the layout has boxes for {boxes_frames} frames but "
+                         f"{num_frames} frames are generated; build the condition with num_frames={num_frames}")
 
 
 def _scheduler_step(scheduler, noise: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

@@ -181,13 +181,17 @@ def split_reply_sections(text: str, *, prompt: str = "",
 
     Follows the reference segmentation: the text after the first ``Frame 1:`` and before any
     second one is scanned for the labels in order; each section is stripped of whitespace and
-    backticks. Raises :class:`LayoutParseError` naming the first label that is missing.
+    backticks. Without a ``Frame 1:`` label the whole text is scanned, as in the reference (the
+    first frame is then whatever precedes ``Frame 2:``). Raises :class:`LayoutParseError` naming
+    the first label that is missing.
     """
     first = f"{frame_labels[0]}:"
     if first not in text:
-        raise LayoutParseError(f"no '{first}' label found", prompt=prompt, text=text)
-    pieces = text.split(first)
-    leading, remainder = pieces[0], pieces[1]
+        leading, remainder = "", text
+        pieces = [leading, remainder]
+    else:
+        pieces = text.split(first)
+        leading, remainder = pieces[0], pieces[1]
     if len(pieces) > 2:
         # Faithful: the reference keeps only the text between the first two occurrences.
         logger.warning("prompt %r: '%s' occurs %d times; text after the second one is ignored",
@@ -212,18 +216,28 @@ def parse_layout(text: str, prompt: str, *, frame_labels: Sequence[str] = FRAME_
     prompt = normalize_prompt(prompt)
     if not isinstance(text, str) or not text.strip():
         raise LayoutParseError("the reply is empty", prompt=prompt, text=str(text))
-    leading, frame_sections, background = split_reply_sections(
-        text, prompt=prompt, frame_labels=frame_labels)
-    frames = [_eval_frame_literal(section, prompt=prompt, label=label)
-              for label, section in zip(frame_labels, frame_sections)]
+    try:
+        leading, frame_sections, background = split_reply_sections(
+            text, prompt=prompt, frame_labels=frame_labels)
+        frames = [_eval_frame_literal(section, prompt=prompt, label=label)
+                  for label, section in zip(frame_labels, frame_sections)]
+    except LayoutParseError:
+        first = f"{frame_labels[0]}:"
+        if first in text:
+            raise
+        # The reference also reads a reply without the first label (spec 2.3, step 1); when
+        # that fails, the missing label is the error worth reporting.
+        raise LayoutParseError(f"no '{first}' label found", prompt=prompt, text=text) from None
     return build_layout_from_frames(frames, prompt=prompt, background=background, reasoning=leading)
 
 
-def _check_number(value: Any, *, what: str, prompt: str, where: str) -> float:
+def _check_number(value: Any, *, what: str, prompt: str, where: str, text: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LayoutValidationError(f"{what} must be a number, found {value!r}", prompt=prompt, where=where)
+        raise LayoutValidationError(f"{what} must be a number, found {value!r}", prompt=prompt, where=where,
+                                    text=text)
     if not math.isfinite(value):
-        raise LayoutValidationError(f"{what} must be finite, found {value!r}", prompt=prompt, where=where)
+        raise LayoutValidationError(f"{what} must be finite, found {value!r}", prompt=prompt, where=where,
+                                    text=text)
     return float(value)
 
 
@@ -271,11 +285,12 @@ def build_layout_from_frames(frames: Sequence[Any], *, prompt: str, background: 
             box = obj["box"]
             if not isinstance(box, (list, tuple)) or len(box) != 4:
                 raise LayoutValidationError(f"'box' must be [x, y, width, height], found {box!r}",
-                                            prompt=prompt, where=obj_where)
-            x, y, w, h = (_check_number(v, what="box value", prompt=prompt, where=obj_where) for v in box)
+                                            prompt=prompt, where=obj_where, text=repr(obj))
+            x, y, w, h = (_check_number(v, what="box value", prompt=prompt, where=obj_where, text=repr(obj))
+                          for v in box)
             if w < 0 or h < 0:
                 raise LayoutValidationError(f"box has a negative size: [x, y, w, h] = {list(box)}",
-                                            prompt=prompt, where=obj_where)
+                                            prompt=prompt, where=obj_where, text=repr(obj))
             if object_id in seen_in_frame:
                 logger.warning("prompt %r, %s: id %d appears twice; the later box is used",
                                prompt, where, object_id)
@@ -308,7 +323,8 @@ def validate_layout(layout: SceneLayout) -> None:
             raise LayoutValidationError(f"expected {layout.num_keyframes} keyframes, found "
                                         f"{len(track.keyframes)}", prompt=layout.prompt, where=where)
         if not track.keyframe_indices:
-            raise LayoutValidationError("object has a box in no frame", prompt=layout.prompt, where=where)
+            raise LayoutValidationError("object has a box in no frame", prompt=layout.prompt, where=where,
+                                        text=repr(track.keyframes))
         for frame_index, box in enumerate(track.keyframes):
             if box is None:
                 continue
@@ -378,15 +394,20 @@ def strip_phrase(phrase: str) -> str:
 
 
 def refine_phrase(phrase: str, prompt: str) -> str | None:
-    """The first of (phrase, stripped, last word, its plural) that occurs as a word in ``prompt``."""
+    """The first of (phrase, stripped, last word, its plural) that occurs as a word in ``prompt``.
+
+    Faithful: an empty candidate (a phrase of only digits and spaces) is tested like any other, and
+    ``\\b\\b`` matches any prompt with a word in it, so such a phrase refines to ``""``.
+    """
     stripped = strip_phrase(phrase)
     last_word = stripped.split(" ")[-1]
-    candidates = [phrase, stripped, last_word]
-    if last_word:
-        candidates.append(_inflect_engine().plural(last_word))
-    for candidate in candidates:
-        if candidate and _contains_word(candidate, prompt):
+    for candidate in (phrase, stripped, last_word):
+        if _contains_word(candidate, prompt):
             return candidate
+    # inflect rejects the empty string; the plural is only needed when the tests above failed.
+    plural = _inflect_engine().plural(last_word) if last_word else ""
+    if _contains_word(plural, prompt):
+        return plural
     return None
 
 
@@ -420,8 +441,12 @@ def compute_token_positions(prompt: str, phrases: Sequence[str], tokenizer,
             raise LayoutValidationError(f"phrase {phrase!r} does not occur in the diffusion prompt",
                                         prompt=prompt)
         phrase_tokens = tokenizer.convert_ids_to_tokens(tokenizer(refined).input_ids)[1:-1]
+        if not phrase_tokens:
+            # The reference went on with an empty position list, which breaks the energy later.
+            raise LayoutValidationError(f"phrase {phrase!r} refines to {refined!r}, which has no tokens to "
+                                        "guide; use a name with letters in it", prompt=prompt)
         phrase_str = " ".join(phrase_tokens)
-        index = token_map_str.find(phrase_str) if phrase_tokens else -1
+        index = token_map_str.find(phrase_str)
         if index < 0:
             raise LayoutValidationError(f"the tokens of phrase {phrase!r} ({phrase_str!r}) are not in "
                                         "the prompt's tokens", prompt=prompt)
@@ -431,6 +456,10 @@ def compute_token_positions(prompt: str, phrases: Sequence[str], tokenizer,
             raise LayoutValidationError(
                 f"phrase {phrase!r} sits at token positions {list(span)}, past the text encoder's "
                 f"{max_tokens}-token limit; shorten the prompt", prompt=prompt)
+        if span[-1] == max_tokens - 1:
+            # Kept for faithfulness: truncation puts EOS in the last slot, so this token is not the phrase's.
+            logger.warning("prompt %r: phrase %r reaches token position %d, which holds EOS once the prompt "
+                           "is truncated to %d tokens", prompt, phrase, span[-1], max_tokens)
         positions.append(span)
     return tuple(positions), token_map
 

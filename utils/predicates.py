@@ -117,7 +117,12 @@ def _at_location(box: np.ndarray, location: str) -> bool:
 
 def score_check(check: Check, phrases: Sequence[str], boxes_xyxy: np.ndarray) -> bool:
     """Judge tracks against a check. ``boxes_xyxy`` is (tracks, frames, 4), zeros where absent."""
-    boxes_xyxy = np.asarray(boxes_xyxy, dtype=np.float64).reshape(len(phrases), -1, 4)
+    boxes_xyxy = np.asarray(boxes_xyxy, dtype=np.float64)
+    if len(phrases) == 0 and boxes_xyxy.size == 0:
+        boxes_xyxy = boxes_xyxy.reshape(0, boxes_xyxy.shape[1] if boxes_xyxy.ndim == 3 else 0, 4)
+    if boxes_xyxy.ndim != 3 or boxes_xyxy.shape[0] != len(phrases) or boxes_xyxy.shape[2] != 4:
+        raise ValueError(f"expected boxes_xyxy of shape ({len(phrases)} tracks, frames, 4), one track per "
+                         f"phrase, found shape {boxes_xyxy.shape}")
     valid = compute_valid(boxes_xyxy)
     num_frames = boxes_xyxy.shape[1]
     last = num_frames - 1
@@ -146,12 +151,13 @@ def score_check(check: Check, phrases: Sequence[str], boxes_xyxy: np.ndarray) ->
         return (not in_first and in_second) if check.appears else (in_first and not in_second)
 
     if isinstance(check, DynamicSpatialCheck):
+        if check.direction not in (LEFT_TO_RIGHT, RIGHT_TO_LEFT):
+            raise ValueError(f"unknown direction {check.direction!r}; expected {LEFT_TO_RIGHT!r} or "
+                             f"{RIGHT_TO_LEFT!r}")
         indices = [find_track(phrases, [name]) for name in check.names]
         if any(index is None or not (valid[index, 0] and valid[index, last]) for index in indices):
             return False
         sign = 1.0 if check.direction == LEFT_TO_RIGHT else -1.0
-        if check.direction not in (LEFT_TO_RIGHT, RIGHT_TO_LEFT):
-            raise ValueError(f"unknown direction {check.direction!r}")
         if len(indices) == 1:
             start, end = (_center_x(boxes_xyxy[indices[0], f]) for f in (0, last))
             return sign * start < sign * end

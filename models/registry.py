@@ -1,0 +1,139 @@
+"""The `--run-model` choices as data (spec 1.5): which weights, resolution, frames and guided layers.
+
+Each choice is a frozen `RunModelSpec`. Methods (`lvd`, `baseline`, later `lvd-gligen`,
+`lvd-plus`) are plain strings, so a new method only adds entries to `RUN_MODELS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+
+# Latent = pixels / 8 for the SD-style VAE of ModelScope / Zeroscope (and of the tiny models).
+VAE_SCALE_FACTOR = 8
+
+# Spec 4.1: the six spatial cross-attention layers LVD guides, as stock diffusers module paths
+# (processor names minus ".processor"). Temporal `temp_attentions.*` / `transformer_in.*` never appear.
+LVD_GUIDED_LAYERS = (
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn2",
+    "down_blocks.2.attentions.0.transformer_blocks.0.attn2",
+    "down_blocks.2.attentions.1.transformer_blocks.0.attn2",
+    "up_blocks.1.attentions.0.transformer_blocks.0.attn2",
+    "up_blocks.1.attentions.1.transformer_blocks.0.attn2",
+    "up_blocks.2.attentions.2.transformer_blocks.0.attn2",
+)
+
+MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
+ZEROSCOPE_ID = "cerspense/zeroscope_v2_576w"
+# Folder names of the architecture configs (no weights) used for random-weight benchmarks.
+MODELSCOPE_CONFIG_DIR = "damo-vilab__text-to-video-ms-1.7b"
+ZEROSCOPE_CONFIG_DIR = "cerspense__zeroscope_v2_576w"
+
+# Tiny random-weight models: 128x128 video -> 16x16 latents -> guided maps 8x8 and 4x4
+# (ModelScope-256 has 32x32 latents and 16x16 / 8x8 maps). 8 frames keep a 40-step CFG run at a few seconds.
+TINY_HEIGHT = 128
+TINY_WIDTH = 128
+TINY_NUM_FRAMES = 8
+
+
+class RunModelError(ValueError):
+    """An unknown run-model name or a setting the run-model cannot use (e.g. too few frames)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RunModelSpec:
+    """One `--run-model` choice: the method and the video model it runs on.
+
+    `height`/`width` are the generation size in pixels. `guided_layers` are the module paths of the
+    cross-attention layers that attention guidance records (empty for methods without it).
+    `config_dir_name` names the architecture folder under shared/model-configs (random-weight benchmarks).
+    """
+
+    name: str
+    method: str
+    model_id: str | None
+    height: int
+    width: int
+    default_num_frames: int
+    min_num_frames: int = 1
+    revision: str | None = None
+    guided_layers: tuple[str, ...] = ()
+    tiny: bool = False
+    config_dir_name: str | None = None
+
+    @property
+    def latent_height(self) -> int:
+        return self.height // VAE_SCALE_FACTOR
+
+    @property
+    def latent_width(self) -> int:
+        return self.width // VAE_SCALE_FACTOR
+
+
+RUN_MODELS: tuple[RunModelSpec, ...] = (
+    # Reference: Zeroscope aborts when frames are unset (its LVD default, 16, is wrong for it).
+    # Defaulting to its native 24 frames changes no run the reference accepts.
+    RunModelSpec("lvd_zeroscope", "lvd", ZEROSCOPE_ID, 320, 576, default_num_frames=24, min_num_frames=24,
+                 guided_layers=LVD_GUIDED_LAYERS, config_dir_name=ZEROSCOPE_CONFIG_DIR),
+    RunModelSpec("lvd_modelscope256", "lvd", MODELSCOPE_ID, 256, 256, default_num_frames=16,
+                 guided_layers=LVD_GUIDED_LAYERS, config_dir_name=MODELSCOPE_CONFIG_DIR),
+    RunModelSpec("lvd_modelscope512", "lvd", MODELSCOPE_ID, 512, 512, default_num_frames=16,
+                 guided_layers=LVD_GUIDED_LAYERS, config_dir_name=MODELSCOPE_CONFIG_DIR),
+    RunModelSpec("zeroscope", "baseline", ZEROSCOPE_ID, 320, 576, default_num_frames=24, min_num_frames=24,
+                 config_dir_name=ZEROSCOPE_CONFIG_DIR),
+    RunModelSpec("modelscope_256", "baseline", MODELSCOPE_ID, 256, 256, default_num_frames=16,
+                 config_dir_name=MODELSCOPE_CONFIG_DIR),
+    RunModelSpec("modelscope", "baseline", MODELSCOPE_ID, 512, 512, default_num_frames=16,
+                 config_dir_name=MODELSCOPE_CONFIG_DIR),
+    # Tiny random-weight models for tests and demos (models/tiny.py); both build the same weights.
+    RunModelSpec("lvd_tiny", "lvd", None, TINY_HEIGHT, TINY_WIDTH, default_num_frames=TINY_NUM_FRAMES,
+                 guided_layers=LVD_GUIDED_LAYERS, tiny=True),
+    RunModelSpec("baseline_tiny", "baseline", None, TINY_HEIGHT, TINY_WIDTH, default_num_frames=TINY_NUM_FRAMES,
+                 tiny=True),
+)
+
+RUN_MODELS_BY_NAME: types.MappingProxyType[str, RunModelSpec] = types.MappingProxyType(
+    {spec.name: spec for spec in RUN_MODELS})
+
+# Names the reference accepts but cannot run, with what to use instead.
+_BROKEN_NAMES = {
+    "lvd": "the reference's bare `lvd` run-model is broken (it maps to no valid model); "
+           "use `lvd_modelscope256`, `lvd_modelscope512` or `lvd_zeroscope`",
+    "zeroscope_xl": "`zeroscope_xl` (Zeroscope + XL upsampling) is not a run-model here: "
+                    "generate with `zeroscope`, then upsample the videos (spec 11)",
+}
+
+
+def run_model_names() -> tuple[str, ...]:
+    """All valid run-model names, in registry order (for argparse `choices`)."""
+    return tuple(RUN_MODELS_BY_NAME)
+
+
+def get_run_model(name: str) -> RunModelSpec:
+    """The `RunModelSpec` called ``name``; raises `RunModelError` listing the choices otherwise."""
+    spec = RUN_MODELS_BY_NAME.get(name)
+    if spec is not None:
+        return spec
+    choices = ", ".join(RUN_MODELS_BY_NAME)
+    if name in _BROKEN_NAMES:
+        raise RunModelError(f"run-model {name!r} is not supported: {_BROKEN_NAMES[name]}. Choices: {choices}")
+    close = difflib.get_close_matches(name, list(RUN_MODELS_BY_NAME), n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    raise RunModelError(f"unknown run-model {name!r}.{hint} Choices: {choices}")
+
+
+def validate_num_frames(spec: RunModelSpec, num_frames: int | None) -> int:
+    """The number of frames to generate: ``num_frames``, or the run-model's default when None.
+
+    Raises `RunModelError` below the model's minimum (spec 1.2: Zeroscope needs at least 24 frames).
+    """
+    if num_frames is None:
+        return spec.default_num_frames
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int):
+        raise RunModelError(f"num_frames must be an integer, got {num_frames!r} ({type(num_frames).__name__})")
+    if num_frames < spec.min_num_frames:
+        raise RunModelError(
+            f"run-model {spec.name!r} needs num_frames >= {spec.min_num_frames}, got {num_frames}"
+            + (" (Zeroscope was trained on 24-frame clips)" if spec.min_num_frames == 24 else "")
+        )
+    return num_frames

@@ -1,0 +1,174 @@
+"""The stage-1 layout cache: LLM replies per prompt, in the published LVD format.
+
+On disk (``LVD-CACHE-FORMAT.md``): one JSON object mapping a prompt to the list of its reply
+strings, written as ``json.dump(obj, f, indent=4)`` (ASCII-escaped, no trailing newline, keys in
+insertion order). The published caches load and re-serialise byte-identically.
+
+Reads are by (prompt, occurrence): the k-th time a prompt occurs in a prompt list it reads reply k
+(:func:`occurrence_indices`). That is what the reference's per-key cursors give for a full pass,
+but unlike them it also holds for a shard of the list (``--skip_first_prompts``/``--num_prompts``,
+spec 15.3), and needs no cursor state.
+
+Writes append. Each append takes an exclusive ``flock`` on a lock file next to the cache
+(``.<name>.lock``), re-reads the file, appends and rewrites it atomically (temp file + rename), so
+two processes adding to one file lose nothing and a crash mid-write leaves the old file intact.
+Replies are stored as received: the reference stored a reconstruction that truncated some
+background keywords (spec 2.3); the text as received parses to the same layout.
+
+File names: ``cache_<prompt type without "lmd_">_<template version>_<model>.json``. A "/" in a
+model name (``Qwen/Qwen2.5-7B-Instruct``, as vLLM names models) becomes ``__``.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+from utils.io import atomic_write_text
+
+DEFAULT_CACHE_DIR = Path("cache")
+JSON_INDENT = 4  # the published format
+
+
+class CacheFormatError(ValueError):
+    """A cache file is not a JSON object of prompt -> list of reply strings."""
+
+
+def sanitize_model_name(model: str) -> str:
+    """A model name made safe for a file name: "/" becomes "__" (no other change)."""
+    return model.replace("/", "__")
+
+
+def cache_file_name(prompt_type: str, template_version: str, model: str) -> str:
+    return f"cache_{prompt_type.replace('lmd_', '')}_{template_version}_{sanitize_model_name(model)}.json"
+
+
+def cache_path(prompt_type: str, template_version: str, model: str,
+               cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR) -> Path:
+    """``<cache_dir>/cache_<type>_<version>_<model>.json`` (spec 1.3); ``model`` is the full name."""
+    return Path(cache_dir) / cache_file_name(prompt_type, template_version, model)
+
+
+def occurrence_indices(prompts: Sequence[str]) -> list[int]:
+    """For each position, how many times its prompt occurred before: ["a", "b", "a"] -> [0, 0, 1]."""
+    seen: dict[str, int] = {}
+    indices = []
+    for prompt in prompts:
+        indices.append(seen.get(prompt, 0))
+        seen[prompt] = indices[-1] + 1
+    return indices
+
+
+def select_window(num_items: int, skip_first: int = 0, num: int | None = None) -> range:
+    """The indices ``[skip_first, skip_first + num)`` of a prompt list of ``num_items`` (a shard)."""
+    if skip_first < 0 or (num is not None and num < 0):
+        raise ValueError(f"skip_first_prompts and num_prompts must be >= 0, found {skip_first} and {num}")
+    stop = num_items if num is None else min(num_items, skip_first + num)
+    return range(min(skip_first, num_items), stop)
+
+
+def serialize_cache(entries: dict[str, list[str]]) -> str:
+    """The published on-disk text of a cache."""
+    return json.dumps(entries, indent=JSON_INDENT)
+
+
+def parse_cache(text: str, source: str = "<string>") -> dict[str, list[str]]:
+    """Cache text -> dict, checking the shape (raises :class:`CacheFormatError`)."""
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise CacheFormatError(f"{source}: not valid JSON ({error})") from None
+    if not isinstance(entries, dict):
+        raise CacheFormatError(f"{source}: expected a JSON object of prompt -> list of replies, "
+                               f"found {type(entries).__name__}")
+    for prompt, replies in entries.items():
+        if not isinstance(replies, list) or not all(isinstance(r, str) for r in replies):
+            raise CacheFormatError(f"{source}: the value of prompt {prompt!r} must be a list of strings, "
+                                   f"found {json.dumps(replies)[:120]}")
+    return entries
+
+
+def load_cache_entries(path: str | os.PathLike) -> dict[str, list[str]]:
+    """The entries of a cache file; an absent file is an empty cache."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    return parse_cache(text, str(path))
+
+
+def lock_path_for(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def locked(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock for ``path`` (released on exit, or when the process dies)."""
+    lock_path = lock_path_for(path)
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+class LayoutCache:
+    """A cache file and its entries. ``entries`` is the state at the last load or append."""
+
+    def __init__(self, path: str | os.PathLike, entries: dict[str, list[str]] | None = None):
+        self.path = Path(path)
+        self.entries: dict[str, list[str]] = {} if entries is None else entries
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "LayoutCache":
+        return cls(path, load_cache_entries(path))
+
+    def reload(self) -> None:
+        self.entries = load_cache_entries(self.path)
+
+    def get(self, prompt: str, occurrence: int = 0) -> str | None:
+        """Reply ``occurrence`` of ``prompt``, or None (a miss)."""
+        replies = self.entries.get(prompt, ())
+        return replies[occurrence] if 0 <= occurrence < len(replies) else None
+
+    def num_replies(self, prompt: str) -> int:
+        return len(self.entries.get(prompt, ()))
+
+    def __len__(self) -> int:
+        """The number of replies (not keys)."""
+        return sum(len(replies) for replies in self.entries.values())
+
+    def append(self, prompt: str, reply: str) -> int:
+        """Add a reply for ``prompt`` and save; returns its occurrence index.
+
+        Under the lock the file is re-read first, so replies other processes added meanwhile are
+        kept (and show up in ``entries``).
+        """
+        return self.extend([(prompt, reply)])[0]
+
+    def extend(self, items: Iterable[tuple[str, str]]) -> list[int]:
+        """Add several (prompt, reply) pairs with one locked rewrite; returns their occurrence indices."""
+        items = list(items)
+        for prompt, reply in items:
+            if not isinstance(prompt, str) or not isinstance(reply, str):
+                raise TypeError(f"cache items must be (str, str), found ({type(prompt).__name__}, "
+                                f"{type(reply).__name__})")
+        if not items:
+            return []
+        with locked(self.path):
+            entries = load_cache_entries(self.path)
+            indices = []
+            for prompt, reply in items:
+                replies = entries.setdefault(prompt, [])
+                replies.append(reply)
+                indices.append(len(replies) - 1)
+            atomic_write_text(self.path, serialize_cache(entries))
+        self.entries = entries
+        return indices
