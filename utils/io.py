@@ -8,6 +8,11 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
+# mkstemp creates 0600 files; final files follow the process umask like any other written file.
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+_FILE_MODE = 0o666 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -20,6 +25,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
+    os.chmod(tmp_name, _FILE_MODE)
     tmp_path = Path(tmp_name)
     try:
         yield tmp_path
