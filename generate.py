@@ -127,6 +127,16 @@ def build_configs(args, spec):
     return sampling, guidance
 
 
+def build_gligen_config(args, spec):
+    """GligenConfig for grounded run-models (lvd-gligen, lvd-plus), else None (spec 6.1: beta defaults to 1.0)."""
+    if not spec.grounded:
+        return None
+    from models.gligen import GligenConfig
+
+    beta = args.gligen_scheduled_sampling_beta
+    return GligenConfig() if beta is None else GligenConfig(scheduled_sampling_beta=beta)
+
+
 def _work_items(prompts: list[str], args) -> list[tuple[int, int, str, int]]:
     """(pass, running index, prompt, occurrence) in the window, over all ``--regenerate`` passes."""
     from utils.cache import occurrence_indices
@@ -190,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = get_run_model(args.run_model)
         sampling, guidance = build_configs(args, spec)
+        gligen = build_gligen_config(args, spec)
     except (RunModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.regenerate > 1 and args.skip_first_prompts != 0:
         print("error: --regenerate > 1 needs --skip_first_prompts 0", file=sys.stderr)
         return 2
-    if args.gligen_scheduled_sampling_beta is not None and spec.method not in ("lvd-gligen", "lvd-plus"):
+    if args.gligen_scheduled_sampling_beta is not None and not spec.grounded:
         print(f"error: --gligen_scheduled_sampling_beta does not apply to {spec.name!r}", file=sys.stderr)
         return 2
     uses_layout = spec.method in LAYOUT_METHODS
@@ -244,8 +255,8 @@ def main(argv: list[str] | None = None) -> int:
     if spec.tiny:
         print(f"note: {spec.name} is a tiny random-weight model; its videos are noise (it exercises the code paths)")
     if state.is_main_process:
-        _write_run_config(run_dir, args, spec, sampling, guidance, llm_model, model, state.num_processes)
-    return _generate_all(my_items, args, spec, model, sampling, guidance, cache, run_dir, state)
+        _write_run_config(run_dir, args, spec, sampling, guidance, llm_model, model, state.num_processes, gligen)
+    return _generate_all(my_items, args, spec, model, sampling, guidance, cache, run_dir, state, gligen)
 
 
 def _dry_run(items, cache, uses_layout) -> int:
@@ -270,7 +281,8 @@ def _dry_run(items, cache, uses_layout) -> int:
     return 1 if missing else 0
 
 
-def _write_run_config(run_dir: Path, args, spec, sampling, guidance, llm_model, model, num_processes) -> None:
+def _write_run_config(run_dir: Path, args, spec, sampling, guidance, llm_model, model, num_processes,
+                      gligen=None) -> None:
     import diffusers
     import torch
     import transformers
@@ -284,6 +296,7 @@ def _write_run_config(run_dir: Path, args, spec, sampling, guidance, llm_model, 
         "llm_model": llm_model,
         "sampling": dataclasses.asdict(sampling),
         "guidance": dataclasses.asdict(guidance) if guidance is not None else None,
+        "gligen": dataclasses.asdict(gligen) if gligen is not None else None,
         "device": str(model.device), "dtype": str(model.dtype), "num_processes": num_processes,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                      "transformers": transformers.__version__},
@@ -292,7 +305,7 @@ def _write_run_config(run_dir: Path, args, spec, sampling, guidance, llm_model, 
     path = run_dir / "config.json"
     if path.exists():
         previous = json.loads(path.read_text())
-        keys = ("run_model", "sampling", "guidance", "prompt_type", "template_version", "llm_model")
+        keys = ("run_model", "sampling", "guidance", "gligen", "prompt_type", "template_version", "llm_model")
         changed = [k for k in keys if json.dumps(previous.get(k), default=str) != json.dumps(config[k], default=str)]
         if changed:
             logger.warning("resuming %s with different settings (%s); the old config is kept as config.previous.json",
@@ -301,7 +314,7 @@ def _write_run_config(run_dir: Path, args, spec, sampling, guidance, llm_model, 
     atomic_write_json(path, json.loads(json.dumps(config, default=str)))
 
 
-def _generate_all(items, args, spec, model, sampling, guidance, cache, run_dir, state) -> int:
+def _generate_all(items, args, spec, model, sampling, guidance, cache, run_dir, state, gligen=None) -> int:
     import torch
     from tqdm import tqdm
 
@@ -349,7 +362,7 @@ def _generate_all(items, args, spec, model, sampling, guidance, cache, run_dir, 
                              position=position + state.num_processes, dynamic_ncols=True)
                 start = time.perf_counter()
                 result = generate_video(model, prompt, sampling, seed, condition=condition, guidance=guidance,
-                                        step_callback=lambda i, n: steps.update(1))
+                                        gligen=gligen, step_callback=lambda i, n: steps.update(1))
                 steps.close()
                 _save_outputs(result, prompt_dir, repeat_index, args, condition, time.perf_counter() - start)
                 counts["videos"] += 1

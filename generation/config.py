@@ -46,6 +46,8 @@ class GuidanceConfig:
     # Efficiency switches that change no result; off reproduces the reference's work for comparison.
     stop_after_last_guided_layer: bool = True
     record_object_tokens_only: bool = True
+    # Keep the guided pass's saved activations in host memory (slower, same result): for 24 GB cards.
+    low_memory: bool = False
 
     def __post_init__(self):
         if self.stop_rule not in STOP_RULES:

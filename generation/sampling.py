@@ -24,6 +24,8 @@ from generation.config import GuidanceConfig, SamplingConfig
 from generation.energies import GuidanceTargets, compute_guidance_energy, prepare_guidance_targets
 from generation.guidance import GuidanceRecord, GuidanceSchedule, compute_step_sizes
 from models.attention import AttentionRecorder, recording_attention, run_recorded_forward
+from models.gligen import (GligenConfig, build_gligen_objects, count_grounded_steps, fuser_state_restored,
+                           is_grounded, set_fusers_enabled)
 from utils.layout import LayoutCondition
 
 logger = logging.getLogger(__name__)
@@ -79,7 +81,11 @@ def _make_energy_fn(model, recorder: AttentionRecorder, targets: GuidanceTargets
     weights = guidance.energy_weights()
 
     def energy_fn(latents: torch.Tensor) -> torch.Tensor:
-        maps = run_recorded_forward(model.unet, recorder, latents, timestep, encoder_hidden_states=cond_embedding)
+        # --low-memory keeps the tensors saved for the backward pass in (pinned) host memory.
+        offload = guidance.low_memory and latents.device.type == "cuda"
+        with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
+            maps = run_recorded_forward(model.unet, recorder, latents, timestep,
+                                        encoder_hidden_states=cond_embedding)
         if not guidance.record_object_tokens_only:
             maps = {name: m.index_select(-1, targets.token_indices) for name, m in maps.items()}
         return guidance.loss_scale * compute_guidance_energy(maps, targets, **weights)
@@ -89,13 +95,15 @@ def _make_energy_fn(model, recorder: AttentionRecorder, targets: GuidanceTargets
 
 def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
                    condition: LayoutCondition | None = None, guidance: GuidanceConfig | None = None,
-                   step_callback: StepCallback | None = None) -> VideoResult:
+                   gligen: GligenConfig | None = None, step_callback: StepCallback | None = None) -> VideoResult:
     """Generate one video.
 
     ``model`` has ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``, ``device``, ``dtype``
     (see ``models.loading.VideoModel``). With a ``condition`` the model sees ``condition.prompt`` (the
     diffusion prompt with the background); with ``guidance`` too, LVD guidance runs on its boxes.
-    Baselines pass neither and the prompt is used as is.
+    With ``gligen`` (a grounded UNet, spec 6), the CFG pass gets the condition's boxes and phrases as
+    GLIGEN objects, with the fusers on for the first ``int(beta * steps)`` steps; guided passes get
+    none (spec 4.7). Baselines pass none of these and the prompt is used as is.
     """
     unet = model.unet
     # A fresh scheduler per video: DPM-Solver keeps the previous model outputs as state.
@@ -110,11 +118,14 @@ def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
     latents = latents * scheduler.init_noise_sigma
 
     schedule = None
+    if guidance is not None and condition is None:
+        logger.warning("prompt %r: guidance is configured but no layout condition was given; "
+                       "generating without guidance", prompt)
     if guidance is not None and condition is not None:
         if not condition.phrases:
             logger.warning("prompt %r: the layout has no objects; generating without guidance", prompt)
         elif guidance.max_index_step > 0:
-            _check_condition(condition, sampling.num_frames)
+            _check_condition(condition, sampling.num_frames, embeddings.shape[1])
             schedule = GuidanceSchedule(guidance)
             targets = prepare_guidance_targets(condition.boxes_xyxy, condition.token_positions,
                                                latents.shape[-2], latents.shape[-1], device)
@@ -124,15 +135,23 @@ def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
                 stop_when_complete=guidance.stop_after_last_guided_layer)
             step_sizes = compute_step_sizes(scheduler.alphas_cumprod, timesteps).to(device)
 
+    gligen_kwargs = _prepare_gligen(model, prompt, sampling.num_frames, condition, gligen)
+    if gligen_kwargs is not None:
+        num_grounded_steps = count_grounded_steps(gligen.scheduled_sampling_beta, len(timesteps))
+
     context = recording_attention(unet, recorder) if schedule is not None else contextlib.nullcontext()
-    with context:
+    fusers = fuser_state_restored(unet) if gligen_kwargs is not None else contextlib.nullcontext()
+    with context, fusers:
         for step_index, timestep in enumerate(timesteps):
+            if gligen_kwargs is not None:  # scheduled sampling (spec 6.1)
+                set_fusers_enabled(unet, step_index < num_grounded_steps)
             if schedule is not None and step_index < guidance.max_index_step:
                 energy_fn = _make_energy_fn(model, recorder, targets, embeddings[1:], timestep, guidance)
                 latents = schedule.guide(latents, step_index, int(timestep), energy_fn, step_sizes[step_index])
             with torch.no_grad():
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
-                noise = unet(model_input, timestep, encoder_hidden_states=embeddings, return_dict=False)[0]
+                noise = unet(model_input, timestep, encoder_hidden_states=embeddings,
+                             cross_attention_kwargs=gligen_kwargs, return_dict=False)[0]
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise = noise_uncond + sampling.guidance_scale * (noise_cond - noise_uncond)
                 latents = _scheduler_step(scheduler, noise, timestep, latents)
@@ -144,8 +163,31 @@ def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
                        guidance_log=list(schedule.log) if schedule is not None else [])
 
 
-def _check_condition(condition: LayoutCondition, num_frames: int) -> None:
-    """Guidance needs token positions and one box per generated frame; say so instead of failing deep inside."""
+def _prepare_gligen(model, prompt: str, num_frames: int, condition: LayoutCondition | None,
+                    gligen: GligenConfig | None) -> dict | None:
+    """``cross_attention_kwargs`` of the CFG pass: ``{"gligen": {"objs": (2 * F, max_objects, C)}}``, or None.
+
+    The objects depend only on the layout, so they are computed once per video.
+    """
+    if gligen is None:
+        if condition is not None and is_grounded(model.unet):
+            logger.warning("prompt %r: the UNet has GLIGEN fusers but no GLIGEN config was given; its fusers "
+                           "get no objects", prompt)
+        return None
+    if condition is None:
+        logger.warning("prompt %r: GLIGEN is configured but no layout condition was given; generating without "
+                       "GLIGEN objects", prompt)
+        return None
+    if condition.num_frames != num_frames:
+        raise ValueError(f"prompt {condition.prompt!r}: the layout has boxes for {condition.num_frames} frames but "
+                         f"{num_frames} frames are generated; build the condition with num_frames={num_frames}")
+    objects = build_gligen_objects(model, condition.boxes_xyxy, condition.phrases, gligen.max_objects)
+    return {"gligen": {"objs": objects}}
+
+
+def _check_condition(condition: LayoutCondition, num_frames: int, num_tokens: int) -> None:
+    """Guidance needs token positions inside the text embedding and one box per generated frame; say so
+    instead of failing deep inside the energy (the reference has no such guard, spec 15.9)."""
     if condition.token_positions is None:
         raise ValueError(f"prompt {condition.prompt!r}: guidance needs the objects' token positions; build "
                          "the condition with the model's tokenizer (build_condition(..., tokenizer=...))")
@@ -153,6 +195,11 @@ def _check_condition(condition: LayoutCondition, num_frames: int) -> None:
     if boxes_frames != num_frames:
         raise ValueError(f"prompt {condition.prompt!r}: the layout has boxes for {boxes_frames} frames but "
                          f"{num_frames} frames are generated; build the condition with num_frames={num_frames}")
+    for phrase, positions in zip(condition.phrases, condition.token_positions):
+        if any(position >= num_tokens for position in positions):
+            raise ValueError(f"prompt {condition.prompt!r}: object {phrase!r} has token positions "
+                             f"{list(positions)}, past the {num_tokens}-token text embedding (the prompt is "
+                             "truncated there); shorten the prompt or the phrase suffixes")
 
 
 def _scheduler_step(scheduler, noise: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

@@ -55,19 +55,20 @@ class AttentionRecorder:
 
 
 class RecordingAttnProcessor:
-    """SDPA when its recorder is off; the explicit, recorded path of spec 4.2 when it is on."""
+    """The replaced processor when its recorder is off; the explicit, recorded path of spec 4.2 when on."""
 
-    def __init__(self, recorder: AttentionRecorder, layer_name: str):
+    def __init__(self, recorder: AttentionRecorder, layer_name: str, fallback=None):
         self.recorder = recorder
         self.layer_name = layer_name
-        self.fast_processor = AttnProcessor2_0()
+        # The processor it replaces runs while the recorder is off, so unguided passes are unchanged.
+        self.fallback = fallback if fallback is not None else AttnProcessor2_0()
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor,
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
                  *args, **kwargs) -> torch.Tensor:
         if not self.recorder.enabled:
-            return self.fast_processor(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb,
                                        *args, **kwargs)
         if encoder_hidden_states is None or attn.spatial_norm is not None or attn.group_norm is not None \
                 or hidden_states.ndim != 3 or attention_mask is not None:
@@ -110,7 +111,8 @@ def recording_attention(unet: torch.nn.Module, recorder: AttentionRecorder) -> I
     previous = dict(unet.attn_processors)
     installed = dict(previous)
     for name in recorder.layer_names:
-        installed[f"{name}.processor"] = RecordingAttnProcessor(recorder, name)
+        key = f"{name}.processor"
+        installed[key] = RecordingAttnProcessor(recorder, name, fallback=previous[key])
     unet.set_attn_processor(installed)
     try:
         yield recorder

@@ -8,6 +8,7 @@ failure without network) so other model loaders (OWL-ViT, upsampler, GLIGEN) can
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, HFValidationError, LocalEntryNotFoundError
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from models.registry import RunModelSpec
+from models.registry import GLIGEN_CROSS_ATTENTION_DIM, RunModelSpec
 from models.tokenizer import load_tokenizer
 
 try:  # the HTTP client huggingface_hub uses (renamed httpx2 in recent releases)
@@ -203,14 +204,16 @@ def _call_with_deadline(fn: Callable[[], _T], timeout_s: float) -> _T:
     return outcome["value"]
 
 
-def _missing_weights_message(model_id: str | None, tried: Sequence[str], reason: str) -> str:
+def _missing_weights_message(model_id: str | None, tried: Sequence[str], reason: str,
+                             revision: str | None = None) -> str:
     """What was looked for, where, why it failed, and the ways to fix it."""
     name = model_id or "the model"
     fixes = []
     if model_id:
-        fixes.append(f"download it on a machine with internet (`hf download {model_id}`, the huggingface_hub "
+        download = f"hf download {model_id}" + (f" --revision {revision}" if revision else "")
+        fixes.append(f"download it on a machine with internet (`{download}`, the huggingface_hub "
                      "CLI) and copy the HF cache here or point HF_HUB_CACHE at the copy")
-        fixes.append(f"or download it to a folder (`hf download {model_id} --local-dir DIR`) and pass "
+        fixes.append(f"or download it to a folder (`{download} --local-dir DIR`) and pass "
                      "`--model-path DIR` (model_path=DIR)")
     else:
         fixes.append("pass `--model-path DIR` (model_path=DIR) pointing at a folder with the model files")
@@ -232,19 +235,20 @@ def resolve_model_folder(model_id: str | None, model_path: str | os.PathLike | N
     ``hub_timeout_s`` (+1 s). ``required_files`` are glob patterns that must exist in the folder;
     ``weight_folders`` are subfolders ("" = the top) that must each hold a .safetensors or .bin file.
     """
+    message = functools.partial(_missing_weights_message, revision=revision)
     if model_path is not None:
         folder = Path(model_path).expanduser()
         if not folder.is_dir():
-            raise MissingWeightsError(_missing_weights_message(
+            raise MissingWeightsError(message(
                 model_id, [f"model path {folder}"], "the model path is not a folder"))
         missing = find_missing_files(folder, required_files, weight_folders)
         if missing:
-            raise MissingWeightsError(_missing_weights_message(
+            raise MissingWeightsError(message(
                 model_id, [f"model path {folder}"], "missing " + ", ".join(missing)))
         return folder
 
     if not model_id:
-        raise MissingWeightsError(_missing_weights_message(None, ["nothing"], "no model id and no model path given"))
+        raise MissingWeightsError(message(None, ["nothing"], "no model id and no model path given"))
     cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_hub_cache_dir()
     cache_entry = cache_dir / ("models--" + model_id.replace("/", "--"))
     tried = [f"HF cache {cache_entry}" + (f" (revision {revision})" if revision else "")]
@@ -255,7 +259,7 @@ def resolve_model_folder(model_id: str | None, model_path: str | os.PathLike | N
     except LocalEntryNotFoundError:
         folder = None
     except HFValidationError as exc:
-        raise MissingWeightsError(_missing_weights_message(
+        raise MissingWeightsError(message(
             model_id, tried, f"{model_id!r} is not a valid hub model id ({exc})")) from exc
     if folder is not None:
         missing = find_missing_files(folder, required_files, weight_folders)
@@ -265,7 +269,7 @@ def resolve_model_folder(model_id: str | None, model_path: str | os.PathLike | N
 
     if local_files_only or is_hub_offline():
         mode = "HF_HUB_OFFLINE is set" if is_hub_offline() else "local_files_only=True"
-        raise MissingWeightsError(_missing_weights_message(model_id, tried, f"{cached_problem} and {mode}"))
+        raise MissingWeightsError(message(model_id, tried, f"{cached_problem} and {mode}"))
 
     endpoint = hub_endpoint()
     tried.append(f"hub {endpoint}/{model_id}")
@@ -275,7 +279,7 @@ def resolve_model_folder(model_id: str | None, model_path: str | os.PathLike | N
             lambda: HfApi(endpoint=endpoint).model_info(model_id, revision=revision, timeout=hub_timeout_s),
             hub_timeout_s + 1.0)
     except (HfHubHTTPError, _HubTransportError, OSError, ValueError) as exc:
-        raise MissingWeightsError(_missing_weights_message(
+        raise MissingWeightsError(message(
             model_id, tried, f"{cached_problem} and the hub is unreachable or refused ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})")) from exc
     filenames = [sibling.rfilename for sibling in (info.siblings or [])]
@@ -284,11 +288,11 @@ def resolve_model_folder(model_id: str | None, model_path: str | os.PathLike | N
         folder = Path(snapshot_download(model_id, revision=revision, cache_dir=cache_dir, endpoint=endpoint,
                                         allow_patterns=select_hub_files(filenames)))
     except (HfHubHTTPError, _HubTransportError, OSError, ValueError) as exc:
-        raise MissingWeightsError(_missing_weights_message(
+        raise MissingWeightsError(message(
             model_id, tried, f"{cached_problem} and the download failed ({type(exc).__name__}: {exc})")) from exc
     missing = find_missing_files(folder, required_files, weight_folders)
     if missing:
-        raise MissingWeightsError(_missing_weights_message(
+        raise MissingWeightsError(message(
             model_id, tried + [f"downloaded copy {folder}"], "the repo lacks " + ", ".join(missing)))
     return folder
 
@@ -338,11 +342,21 @@ def load_dpm_scheduler(folder: str | os.PathLike) -> DPMSolverMultistepScheduler
     return DPMSolverMultistepScheduler.from_config(config)
 
 
-def load_components_from_folder(folder: Path, dtype: torch.dtype) -> dict[str, Any]:
-    """Load unet / vae / text_encoder / tokenizer / scheduler from a hub-like folder (no network)."""
+def load_components_from_folder(folder: Path, dtype: torch.dtype, *, grounded: bool = False,
+                                cross_attention_dim: int | None = None) -> dict[str, Any]:
+    """Load unet / vae / text_encoder / tokenizer / scheduler from a hub-like folder (no network).
+
+    ``grounded``: the UNet is the GLIGEN one of LVD-GLIGEN / LVD-plus (models/gligen.py, loaded
+    strictly; its config must say ``attention_type: "gated"`` and, unless None, ``cross_attention_dim``).
+    """
     try:
-        unet = UNet3DConditionModel.from_pretrained(str(folder), subfolder="unet", dtype=dtype,
-                                                    local_files_only=True)
+        if grounded:
+            from models.gligen import load_grounded_unet  # lazy: models.gligen imports this module
+
+            unet = load_grounded_unet(folder, dtype, cross_attention_dim=cross_attention_dim)
+        else:
+            unet = UNet3DConditionModel.from_pretrained(str(folder), subfolder="unet", dtype=dtype,
+                                                        local_files_only=True)
         vae = AutoencoderKL.from_pretrained(str(folder), subfolder="vae", dtype=dtype, local_files_only=True)
         text_encoder = CLIPTextModel.from_pretrained(str(folder / "text_encoder"), dtype=dtype,
                                                      local_files_only=True)
@@ -375,12 +389,14 @@ def load_video_model(spec: RunModelSpec, model_path: str | os.PathLike | None = 
     dtype = resolve_dtype(dtype, device)
     if spec.tiny and model_path is None:
         from models import tiny  # lazy: models.tiny imports this module
-        components = tiny.build_tiny_components(seed)
+        components = tiny.build_tiny_components(seed, grounded=spec.grounded)
         source = f"tiny random weights (seed {seed})"
     else:
         folder = resolve_video_model_folder(spec, model_path, local_files_only=local_files_only,
                                             cache_dir=cache_dir)
         logger.info("loading %s from %s (%s, %s)", spec.model_id or spec.name, folder, device, dtype)
-        components = load_components_from_folder(folder, dtype)
+        components = load_components_from_folder(
+            folder, dtype, grounded=spec.grounded,
+            cross_attention_dim=None if spec.tiny else GLIGEN_CROSS_ATTENTION_DIM)  # published adapters: 1024
         source = str(folder)
     return assemble_video_model(components, device, dtype, spec, source)

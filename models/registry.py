@@ -1,7 +1,7 @@
 """The `--run-model` choices as data (spec 1.5): which weights, resolution, frames and guided layers.
 
-Each choice is a frozen `RunModelSpec`. Methods (`lvd`, `baseline`, later `lvd-gligen`,
-`lvd-plus`) are plain strings, so a new method only adds entries to `RUN_MODELS`.
+Each choice is a frozen `RunModelSpec`. Methods (`lvd`, `baseline`, `lvd-gligen`, `lvd-plus`)
+are plain strings, so a new method only adds entries to `RUN_MODELS`.
 """
 from __future__ import annotations
 
@@ -25,6 +25,15 @@ LVD_GUIDED_LAYERS = (
 
 MODELSCOPE_ID = "damo-vilab/text-to-video-ms-1.7b"
 ZEROSCOPE_ID = "cerspense/zeroscope_v2_576w"
+# The IGLIGEN adapters (spec 1.5, 6): ModelScope / Zeroscope UNets with GLIGEN fusers (models/gligen.py).
+LVD_GLIGEN_MODELSCOPE_ID = "longlian/text-to-video-lvd-ms"
+LVD_GLIGEN_ZEROSCOPE_ID = "longlian/text-to-video-lvd-zs"
+# LVD-plus loads the ModelScope adapter from this revision (no hub pipeline code; spec 6.2).
+LVD_PLUS_REVISION = "weights_only"
+# Methods whose UNet carries GLIGEN fusers and a position net.
+GROUNDED_METHODS = ("lvd-gligen", "lvd-plus")
+# cross_attention_dim of the published adapters' UNets: the OpenCLIP-H text width of ModelScope / Zeroscope.
+GLIGEN_CROSS_ATTENTION_DIM = 1024
 # Folder names of the architecture configs (no weights) used for random-weight benchmarks.
 MODELSCOPE_CONFIG_DIR = "damo-vilab__text-to-video-ms-1.7b"
 ZEROSCOPE_CONFIG_DIR = "cerspense__zeroscope_v2_576w"
@@ -62,6 +71,11 @@ class RunModelSpec:
     config_dir_name: str | None = None
 
     @property
+    def grounded(self) -> bool:
+        """Whether the UNet is the grounded (GLIGEN) one (models/gligen.py)."""
+        return self.method in GROUNDED_METHODS
+
+    @property
     def latent_height(self) -> int:
         return self.height // VAE_SCALE_FACTOR
 
@@ -79,6 +93,14 @@ RUN_MODELS: tuple[RunModelSpec, ...] = (
                  guided_layers=LVD_GUIDED_LAYERS, config_dir_name=MODELSCOPE_CONFIG_DIR),
     RunModelSpec("lvd_modelscope512", "lvd", MODELSCOPE_ID, 512, 512, default_num_frames=16,
                  guided_layers=LVD_GUIDED_LAYERS, config_dir_name=MODELSCOPE_CONFIG_DIR),
+    # LVD-GLIGEN (spec 6.1): no attention guidance. Zeroscope needs >= 24 frames as for LVD.
+    RunModelSpec("lvd-gligen_modelscope256", "lvd-gligen", LVD_GLIGEN_MODELSCOPE_ID, 256, 256, default_num_frames=16,
+                 config_dir_name=MODELSCOPE_CONFIG_DIR),
+    RunModelSpec("lvd-gligen_zeroscope", "lvd-gligen", LVD_GLIGEN_ZEROSCOPE_ID, 320, 576, default_num_frames=24,
+                 min_num_frames=24, config_dir_name=ZEROSCOPE_CONFIG_DIR),
+    # LVD-plus (spec 6.2): GLIGEN plus the section-4 guidance with the LVD defaults.
+    RunModelSpec("lvd-plus_modelscope256", "lvd-plus", LVD_GLIGEN_MODELSCOPE_ID, 256, 256, default_num_frames=16,
+                 revision=LVD_PLUS_REVISION, guided_layers=LVD_GUIDED_LAYERS, config_dir_name=MODELSCOPE_CONFIG_DIR),
     RunModelSpec("zeroscope", "baseline", ZEROSCOPE_ID, 320, 576, default_num_frames=24, min_num_frames=24,
                  config_dir_name=ZEROSCOPE_CONFIG_DIR),
     RunModelSpec("modelscope_256", "baseline", MODELSCOPE_ID, 256, 256, default_num_frames=16,
@@ -90,6 +112,11 @@ RUN_MODELS: tuple[RunModelSpec, ...] = (
                  guided_layers=LVD_GUIDED_LAYERS, tiny=True),
     RunModelSpec("baseline_tiny", "baseline", None, TINY_HEIGHT, TINY_WIDTH, default_num_frames=TINY_NUM_FRAMES,
                  tiny=True),
+    # Tiny grounded UNet (the lvd_tiny UNet plus tiny fusers and position net); both build the same weights.
+    RunModelSpec("lvd-gligen_tiny", "lvd-gligen", None, TINY_HEIGHT, TINY_WIDTH, default_num_frames=TINY_NUM_FRAMES,
+                 tiny=True),
+    RunModelSpec("lvd-plus_tiny", "lvd-plus", None, TINY_HEIGHT, TINY_WIDTH, default_num_frames=TINY_NUM_FRAMES,
+                 guided_layers=LVD_GUIDED_LAYERS, tiny=True),
 )
 
 RUN_MODELS_BY_NAME: types.MappingProxyType[str, RunModelSpec] = types.MappingProxyType(
@@ -99,6 +126,8 @@ RUN_MODELS_BY_NAME: types.MappingProxyType[str, RunModelSpec] = types.MappingPro
 _BROKEN_NAMES = {
     "lvd": "the reference's bare `lvd` run-model is broken (it maps to no valid model); "
            "use `lvd_modelscope256`, `lvd_modelscope512` or `lvd_zeroscope`",
+    "lvd-gligen": "the reference's bare `lvd-gligen` run-model is broken (it maps to no valid model); "
+                  "use `lvd-gligen_modelscope256` or `lvd-gligen_zeroscope`",
     "zeroscope_xl": "`zeroscope_xl` (Zeroscope + XL upsampling) is not a run-model here: "
                     "generate with `zeroscope`, then upsample the videos (spec 11)",
 }

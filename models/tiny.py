@@ -107,7 +107,11 @@ TINY_MODEL_INDEX = types.MappingProxyType({
     "vae": ["diffusers", "AutoencoderKL"],
 })
 # Each component gets its own seed derived from the model seed, so their weights are independent.
-_SEED_OFFSETS = {"unet": 0, "vae": 1, "text_encoder": 2}
+# The GLIGEN modules of the grounded UNet have their own, so its stock part equals the tiny UNet.
+_SEED_OFFSETS = {"unet": 0, "vae": 1, "text_encoder": 2, "gligen": 3}
+# Gate value (alpha_attn, alpha_dense) of the tiny grounded UNet's fusers. diffusers initialises the
+# gates to 0 (fusers are no-ops); trained adapters have non-zero gates, so the tiny model does too.
+TINY_FUSER_GATE = 1.0
 
 
 def build_dpm_scheduler(ddim_config: dict[str, Any] | types.MappingProxyType | None = None
@@ -130,6 +134,20 @@ def build_tiny_unet(seed: int = 0) -> UNet3DConditionModel:
                          lambda: UNet3DConditionModel.from_config(dict(TINY_UNET_CONFIG)))
 
 
+def build_tiny_grounded_unet(seed: int = 0, fuser_gate: float = TINY_FUSER_GATE) -> UNet3DConditionModel:
+    """The tiny UNet (same weights as `build_tiny_unet(seed)`) plus GLIGEN fusers and a position net
+    (positive_len = the tiny text width), seeded; every fuser gate set to ``fuser_gate``."""
+    from models.gligen import attach_gligen_modules, fuser_modules
+
+    unet = build_tiny_unet(seed)
+    _seeded_build(seed + _SEED_OFFSETS["gligen"], lambda: attach_gligen_modules(unet))
+    with torch.no_grad():
+        for fuser in fuser_modules(unet).values():
+            fuser.alpha_attn.fill_(fuser_gate)
+            fuser.alpha_dense.fill_(fuser_gate)
+    return unet
+
+
 def build_tiny_vae(seed: int = 0) -> AutoencoderKL:
     return _seeded_build(seed + _SEED_OFFSETS["vae"], lambda: AutoencoderKL.from_config(dict(TINY_VAE_CONFIG)))
 
@@ -139,10 +157,13 @@ def build_tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
                          lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG)))
 
 
-def build_tiny_components(seed: int = 0) -> dict[str, Any]:
-    """Tiny fp32 CPU components (unet, vae, text_encoder, tokenizer, scheduler); same seed, same weights."""
+def build_tiny_components(seed: int = 0, *, grounded: bool = False) -> dict[str, Any]:
+    """Tiny fp32 CPU components (unet, vae, text_encoder, tokenizer, scheduler); same seed, same weights.
+
+    ``grounded``: the UNet has GLIGEN fusers and a position net (LVD-GLIGEN / LVD-plus).
+    """
     return {
-        "unet": build_tiny_unet(seed),
+        "unet": build_tiny_grounded_unet(seed) if grounded else build_tiny_unet(seed),
         "vae": build_tiny_vae(seed),
         "text_encoder": build_tiny_text_encoder(seed),
         "tokenizer": build_clip_tokenizer(),
@@ -152,26 +173,29 @@ def build_tiny_components(seed: int = 0) -> dict[str, Any]:
 
 def build_tiny_video_model(seed: int = 0, device: str | torch.device | None = "cpu",
                            dtype: str | torch.dtype | None = None, spec: RunModelSpec | None = None) -> VideoModel:
-    """A tiny random-weight `VideoModel` (default: CPU, fp32). ``spec`` defaults to `lvd_tiny`."""
+    """A tiny random-weight `VideoModel` (default: CPU, fp32). ``spec`` defaults to `lvd_tiny`; a
+    grounded spec (`lvd-gligen_tiny`, `lvd-plus_tiny`) gives the grounded UNet."""
     device = resolve_device(device)
     dtype = resolve_dtype(dtype, device)
-    return assemble_video_model(build_tiny_components(seed), device, dtype,
-                                spec if spec is not None else get_run_model("lvd_tiny"),
+    spec = spec if spec is not None else get_run_model("lvd_tiny")
+    return assemble_video_model(build_tiny_components(seed, grounded=spec.grounded), device, dtype, spec,
                                 f"tiny random weights (seed {seed})")
 
 
-def save_tiny_model(folder: str | os.PathLike, seed: int = 0, *, overwrite: bool = False) -> Path:
+def save_tiny_model(folder: str | os.PathLike, seed: int = 0, *, overwrite: bool = False,
+                    grounded: bool = False) -> Path:
     """Write a tiny model as a hub-like folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/,
     model_index.json) that `load_video_model(spec, model_path=folder)` loads.
 
     The folder is written next to its destination and renamed into place, so it is never half-written.
-    The scheduler folder holds ModelScope's DDIM config, as the real repos do.
+    The scheduler folder holds ModelScope's DDIM config, as the real repos do. ``grounded`` saves the
+    grounded UNet (its config with ``attention_type: "gated"``), as a lvd-gligen / lvd-plus spec loads it.
     """
     folder = Path(folder)
     if folder.exists() and not overwrite:
         raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it")
     folder.parent.mkdir(parents=True, exist_ok=True)
-    components = build_tiny_components(seed)
+    components = build_tiny_components(seed, grounded=grounded)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         for name in ("unet", "vae", "text_encoder", "tokenizer"):
@@ -189,12 +213,16 @@ def save_tiny_model(folder: str | os.PathLike, seed: int = 0, *, overwrite: bool
 
 def build_random_model_from_configs(config_dir: str | os.PathLike, dtype: str | torch.dtype | None = None,
                                     device: str | torch.device | None = None, seed: int = 0,
-                                    spec: RunModelSpec | None = None) -> VideoModel:
+                                    spec: RunModelSpec | None = None, grounded: bool | None = None) -> VideoModel:
     """A full-size random-weight `VideoModel` from a config folder laid out like a hub repo
     (shared/model-configs/<name>/: unet/, vae/, text_encoder/ configs, optional tokenizer/, scheduler/).
 
     For benchmarks without weights. Modules are built directly on ``device`` (the 1.4B UNet takes
     minutes on CPU); ``device="meta"`` builds the architecture without memory or initialisation.
+    ``grounded`` builds the GLIGEN UNet of LVD-GLIGEN / LVD-plus on the base model's config (the
+    adapters keep the base architecture); None: when ``spec`` is grounded or the UNet config says
+    ``attention_type: "gated"``. Its fuser gates keep diffusers' initialisation (0); set them to
+    benchmark with active fusers (the cost is the same either way).
     """
     config_dir = Path(config_dir)
     device = torch.device(device) if str(device) == "meta" else resolve_device(device)
@@ -211,11 +239,18 @@ def build_random_model_from_configs(config_dir: str | os.PathLike, dtype: str | 
         return _seeded_build(component_seed, build_here, device)
 
     unet_config = UNet3DConditionModel.load_config(str(config_dir / "unet"))
+    if grounded is None:
+        grounded = (spec is not None and spec.grounded) or unet_config.get("attention_type") == "gated"
+    if grounded:
+        from models.gligen import build_grounded_unet
+
+        build_unet = lambda: build_grounded_unet(unet_config)  # noqa: E731
+    else:
+        build_unet = lambda: UNet3DConditionModel.from_config(unet_config)  # noqa: E731
     vae_config = AutoencoderKL.load_config(str(config_dir / "vae"))
     text_config = CLIPTextConfig.from_json_file(str(config_dir / "text_encoder" / "config.json"))
     # Cast each component right after building it to bound peak memory.
-    unet = cast_module(build_on_device(seed + _SEED_OFFSETS["unet"],
-                                       lambda: UNet3DConditionModel.from_config(unet_config)), dtype)
+    unet = cast_module(build_on_device(seed + _SEED_OFFSETS["unet"], build_unet), dtype)
     vae = cast_module(build_on_device(seed + _SEED_OFFSETS["vae"],
                                       lambda: AutoencoderKL.from_config(vae_config)), dtype)
     text_encoder = cast_module(build_on_device(seed + _SEED_OFFSETS["text_encoder"],

@@ -1,0 +1,251 @@
+"""Upsampling generated videos to high resolution (spec 11): Zeroscope v2 XL video-to-video, and the
+SDXL refiner frame by frame.
+
+Zeroscope XL (`refine_video_zeroscope_xl`) refines the whole video at once, as diffusers'
+(deprecated) ``VideoToVideoSDPipeline`` does, which the reference used; the loop here is our own and
+reproduces that pipeline (tests/test_upsample.py):
+- frames (already resized to the target size) -> [-1, 1] -> VAE encode (one frame per call),
+  a sample of the posterior, times the VAE scaling factor;
+- the DPM-Solver++ timesteps truncated by ``strength`` as diffusers' img2img ``get_timesteps`` does:
+  the last ``int(steps * strength)`` of ``steps`` timesteps;
+- noise added at the first kept timestep; posterior sample and noise both drawn from one CPU generator
+  seeded with ``seed`` (the reference's ``torch.manual_seed(seed)``), in the model dtype;
+- CFG with the negative prompt, the scheduler step on (frames, 4, h, w), decode one frame per call,
+  ``floor(255 * clip(x / 2 + 0.5, 0, 1))``.
+
+The SDXL refiner (`refine_frames_sdxl`) runs diffusers' ``StableDiffusionXLImg2ImgPipeline`` on each
+frame. [quirk] Each frame gets a generator re-seeded with the same seed (spec 11, 15.11), so every frame
+gets the same noise; the reference does this, possibly on purpose (it keeps frames consistent).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
+
+from generation.sampling import StepCallback, _scheduler_step, decode_latents, encode_prompts, frames_to_uint8
+from utils.video_io import validate_frames
+
+logger = logging.getLogger(__name__)
+
+# Spec 11 defaults.
+UPSAMPLE_NEGATIVE_PROMPT = ("dull, gray, unrealistic, colorless, drawing, painting, crayon, sketch, graphite, "
+                            "impressionist, noisy, blurry, soft, deformed, ugly")
+DEFAULT_STRENGTH = 0.35
+DEFAULT_SEED = 1
+CHAINED_SDXL_STRENGTH = 0.1          # --use_zssdxl: SDXL after Zeroscope XL
+HORIZONTAL_SIZE = (576, 1024)        # (height, width) with --horizontal: Zeroscope XL's native size
+SQUARE_SIZE = (1024, 1024)           # (height, width) otherwise
+GIF_FPS = 8.0                        # 125 ms per frame
+MP4_FPS = 8.01
+ZEROSCOPE_XL = "zsxl"
+SDXL = "sdxl"
+UPSAMPLERS = (ZEROSCOPE_XL, SDXL)
+
+FrameCallback = Callable[[int, int], None]  # (frame index, number of frames)
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """One image-to-image / video-to-video refinement. Use the presets `zeroscope_xl_refine_config` and
+    `sdxl_refine_config` for each model's defaults (the stock pipelines' defaults, spec 11)."""
+
+    strength: float = DEFAULT_STRENGTH           # spec 11
+    num_inference_steps: int = 50                # stock pipeline default (spec 11)
+    guidance_scale: float = 15.0                 # VideoToVideoSDPipeline default; SDXL's is 5.0
+    negative_prompt: str | None = UPSAMPLE_NEGATIVE_PROMPT
+    seed: int = DEFAULT_SEED                     # spec 11
+
+    def __post_init__(self):
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1], found {self.strength}")
+        if self.num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps must be at least 1, found {self.num_inference_steps}")
+        if int(self.num_inference_steps * self.strength) < 1:
+            raise ValueError(f"strength {self.strength} with {self.num_inference_steps} steps leaves no denoising "
+                             f"step (int(steps * strength) = 0); raise the strength or the number of steps")
+
+
+def zeroscope_xl_refine_config(**overrides) -> RefineConfig:
+    """Zeroscope XL: strength 0.35, 50 steps, guidance 15.0, spec 11's negative prompt, seed 1."""
+    return RefineConfig(**overrides)
+
+
+def sdxl_refine_config(**overrides) -> RefineConfig:
+    """SDXL refiner: strength 0.35, 50 steps, guidance 5.0, seed 1, no negative prompt (spec 11 passes
+    only the prompt, the frame and the strength to this pipeline)."""
+    return RefineConfig(**{"guidance_scale": 5.0, "negative_prompt": None, **overrides})
+
+
+@dataclass
+class RefineResult:
+    frames: np.ndarray          # (F, H, W, 3) uint8 RGB
+    latents: torch.Tensor       # (1, 4, F, h, w) final latents before decoding, on the CPU
+    seed: int
+    prompt: str
+
+
+# ---------------------------------------------------------------------------------------------
+# Sizes, names, frames
+
+
+def compute_target_size(horizontal: bool, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+    """(height, width) of the upsampled video: 576x1024 with ``horizontal``, else 1024x1024 (spec 11);
+    ``height`` / ``width`` override either. Both must be positive multiples of 8 (the VAE factor)."""
+    default_height, default_width = HORIZONTAL_SIZE if horizontal else SQUARE_SIZE
+    height = default_height if height is None else height
+    width = default_width if width is None else width
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % 8:
+            raise ValueError(f"{name} must be a positive multiple of 8 (the VAE downsamples by 8), found {value}")
+    return height, width
+
+
+def resize_frames(frames: np.ndarray, height: int, width: int) -> np.ndarray:
+    """(F, H, W, 3) uint8 -> (F, height, width, 3) uint8 with PIL's LANCZOS filter (spec 11).
+    Frames already at that size are returned unchanged."""
+    validate_frames(frames)
+    if frames.shape[1:3] == (height, width):
+        return frames
+    return np.stack([np.asarray(Image.fromarray(frame).resize((width, height), Image.LANCZOS)) for frame in frames])
+
+
+def format_strength(strength: float) -> str:
+    """The strength as the reference's file names write it (Python's ``str`` of the float: 0.1, 0.5, 1.0)."""
+    return str(float(strength))
+
+
+def upsampled_video_stem(video_path: str | Path, upsampler: str, strength: float) -> Path:
+    """``<video>_<upsampler>`` for the default strength 0.35, else ``<video>_<upsampler>_s<strength>``
+    (spec 11), next to the input. ``video_path`` is the input's joblib path (or any path with a suffix)."""
+    if upsampler not in UPSAMPLERS:
+        raise ValueError(f"unknown upsampler {upsampler!r}; expected one of {UPSAMPLERS}")
+    video_path = Path(video_path)
+    suffix = f"_{upsampler}" if strength == DEFAULT_STRENGTH else f"_{upsampler}_s{format_strength(strength)}"
+    return video_path.with_name(video_path.stem + suffix)
+
+
+def frames_to_model_input(frames: np.ndarray) -> torch.Tensor:
+    """(F, H, W, 3) uint8 -> (F, 3, H, W) float32 in [-1, 1], as diffusers' image processor does."""
+    images = torch.from_numpy(np.ascontiguousarray(frames)).to(torch.float32) / 255.0
+    return 2.0 * images.permute(0, 3, 1, 2) - 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Zeroscope XL video-to-video
+
+
+def compute_img2img_timesteps(scheduler, num_inference_steps: int, strength: float, device=None) -> torch.Tensor:
+    """Set ``scheduler``'s timesteps and return the last ``int(steps * strength)`` of them, and set the
+    scheduler's begin index there (diffusers' img2img ``get_timesteps``)."""
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    num_kept = min(int(num_inference_steps * strength), num_inference_steps)
+    start = max(num_inference_steps - num_kept, 0) * scheduler.order
+    if hasattr(scheduler, "set_begin_index"):
+        scheduler.set_begin_index(start)
+    return scheduler.timesteps[start:]
+
+
+def encode_video_latents(vae, frames: np.ndarray, generator: torch.Generator, device, dtype) -> torch.Tensor:
+    """(F, H, W, 3) uint8 -> (F, 4, H/8, W/8): a posterior sample times the scaling factor.
+
+    One VAE call over all frames: with slicing on, the VAE encodes one frame at a time, and the
+    posterior is sampled in one draw as the reference pipeline does.
+    """
+    video = frames_to_model_input(frames).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        posterior = vae.encode(video).latent_dist
+    return vae.config.scaling_factor * posterior.sample(generator)
+
+
+def refine_video_zeroscope_xl(model, frames: np.ndarray, prompt: str, config: RefineConfig, *,
+                              step_callback: StepCallback | None = None) -> RefineResult:
+    """Refine a video with Zeroscope XL (video-to-video), at the frames' size.
+
+    ``model`` is a `models.loading.VideoModel` (see `models.upsamplers.load_zeroscope_xl`); ``frames``
+    (F, H, W, 3) uint8 are already at the target size (`resize_frames`). Returns (F, H, W, 3) uint8.
+    """
+    validate_frames(frames)
+    device, dtype = model.device, model.dtype
+    scheduler = model.make_scheduler()  # fresh: DPM-Solver keeps state
+    use_cfg = config.guidance_scale > 1.0  # as the pipeline: no unconditional pass at scale <= 1
+    if use_cfg:
+        embeddings = encode_prompts(model, [config.negative_prompt or "", prompt])  # (2, 77, D): [uncond; cond]
+    else:
+        embeddings = encode_prompts(model, [prompt])                                # (1, 77, D)
+    generator = torch.Generator("cpu").manual_seed(config.seed)
+    timesteps = compute_img2img_timesteps(scheduler, config.num_inference_steps, config.strength, device)
+
+    init_latents = encode_video_latents(model.vae, frames, generator, device, dtype)       # (F, 4, h, w)
+    noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+    noisy = scheduler.add_noise(init_latents, noise, timesteps[:1])
+    latents = noisy[None].permute(0, 2, 1, 3, 4)                                            # (1, 4, F, h, w)
+
+    for step_index, timestep in enumerate(timesteps):
+        with torch.no_grad():
+            model_input = torch.cat([latents] * 2) if use_cfg else latents
+            model_input = scheduler.scale_model_input(model_input, timestep)
+            noise_pred = model.unet(model_input, timestep, encoder_hidden_states=embeddings, return_dict=False)[0]
+            if use_cfg:
+                noise_uncond, noise_cond = noise_pred.chunk(2)
+                noise_pred = noise_uncond + config.guidance_scale * (noise_cond - noise_uncond)
+            latents = _scheduler_step(scheduler, noise_pred, timestep, latents)
+        if step_callback is not None:
+            step_callback(step_index, len(timesteps))
+
+    upsampled = frames_to_uint8(decode_latents(model.vae, latents))
+    return RefineResult(frames=upsampled, latents=latents.detach().cpu(), seed=config.seed, prompt=prompt)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL refiner, per frame
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _without_vae_cast_warnings():
+    """The SDXL pipeline casts its VAE to fp32 and back on every call (the refiner VAE's force_upcast) and
+    diffusers logs a warning for each cast: two per frame, all alike. Drop them while refining."""
+    diffusers_logger = logging.getLogger("diffusers.models.modeling_utils")
+    message_filter = _DropMessages("Casting directly with `to()`")
+    diffusers_logger.addFilter(message_filter)
+    try:
+        yield
+    finally:
+        diffusers_logger.removeFilter(message_filter)
+
+
+def refine_frames_sdxl(pipe, frames: np.ndarray, prompt: str, config: RefineConfig, *,
+                       frame_callback: FrameCallback | None = None) -> np.ndarray:
+    """Refine each frame with the SDXL refiner img2img pipeline ``pipe``, at the frames' size.
+
+    ``frames`` (F, H, W, 3) uint8 -> (F, H, W, 3) uint8 (the pipeline's PIL output, rounded).
+    [quirk] The generator is re-seeded with ``config.seed`` for every frame (spec 11, 15.11).
+    """
+    validate_frames(frames)
+    refined = []
+    for frame_index, frame in enumerate(frames):
+        generator = torch.Generator("cpu").manual_seed(config.seed)  # same noise for every frame
+        with _without_vae_cast_warnings():
+            image = pipe(prompt=prompt, image=Image.fromarray(frame), strength=config.strength,
+                         num_inference_steps=config.num_inference_steps, guidance_scale=config.guidance_scale,
+                         negative_prompt=config.negative_prompt, generator=generator, output_type="pil").images[0]
+        refined.append(np.asarray(image.convert("RGB"), dtype=np.uint8))
+        if frame_callback is not None:
+            frame_callback(frame_index, len(frames))
+    return np.stack(refined)

@@ -1,0 +1,170 @@
+"""generate.py end to end on the tiny model: outputs, resume, shards, failures, multi-process, errors."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+
+import generate
+from prompt import get_prompts
+from utils.cache import cache_path, serialize_cache
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = ["--num_inference_steps", "3", "--num_frames", "4", "--max_index_step", "2"]
+
+
+def _reply(name: str, step_px: int) -> str:
+    frames = "\n".join(f"Frame {k + 1}: [{{'id': 0, 'name': '{name}', 'box': [{20 + step_px * k}, 200, 100, 90]}}]"
+                       for k in range(6))
+    return f"Reasoning: composed for tests.\n\n{frames}\nBackground keyword: street"
+
+
+@pytest.fixture()
+def lvd_cache(tmp_path) -> Path:
+    """A cache for the first 8 LVD prompts, each occurrence with its own motion (detects wrong occurrences)."""
+    entries: dict[str, list[str]] = {}
+    for prompt in get_prompts("lvd")[:8]:
+        replies = entries.setdefault(prompt, [])
+        replies.append(_reply("moving car" if "car" in prompt else "lively cat", 20 + 10 * len(replies)))
+    cache_dir = tmp_path / "cache"
+    path = cache_path("lvd", "v0.1", "test-llm", cache_dir=cache_dir)
+    path.parent.mkdir(parents=True)
+    path.write_text(serialize_cache(entries))
+    return cache_dir
+
+
+def _run(tmp_path, *extra, cache_dir=None, out="out") -> int:
+    args = ["--run-model", "lvd_tiny", "--template_version", "v0.1", "--output-dir", str(tmp_path / out), *FAST]
+    if cache_dir is not None:
+        args += ["--prompt-type", "lvd", "--model", "test-llm", "--cache-dir", str(cache_dir)]
+    return generate.main(args + list(extra))
+
+
+def _run_dir(tmp_path, out="out", run="run0", name="imgs_lvd_templatev0.1_test-llm_lvd_tiny") -> Path:
+    return tmp_path / out / name / run
+
+
+def test_demo_writes_video_files_and_config(tmp_path):
+    code = generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--template_version", "v0.1", "--output-dir", str(tmp_path), *FAST])
+    assert code == 0
+    run_dir = tmp_path / "imgs_demo_templatev0.1_handwritten_lvd_tiny" / "run0"
+    prompt_dir = run_dir / "0"
+    for name in ("video_0.gif", "video_0.joblib", "video_0_annotated.gif", "video_0.json", "layout.json"):
+        assert (prompt_dir / name).is_file(), name
+    frames = joblib.load(prompt_dir / "video_0.joblib")
+    assert frames.shape == (4, 128, 128, 3) and frames.dtype == np.uint8
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["sampling"]["num_inference_steps"] == 3 and config["guidance"]["max_index_step"] == 2
+    meta = json.loads((prompt_dir / "video_0.json").read_text())
+    assert meta["seed"] == 0 and meta["guided_iterations"] == len(meta["guidance_log"]) >= 1
+    layout = json.loads((prompt_dir / "layout.json").read_text())
+    assert layout["diffusion_prompt"].endswith(", forest background") and layout["phrases"] == ["bear"]
+
+
+def test_resume_redoes_only_unfinished_videos(tmp_path, lvd_cache):
+    assert _run(tmp_path, "--num_prompts", "2", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    run_dir = _run_dir(tmp_path)
+    first = {p: (run_dir / p / "video_0.joblib").stat().st_mtime_ns for p in ("0", "1")}
+    (run_dir / "1" / "video_0.joblib").unlink()
+    # A half-written file from an interrupted run is a hidden temp file: it never counts as finished.
+    (run_dir / "1" / ".video_0.abc.tmp.joblib").write_bytes(b"partial")
+    assert _run(tmp_path, "--num_prompts", "2", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    assert (run_dir / "0" / "video_0.joblib").stat().st_mtime_ns == first["0"]  # untouched
+    assert (run_dir / "1" / "video_0.joblib").is_file()
+
+
+def test_shards_equal_a_full_run(tmp_path, lvd_cache):
+    assert _run(tmp_path, "--num_prompts", "6", "--force_run_ind", "0", cache_dir=lvd_cache, out="full") == 0
+    assert _run(tmp_path, "--num_prompts", "3", "--force_run_ind", "0", cache_dir=lvd_cache, out="shards") == 0
+    assert _run(tmp_path, "--skip_first_prompts", "3", "--num_prompts", "3", "--force_run_ind", "0",
+                cache_dir=lvd_cache, out="shards") == 0
+    full, shards = _run_dir(tmp_path, "full"), _run_dir(tmp_path, "shards")
+    assert sorted(p.name for p in full.iterdir() if p.is_dir()) == [str(i) for i in range(6)]
+    for index in range(6):
+        a = json.loads((full / str(index) / "layout.json").read_text())
+        b = json.loads((shards / str(index) / "layout.json").read_text())
+        assert a["occurrence"] == b["occurrence"] == [0, 1, 2, 3, 4, 0][index]
+        assert a["layout"] == b["layout"]
+        np.testing.assert_array_equal(joblib.load(full / str(index) / "video_0.joblib"),
+                                      joblib.load(shards / str(index) / "video_0.joblib"))
+
+
+def test_bad_layout_is_logged_and_the_batch_goes_on(tmp_path, lvd_cache):
+    path = next(lvd_cache.iterdir())
+    entries = json.loads(path.read_text())
+    first_prompt = next(iter(entries))
+    entries[first_prompt][1] = "Reasoning: broken\n\nFrame 1: [{'id': 0, 'name': 'car', 'box': [1, 2]}]"
+    path.write_text(serialize_cache(entries))
+    assert _run(tmp_path, "--num_prompts", "3", cache_dir=lvd_cache) == 1
+    run_dir = _run_dir(tmp_path)
+    failures = [json.loads(line) for line in (run_dir / "failures.jsonl").read_text().splitlines()]
+    assert [f["prompt_index"] for f in failures] == [1]
+    assert "LayoutParseError" in failures[0]["error"] and "Traceback" in failures[0]["traceback"]
+    assert (run_dir / "0" / "video_0.joblib").is_file() and (run_dir / "2" / "video_0.joblib").is_file()
+
+
+def test_fail_fast_stops_at_the_first_failure(tmp_path, lvd_cache):
+    path = next(lvd_cache.iterdir())
+    entries = json.loads(path.read_text())
+    entries[next(iter(entries))][0] = "not a layout"
+    path.write_text(serialize_cache(entries))
+    with pytest.raises(Exception):
+        _run(tmp_path, "--num_prompts", "2", "--fail-fast", cache_dir=lvd_cache)
+    assert not (_run_dir(tmp_path) / "1" / "video_0.joblib").exists()
+
+
+def test_repeats_and_seed_offset_follow_the_seed_rule(tmp_path, lvd_cache):
+    assert _run(tmp_path, "--skip_first_prompts", "5", "--num_prompts", "1", "--repeats", "2", "--seed_offset", "500",
+                cache_dir=lvd_cache) == 0
+    prompt_dir = _run_dir(tmp_path) / "5"
+    seeds = [json.loads((prompt_dir / f"video_{r}.json").read_text())["seed"] for r in range(2)]
+    assert seeds == [5 + 500, 5 + 6789 + 500]
+
+
+def test_dry_run_parses_layouts_without_a_model(tmp_path, lvd_cache, capsys):
+    assert _run(tmp_path, "--num_prompts", "2", "--dry-run", cache_dir=lvd_cache) == 0
+    out = capsys.readouterr().out
+    assert "[0] A realistic lively video of a scene with one moving car, street background" in out
+    assert not (tmp_path / "out").exists()
+
+
+def test_baseline_rejects_guidance_overrides(tmp_path, capsys):
+    code = generate.main(["--run-model", "baseline_tiny", "--template_version", "v0.1", "--loss_scale", "3",
+                          "--output-dir", str(tmp_path)])
+    assert code == 2 and "--loss_scale" in capsys.readouterr().err
+
+
+def test_missing_weights_fail_fast_with_the_model_id(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
+    start = time.perf_counter()
+    result = subprocess.run([sys.executable, "generate.py", "--run-model", "lvd_zeroscope", "--prompt-type", "demo",
+                             "--model", "handwritten", "--template_version", "v0.1", "--output-dir", str(tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2
+    assert "cerspense/zeroscope_v2_576w" in result.stderr and "--model-path" in result.stderr
+    assert elapsed < 30  # the import of torch/diffusers dominates; the check itself is immediate
+
+
+def test_accelerate_two_processes_cover_every_prompt_once(tmp_path, lvd_cache):
+    out = tmp_path / "multi"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "generate.py",
+               "--run-model", "lvd_tiny", "--prompt-type", "lvd", "--model", "test-llm", "--template_version", "v0.1",
+               "--cache-dir", str(lvd_cache), "--output-dir", str(out), "--num_prompts", "6", *FAST]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = out / "imgs_lvd_templatev0.1_test-llm_lvd_tiny" / "run0"
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_dir()) == [str(i) for i in range(6)]
+    assert not (out / "imgs_lvd_templatev0.1_test-llm_lvd_tiny" / "run1").exists()
+    seeds = [json.loads((run_dir / str(i) / "video_0.json").read_text())["seed"] for i in range(6)]
+    assert seeds == list(range(6))  # the single-process seeds: prompt index + offset
