@@ -65,6 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{name}", type=float, default=None)
     for name in INT_OVERRIDES + BOOL_INT_OVERRIDES:
         parser.add_argument(f"--{name}", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="videos per forward pass (sweeps); each keeps its own seed and layout")
+    parser.add_argument("--low-memory", action="store_true",
+                        help="keep the guided pass's activations in host memory (same result, slower; 24 GB cards)")
+    parser.add_argument("--initial-noise", choices=("cpu", "reference"), default="cpu",
+                        help="cpu: float32 noise from a CPU generator, the same on every machine; reference: "
+                             "the original's draw (a generator on the GPU, in fp16), for bit-level comparisons")
     parser.add_argument("--guidance-stop", choices=("carried", "per-step"), default="carried",
                         help="carried: the reference's threshold rule (stops for good once below); "
                              "per-step: recompute the energy at every guided step (spec 15.2)")
@@ -111,7 +118,8 @@ def build_configs(args, spec):
     from generation.config import GuidanceConfig, SamplingConfig, replace_config
 
     num_frames = validate_num_frames(spec, args.num_frames)
-    sampling = replace_config(SamplingConfig(height=spec.height, width=spec.width, num_frames=num_frames),
+    sampling = replace_config(SamplingConfig(height=spec.height, width=spec.width, num_frames=num_frames,
+                                             initial_noise=args.initial_noise),
                               num_inference_steps=args.num_inference_steps)
     overrides = {name: getattr(args, name) for name in FLOAT_OVERRIDES + INT_OVERRIDES}
     overrides.update({name: (None if getattr(args, name) is None else bool(getattr(args, name)))
@@ -122,8 +130,8 @@ def build_configs(args, spec):
             raise RunModelError(f"run-model {spec.name!r} ({spec.method}) has no attention guidance; "
                                 f"remove {', '.join('--' + g for g in given)}")
         return sampling, None
-    guidance = replace_config(GuidanceConfig(guided_layers=spec.guided_layers, stop_rule=args.guidance_stop),
-                              **overrides)
+    guidance = replace_config(GuidanceConfig(guided_layers=spec.guided_layers, stop_rule=args.guidance_stop,
+                                             low_memory=args.low_memory), **overrides)
     return sampling, guidance
 
 
@@ -155,10 +163,6 @@ def _work_items(prompts: list[str], args) -> list[tuple[int, int, str, int]]:
 
 # --------------------------------------------------------------------------------------------
 # Per-prompt work
-
-
-def _finished_repeats(prompt_dir: Path, repeats: int) -> list[int]:
-    return [r for r in range(repeats) if (prompt_dir / f"video_{r}.joblib").exists()]
 
 
 def _record_failure(run_dir: Path, index: int, prompt: str, error: BaseException, rank: int) -> None:
@@ -203,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
         gligen = build_gligen_config(args, spec)
     except (RunModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.batch_size < 1 or args.repeats < 1 or args.regenerate < 1:
+        print("error: --batch-size, --repeats and --regenerate must be at least 1", file=sys.stderr)
         return 2
     if args.regenerate > 1 and args.skip_first_prompts != 0:
         print("error: --regenerate > 1 needs --skip_first_prompts 0", file=sys.stderr)
@@ -314,73 +321,110 @@ def _write_run_config(run_dir: Path, args, spec, sampling, guidance, llm_model, 
     atomic_write_json(path, json.loads(json.dumps(config, default=str)))
 
 
+@dataclasses.dataclass(frozen=True)
+class _PendingVideo:
+    index: int
+    prompt: str
+    repeat_index: int
+    seed: int
+    condition: object  # LayoutCondition | None
+    prompt_dir: Path
+
+
+def _prepare_prompt(index: int, prompt: str, occurrence: int, args, cache, sampling, model, prompt_dir: Path):
+    """Parse the prompt's cached layout and write layout.json (and the box GIF); returns the condition.
+
+    Returns None for baselines; raises LookupError on a cache miss and LayoutError on a bad layout.
+    """
+    if cache is None:
+        return None
+    replies = cache.get(prompt, [])
+    if occurrence >= len(replies):
+        raise LookupError(f"no cached layout for {prompt!r} (occurrence {occurrence})")
+    layout = parse_layout(replies[occurrence], prompt)
+    condition = build_condition(layout, sampling.num_frames, model.tokenizer)
+    prompt_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(prompt_dir / "layout.json", {
+        "prompt": prompt, "prompt_index": index, "occurrence": occurrence,
+        "layout": layout_to_dict(layout), "diffusion_prompt": condition.prompt,
+        "phrases": list(condition.phrases), "token_positions": [list(p) for p in condition.token_positions],
+        "num_frames": sampling.num_frames, "boxes_xyxy": condition.boxes_xyxy.tolist()})
+    if args.visualize:
+        from utils.visualize import save_layout_gif
+
+        save_layout_gif(layout, prompt_dir / "boxes.gif")
+        save_layout_gif(layout, prompt_dir / f"boxes_{index}.gif")
+    return condition
+
+
 def _generate_all(items, args, spec, model, sampling, guidance, cache, run_dir, state, gligen=None) -> int:
     import torch
     from tqdm import tqdm
 
     from generation.config import derive_seed
-    from generation.sampling import generate_video
+    from generation.sampling import VideoRequest, generate_videos
 
     counts = {"videos": 0, "already_done": 0, "missing_layout": 0, "failed": 0}
     position = state.process_index
-    bar = tqdm(items, desc=f"prompts (rank {position})" if state.num_processes > 1 else "prompts",
-               position=position, dynamic_ncols=True)
-    for _, index, prompt, occurrence in bar:
+
+    def fail(index: int, prompt: str, error: BaseException) -> None:
+        counts["failed"] += 1
+        _record_failure(run_dir, index, prompt, error, state.process_index)
+        kind = "out of memory" if isinstance(error, torch.OutOfMemoryError) else f"{type(error).__name__}: {error}"
+        tqdm.write(f"[{index}] failed: {kind}; logged to {run_dir / 'failures.jsonl'}")
+        if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    # 1. Layouts: parse every prompt of this process's share, list the videos still to make.
+    pending: list[_PendingVideo] = []
+    for _, index, prompt, occurrence in items:
         prompt_dir = run_dir / str(index)
-        if len(_finished_repeats(prompt_dir, args.repeats)) == args.repeats:
-            counts["already_done"] += args.repeats
+        todo = [r for r in range(args.repeats) if not (prompt_dir / f"video_{r}.joblib").exists()]
+        counts["already_done"] += args.repeats - len(todo)
+        if not todo:
             continue
         try:
-            condition = None
-            if cache is not None:
-                replies = cache.get(prompt, [])
-                if occurrence >= len(replies):
-                    tqdm.write(f"[{index}] no cached layout for {prompt!r} (occurrence {occurrence}); skipped")
-                    counts["missing_layout"] += 1
-                    continue
-                layout = parse_layout(replies[occurrence], prompt)
-                condition = build_condition(layout, sampling.num_frames, model.tokenizer)
-                prompt_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_json(prompt_dir / "layout.json", {
-                    "prompt": prompt, "prompt_index": index, "occurrence": occurrence,
-                    "layout": layout_to_dict(layout), "diffusion_prompt": condition.prompt,
-                    "phrases": list(condition.phrases),
-                    "token_positions": [list(p) for p in condition.token_positions],
-                    "num_frames": sampling.num_frames, "boxes_xyxy": condition.boxes_xyxy.tolist()})
-                if args.visualize:
-                    from utils.visualize import save_layout_gif
+            condition = _prepare_prompt(index, prompt, occurrence, args, cache, sampling, model, prompt_dir)
+        except LookupError as error:
+            tqdm.write(f"[{index}] {error}; skipped")
+            counts["missing_layout"] += 1
+            continue
+        except Exception as error:  # a bad layout never stops the batch (unless --fail-fast)
+            fail(index, prompt, error)
+            if args.fail_fast:
+                raise
+            continue
+        prompt_dir.mkdir(parents=True, exist_ok=True)
+        pending += [_PendingVideo(index, prompt, r, derive_seed(index, r, args.seed_offset), condition, prompt_dir)
+                    for r in todo]
 
-                    save_layout_gif(layout, prompt_dir / "boxes.gif")
-                    save_layout_gif(layout, prompt_dir / f"boxes_{index}.gif")
-            prompt_dir.mkdir(parents=True, exist_ok=True)
-            for repeat_index in range(args.repeats):
-                if (prompt_dir / f"video_{repeat_index}.joblib").exists():
-                    counts["already_done"] += 1
-                    continue
-                seed = derive_seed(index, repeat_index, args.seed_offset)
-                steps = tqdm(total=sampling.num_inference_steps, desc=f"[{index}] seed {seed}", leave=False,
-                             position=position + state.num_processes, dynamic_ncols=True)
-                start = time.perf_counter()
-                result = generate_video(model, prompt, sampling, seed, condition=condition, guidance=guidance,
-                                        gligen=gligen, step_callback=lambda i, n: steps.update(1))
-                steps.close()
-                _save_outputs(result, prompt_dir, repeat_index, args, condition, time.perf_counter() - start)
+    # 2. Videos, --batch-size at a time (each keeps its own seed, layout and guidance state).
+    bar = tqdm(total=len(pending), desc=f"videos (rank {position})" if state.num_processes > 1 else "videos",
+               position=position, dynamic_ncols=True, unit="video")
+    for start in range(0, len(pending), args.batch_size):
+        chunk = pending[start:start + args.batch_size]
+        label = f"[{chunk[0].index}] seed {chunk[0].seed}" + (f" +{len(chunk) - 1}" if len(chunk) > 1 else "")
+        steps = tqdm(total=sampling.num_inference_steps, desc=label, leave=False,
+                     position=position + state.num_processes, dynamic_ncols=True)
+        started = time.perf_counter()
+        try:
+            requests = [VideoRequest(video.prompt, video.seed, video.condition) for video in chunk]
+            results = generate_videos(model, requests, sampling, guidance=guidance, gligen=gligen,
+                                      step_callback=lambda i, n: steps.update(1))
+            elapsed = (time.perf_counter() - started) / len(chunk)
+            for video, result in zip(chunk, results):
+                _save_outputs(result, video.prompt_dir, video.repeat_index, args, video.condition, elapsed)
                 counts["videos"] += 1
         except KeyboardInterrupt:
             raise
-        except torch.OutOfMemoryError as error:
-            counts["failed"] += 1
-            _record_failure(run_dir, index, prompt, error, state.process_index)
-            tqdm.write(f"[{index}] out of memory: {prompt!r}; logged to {run_dir / 'failures.jsonl'}")
-            torch.cuda.empty_cache()
+        except Exception as error:  # out of memory included: logged per video, the batch goes on
+            for video in chunk:
+                fail(video.index, video.prompt, error)
             if args.fail_fast:
                 raise
-        except Exception as error:  # one bad prompt never stops the batch (unless --fail-fast)
-            counts["failed"] += 1
-            _record_failure(run_dir, index, prompt, error, state.process_index)
-            tqdm.write(f"[{index}] failed: {type(error).__name__}: {error}; logged to {run_dir / 'failures.jsonl'}")
-            if args.fail_fast:
-                raise
+        finally:
+            steps.close()
+            bar.update(len(chunk))
     bar.close()
     summary = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
     print(f"{run_dir} (rank {state.process_index}): {summary}")

@@ -11,6 +11,9 @@ STOP_CARRIED = "carried"    # reference rule: compare the carried loss; stop for
 STOP_PER_STEP = "per-step"  # corrected rule (spec 15.2): recompute at every step, stop that step when below
 STOP_RULES = (STOP_CARRIED, STOP_PER_STEP)
 
+NOISE_CPU = "cpu"              # float32 noise from a CPU generator: the same on every machine (default)
+NOISE_REFERENCE = "reference"  # the reference's draw: a generator on the model's device, in its dtype
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -22,6 +25,7 @@ class SamplingConfig:
     num_inference_steps: int = 40        # spec 4.8
     guidance_scale: float = 9.0          # CFG scale, the pipeline default (spec 5.2)
     negative_prompt: str = NEGATIVE_PROMPT  # spec 5.3
+    initial_noise: str = NOISE_CPU          # see generation.sampling.prepare_latents
 
 
 @dataclass(frozen=True)

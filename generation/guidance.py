@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -43,62 +43,106 @@ def compute_step_sizes(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) ->
 
 def guidance_step(latents: torch.Tensor, energy_fn: Callable[[torch.Tensor], torch.Tensor],
                   step_size: torch.Tensor | float,
-                  update_if: Callable[[torch.Tensor], bool] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  update_if: Callable[[torch.Tensor], bool | torch.Tensor] | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """``latents - step_size * d energy_fn(latents) / d latents``; returns (new latents, energy).
 
-    ``update_if(energy)`` may veto the update after seeing the energy (the latents are returned as
-    they were); the energy is computed once either way.
+    ``energy_fn`` returns a scalar, or one energy per video of a batch ``(B,)`` (videos are independent,
+    so the gradient of the sum is each video's own gradient). ``update_if(energy)`` may veto the update
+    after seeing the energy, for all videos (a bool) or per video (a ``(B,)`` bool tensor); vetoed
+    latents are returned as they were. The energy is computed once either way.
     """
     leaf = latents.detach().requires_grad_(True)
     with torch.enable_grad():
         energy = energy_fn(leaf)
-        if update_if is not None and not update_if(energy.detach()):
+        update = torch.as_tensor(True if update_if is None else update_if(energy.detach()))
+        if not bool(update.any()):
             return latents, energy.detach()
-        (gradient,) = torch.autograd.grad(energy, leaf)
+        (gradient,) = torch.autograd.grad(energy.sum(), leaf)
+    if update.ndim:  # per-video veto: a zero gradient leaves those latents exactly as they were
+        gradient = gradient * update.to(gradient.device, gradient.dtype).view(-1, *[1] * (gradient.ndim - 1))
     return leaf.detach() - step_size * gradient, energy.detach()
 
 
 @dataclass
 class GuidanceSchedule:
-    """State of the guidance across denoising steps: the carried loss and the log."""
+    """One video's guidance state across denoising steps: the carried loss and the log.
+
+    :meth:`wants_iteration` and :meth:`record` hold the whole stopping rule; :meth:`guide` (one video)
+    and :func:`guide_batch` (several videos in one forward) only loop over them.
+    """
 
     config: GuidanceConfig
     carried_loss: float = INITIAL_LOSS
     log: list[GuidanceRecord] = field(default_factory=list)
 
-    def guide(self, latents: torch.Tensor, step_index: int, timestep: int,
-              energy_fn: Callable[[torch.Tensor], torch.Tensor], step_size: torch.Tensor) -> torch.Tensor:
-        """Apply the guided iterations of one denoising step. ``energy_fn`` returns the scaled loss."""
-        config = self.config
-        if step_index >= config.max_index_step:
-            return latents
-        for iteration in range(config.iterations_at(step_index)):
-            if config.stop_rule == STOP_CARRIED:
-                # The reference tests the loss carried from the previous iteration (or step).
-                if not self._above_threshold():
-                    break
-                latents, loss = guidance_step(latents, energy_fn, step_size)
-                self._check_and_log(loss, step_index, iteration, timestep)
-            else:
-                def update_if(loss: torch.Tensor) -> bool:
-                    self._check_and_log(loss, step_index, iteration, timestep)
-                    return self._above_threshold()
+    def wants_iteration(self, step_index: int, iteration: int) -> bool:
+        """Whether guided iteration ``iteration`` of step ``step_index`` runs (before seeing its energy)."""
+        if step_index >= self.config.max_index_step or iteration >= self.config.iterations_at(step_index):
+            return False
+        # The reference tests the loss carried from the previous iteration (or step); the per-step rule
+        # decides after computing the fresh energy, in :meth:`record`.
+        return self.config.stop_rule != STOP_CARRIED or self._above_threshold()
 
-                latents, _ = guidance_step(latents, energy_fn, step_size, update_if=update_if)
-                if not self._above_threshold():
-                    break
-        return latents
-
-    def _above_threshold(self) -> bool:
-        return self.carried_loss / self.config.loss_scale > self.config.loss_threshold
-
-    def _check_and_log(self, loss: torch.Tensor, step_index: int, iteration: int, timestep: int) -> None:
+    def record(self, loss: torch.Tensor | float, step_index: int, iteration: int, timestep: int) -> bool:
+        """Log an iteration's (scaled) loss; returns whether the latents are updated with its gradient."""
         value = float(loss)
         if not math.isfinite(value):
             raise GuidanceError(f"the guidance energy is {value} at denoising step {step_index} "
                                 f"(timestep {timestep}), iteration {iteration}")
         self.carried_loss = value
         self.log.append(GuidanceRecord(step_index, iteration, int(timestep), value / self.config.loss_scale, value))
+        return self.config.stop_rule == STOP_CARRIED or self._above_threshold()
+
+    def guide(self, latents: torch.Tensor, step_index: int, timestep: int,
+              energy_fn: Callable[[torch.Tensor], torch.Tensor], step_size: torch.Tensor) -> torch.Tensor:
+        """Apply the guided iterations of one denoising step. ``energy_fn`` returns the scaled loss."""
+        iteration = 0
+        while self.wants_iteration(step_index, iteration):
+            updated = []
+
+            def update_if(loss: torch.Tensor) -> bool:
+                updated.append(self.record(loss, step_index, iteration, timestep))
+                return updated[-1]
+
+            latents, _ = guidance_step(latents, energy_fn, step_size, update_if=update_if)
+            if not updated[-1]:
+                break
+            iteration += 1
+        return latents
+
+    def _above_threshold(self) -> bool:
+        return self.carried_loss / self.config.loss_scale > self.config.loss_threshold
 
     def log_as_dicts(self) -> list[dict]:
         return [asdict(record) for record in self.log]
+
+
+def guide_batch(schedules: Sequence[GuidanceSchedule | None], latents: torch.Tensor, step_index: int,
+                timestep: int, energy_fn: Callable[[torch.Tensor, list[int]], torch.Tensor],
+                step_size: torch.Tensor) -> torch.Tensor:
+    """:meth:`GuidanceSchedule.guide` for a batch of videos, each with its own schedule (None: unguided).
+
+    Each iteration runs one forward over the videos that still want it: ``energy_fn(latents[active],
+    active)`` returns their ``(A,)`` scaled losses. Decisions are per video, exactly as for one video.
+    """
+    stopped = [schedule is None for schedule in schedules]
+    iteration = 0
+    while True:
+        active = [b for b, schedule in enumerate(schedules)
+                  if not stopped[b] and schedule.wants_iteration(step_index, iteration)]
+        if not active:
+            return latents
+
+        def update_if(losses: torch.Tensor) -> torch.Tensor:
+            decisions = [schedules[b].record(losses[a], step_index, iteration, timestep)
+                         for a, b in enumerate(active)]
+            for a, b in enumerate(active):
+                stopped[b] = stopped[b] or not decisions[a]
+            return torch.tensor(decisions)
+
+        index = torch.tensor(active, device=latents.device)
+        updated, _ = guidance_step(latents.index_select(0, index), lambda z: energy_fn(z, active), step_size,
+                                   update_if=update_if)
+        latents = latents.index_copy(0, index, updated)
+        iteration += 1

@@ -15,14 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from generation.config import GuidanceConfig, SamplingConfig
+from generation.config import NOISE_CPU, NOISE_REFERENCE, GuidanceConfig, SamplingConfig
 from generation.energies import GuidanceTargets, compute_guidance_energy, prepare_guidance_targets
-from generation.guidance import GuidanceRecord, GuidanceSchedule, compute_step_sizes
+from generation.guidance import GuidanceRecord, GuidanceSchedule, compute_step_sizes, guide_batch
 from models.attention import AttentionRecorder, recording_attention, run_recorded_forward
 from models.gligen import (GligenConfig, build_gligen_objects, count_grounded_steps, fuser_state_restored,
                            is_grounded, set_fusers_enabled)
@@ -51,10 +51,20 @@ def encode_prompts(model, prompts: list[str]) -> torch.Tensor:
 
 
 def prepare_latents(seed: int, num_frames: int, height: int, width: int, channels: int, device, dtype,
-                    vae_scale_factor: int = 8) -> torch.Tensor:
-    """(1, C, F, H/8, W/8) standard normal noise, drawn on the CPU in float32 (portable)."""
-    generator = torch.Generator("cpu").manual_seed(seed)
+                    vae_scale_factor: int = 8, noise: str = NOISE_CPU) -> torch.Tensor:
+    """(1, C, F, H/8, W/8) standard normal noise.
+
+    ``noise="cpu"``: drawn on the CPU in float32, then moved (the same on every machine).
+    ``noise="reference"``: drawn as the reference did, by a generator on ``device`` in ``dtype``
+    (fp16 on CUDA; device-dependent), for bit-level comparisons with the original code.
+    """
     shape = (1, channels, num_frames, height // vae_scale_factor, width // vae_scale_factor)
+    if noise == NOISE_REFERENCE:
+        generator = torch.Generator(device).manual_seed(seed)
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if noise != NOISE_CPU:
+        raise ValueError(f"initial noise must be {NOISE_CPU!r} or {NOISE_REFERENCE!r}, found {noise!r}")
+    generator = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(device=device, dtype=dtype)
 
 
@@ -76,19 +86,43 @@ def _vae_scale_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def _make_energy_fn(model, recorder: AttentionRecorder, targets: GuidanceTargets, cond_embedding: torch.Tensor,
-                    timestep: torch.Tensor, guidance: GuidanceConfig) -> Callable[[torch.Tensor], torch.Tensor]:
+@dataclass(frozen=True)
+class VideoRequest:
+    """One video of a batch: the caller's prompt, its seed and (for layout methods) its condition."""
+
+    prompt: str
+    seed: int
+    condition: LayoutCondition | None = None
+
+
+@dataclass
+class _GuidedVideo:
+    """Per-video guidance state inside a batch."""
+
+    schedule: GuidanceSchedule
+    targets: GuidanceTargets
+    columns: torch.Tensor  # (J,) positions of this video's tokens among the recorded columns
+
+
+def _make_batch_energy_fn(model, recorder: AttentionRecorder, guided: list[_GuidedVideo | None],
+                          cond_embeddings: torch.Tensor, timestep: torch.Tensor, num_frames: int,
+                          guidance: GuidanceConfig) -> Callable[[torch.Tensor, list[int]], torch.Tensor]:
+    """``energy_fn(latents (A, C, F, h, w), active video indices) -> (A,)`` scaled losses."""
     weights = guidance.energy_weights()
 
-    def energy_fn(latents: torch.Tensor) -> torch.Tensor:
+    def energy_fn(latents: torch.Tensor, active: list[int]) -> torch.Tensor:
         # --low-memory keeps the tensors saved for the backward pass in (pinned) host memory.
         offload = guidance.low_memory and latents.device.type == "cuda"
+        embeddings = cond_embeddings[active]
         with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
-            maps = run_recorded_forward(model.unet, recorder, latents, timestep,
-                                        encoder_hidden_states=cond_embedding)
-        if not guidance.record_object_tokens_only:
-            maps = {name: m.index_select(-1, targets.token_indices) for name, m in maps.items()}
-        return guidance.loss_scale * compute_guidance_energy(maps, targets, **weights)
+            maps = run_recorded_forward(model.unet, recorder, latents, timestep, encoder_hidden_states=embeddings)
+        energies = []
+        for position, video in enumerate(active):
+            state = guided[video]
+            frames = slice(position * num_frames, (position + 1) * num_frames)  # (B*F, ...) is batch-major
+            video_maps = {name: m[frames].index_select(-1, state.columns) for name, m in maps.items()}
+            energies.append(compute_guidance_energy(video_maps, state.targets, **weights))
+        return guidance.loss_scale * torch.stack(energies)
 
     return energy_fn
 
@@ -105,62 +139,121 @@ def generate_video(model, prompt: str, sampling: SamplingConfig, seed: int, *,
     GLIGEN objects, with the fusers on for the first ``int(beta * steps)`` steps; guided passes get
     none (spec 4.7). Baselines pass none of these and the prompt is used as is.
     """
+    request = VideoRequest(prompt=prompt, seed=seed, condition=condition)
+    return generate_videos(model, [request], sampling, guidance=guidance, gligen=gligen,
+                           step_callback=step_callback)[0]
+
+
+def generate_videos(model, requests: Sequence[VideoRequest], sampling: SamplingConfig, *,
+                    guidance: GuidanceConfig | None = None, gligen: GligenConfig | None = None,
+                    step_callback: StepCallback | None = None) -> list[VideoResult]:
+    """Generate several videos in one batch (one UNet forward per step for all of them).
+
+    Each video keeps its own seed, layout and guidance state, so every result equals
+    :func:`generate_video` on its own up to floating-point differences of batched kernels.
+    """
+    if not requests:
+        return []
     unet = model.unet
-    # A fresh scheduler per video: DPM-Solver keeps the previous model outputs as state.
+    # A fresh scheduler per batch: DPM-Solver keeps the previous model outputs as state.
     scheduler = type(model.scheduler).from_config(model.scheduler.config)
     device, dtype = model.device, model.dtype
-    text = condition.prompt if condition is not None else prompt
-    embeddings = encode_prompts(model, [sampling.negative_prompt, text])  # (2, 77, D): [uncond; cond]
-    latents = prepare_latents(seed, sampling.num_frames, sampling.height, sampling.width,
-                              unet.config.in_channels, device, dtype, _vae_scale_factor(model.vae))
+    batch = len(requests)
+    texts = [r.condition.prompt if r.condition is not None else r.prompt for r in requests]
+    # (2B, 77, D): [uncond x B; cond_1 .. cond_B], the order the CFG chunking expects.
+    embeddings = encode_prompts(model, [sampling.negative_prompt] * batch + texts)
+    latents = torch.cat([prepare_latents(r.seed, sampling.num_frames, sampling.height, sampling.width,
+                                         unet.config.in_channels, device, dtype, _vae_scale_factor(model.vae),
+                                         noise=sampling.initial_noise) for r in requests])
     scheduler.set_timesteps(sampling.num_inference_steps, device=device)
     timesteps = scheduler.timesteps
     latents = latents * scheduler.init_noise_sigma
 
-    schedule = None
-    if guidance is not None and condition is None:
-        logger.warning("prompt %r: guidance is configured but no layout condition was given; "
-                       "generating without guidance", prompt)
-    if guidance is not None and condition is not None:
-        if not condition.phrases:
-            logger.warning("prompt %r: the layout has no objects; generating without guidance", prompt)
-        elif guidance.max_index_step > 0:
-            _check_condition(condition, sampling.num_frames, embeddings.shape[1])
-            schedule = GuidanceSchedule(guidance)
-            targets = prepare_guidance_targets(condition.boxes_xyxy, condition.token_positions,
-                                               latents.shape[-2], latents.shape[-1], device)
-            recorder = AttentionRecorder(
-                guidance.guided_layers,
-                token_indices=targets.token_indices if guidance.record_object_tokens_only else None,
-                stop_when_complete=guidance.stop_after_last_guided_layer)
-            step_sizes = compute_step_sizes(scheduler.alphas_cumprod, timesteps).to(device)
+    guided = [_prepare_guidance(r, guidance, sampling.num_frames, embeddings.shape[1], latents.shape[-2:], device)
+              for r in requests]
+    recorder = None
+    if any(guided):
+        if guidance.record_object_tokens_only:
+            recorded = sorted({int(i) for state in guided if state for i in state.targets.token_indices})
+        else:
+            recorded = list(range(embeddings.shape[1]))
+        for state in guided:
+            if state:
+                state.columns = torch.tensor([recorded.index(int(i)) for i in state.targets.token_indices],
+                                             device=device)
+        recorder = AttentionRecorder(
+            guidance.guided_layers,
+            token_indices=torch.tensor(recorded, device=device) if guidance.record_object_tokens_only else None,
+            stop_when_complete=guidance.stop_after_last_guided_layer)
+        step_sizes = compute_step_sizes(scheduler.alphas_cumprod, timesteps).to(device)
+    schedules = [state.schedule if state else None for state in guided]
 
-    gligen_kwargs = _prepare_gligen(model, prompt, sampling.num_frames, condition, gligen)
+    gligen_kwargs = _prepare_gligen_batch(model, requests, sampling.num_frames, gligen)
     if gligen_kwargs is not None:
         num_grounded_steps = count_grounded_steps(gligen.scheduled_sampling_beta, len(timesteps))
 
-    context = recording_attention(unet, recorder) if schedule is not None else contextlib.nullcontext()
+    context = recording_attention(unet, recorder) if recorder is not None else contextlib.nullcontext()
     fusers = fuser_state_restored(unet) if gligen_kwargs is not None else contextlib.nullcontext()
     with context, fusers:
         for step_index, timestep in enumerate(timesteps):
             if gligen_kwargs is not None:  # scheduled sampling (spec 6.1)
                 set_fusers_enabled(unet, step_index < num_grounded_steps)
-            if schedule is not None and step_index < guidance.max_index_step:
-                energy_fn = _make_energy_fn(model, recorder, targets, embeddings[1:], timestep, guidance)
-                latents = schedule.guide(latents, step_index, int(timestep), energy_fn, step_sizes[step_index])
+            if recorder is not None and step_index < guidance.max_index_step:
+                energy_fn = _make_batch_energy_fn(model, recorder, guided, embeddings[batch:], timestep,
+                                                  sampling.num_frames, guidance)
+                latents = guide_batch(schedules, latents, step_index, int(timestep), energy_fn,
+                                      step_sizes[step_index])
             with torch.no_grad():
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
                 noise = unet(model_input, timestep, encoder_hidden_states=embeddings,
                              cross_attention_kwargs=gligen_kwargs, return_dict=False)[0]
                 noise_uncond, noise_cond = noise.chunk(2)
                 noise = noise_uncond + sampling.guidance_scale * (noise_cond - noise_uncond)
-                latents = _scheduler_step(scheduler, noise, timestep, latents)
+                latents = step_scheduler_over_frames(scheduler, noise, timestep, latents)
             if step_callback is not None:
                 step_callback(step_index, len(timesteps))
 
-    frames = frames_to_uint8(decode_latents(model.vae, latents))
-    return VideoResult(frames=frames, latents=latents.detach().cpu(), seed=seed, prompt=text,
-                       guidance_log=list(schedule.log) if schedule is not None else [])
+    results = []
+    for index, request in enumerate(requests):
+        video_latents = latents[index:index + 1]
+        frames = frames_to_uint8(decode_latents(model.vae, video_latents))
+        schedule = schedules[index]
+        results.append(VideoResult(frames=frames, latents=video_latents.detach().cpu(), seed=request.seed,
+                                   prompt=texts[index], guidance_log=list(schedule.log) if schedule else []))
+    return results
+
+
+def _prepare_guidance(request: VideoRequest, guidance: GuidanceConfig | None, num_frames: int, num_tokens: int,
+                      latent_size: tuple[int, int], device) -> _GuidedVideo | None:
+    """Guidance state of one video, or None when it is not guided (with a warning where that is surprising)."""
+    condition = request.condition
+    if guidance is None:
+        return None
+    if condition is None:
+        logger.warning("prompt %r: guidance is configured but no layout condition was given; "
+                       "generating without guidance", request.prompt)
+        return None
+    if not condition.phrases:
+        logger.warning("prompt %r: the layout has no objects; generating without guidance", request.prompt)
+        return None
+    if guidance.max_index_step <= 0:
+        return None
+    _check_condition(condition, num_frames, num_tokens)
+    targets = prepare_guidance_targets(condition.boxes_xyxy, condition.token_positions, latent_size[0],
+                                       latent_size[1], device)
+    return _GuidedVideo(schedule=GuidanceSchedule(guidance), targets=targets, columns=targets.token_indices)
+
+
+def _prepare_gligen_batch(model, requests: Sequence[VideoRequest], num_frames: int,
+                          gligen: GligenConfig | None) -> dict | None:
+    """The CFG pass's GLIGEN objects for a batch: ``(2 * B * F, max_objects, C)``, unconditional videos first."""
+    per_video = [_prepare_gligen(model, r.prompt, num_frames, r.condition, gligen) for r in requests]
+    if all(kwargs is None for kwargs in per_video):
+        return None
+    if any(kwargs is None for kwargs in per_video):
+        raise ValueError("a GLIGEN batch needs a layout condition for every video")
+    objects = [kwargs["gligen"]["objs"] for kwargs in per_video]  # each (2F, ...): uncond F, then cond F
+    return {"gligen": {"objs": torch.cat([o[:num_frames] for o in objects] + [o[num_frames:] for o in objects])}}
 
 
 def _prepare_gligen(model, prompt: str, num_frames: int, condition: LayoutCondition | None,
@@ -202,7 +295,7 @@ def _check_condition(condition: LayoutCondition, num_frames: int, num_tokens: in
                              "truncated there); shorten the prompt or the phrase suffixes")
 
 
-def _scheduler_step(scheduler, noise: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+def step_scheduler_over_frames(scheduler, noise: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
     """The scheduler steps on (B*F, C, h, w), as the reference pipeline reshapes (spec 5.2)."""
     batch, channels, frames, height, width = latents.shape
     flat_latents = latents.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)

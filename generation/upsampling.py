@@ -14,7 +14,8 @@ reproduces that pipeline (tests/test_upsample.py):
   ``floor(255 * clip(x / 2 + 0.5, 0, 1))``.
 
 The SDXL refiner (`refine_frames_sdxl`) runs diffusers' ``StableDiffusionXLImg2ImgPipeline`` on each
-frame. [quirk] Each frame gets a generator re-seeded with the same seed (spec 11, 15.11), so every frame
+frame with the prompt, the strength and the stock defaults (50 steps, guidance 5.0); spec 11 names no
+negative prompt for it, so `sdxl_refine_config` sets none. [quirk] Each frame gets a generator re-seeded with the same seed (spec 11, 15.11), so every frame
 gets the same noise; the reference does this, possibly on purpose (it keeps frames consistent).
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from generation.sampling import StepCallback, _scheduler_step, decode_latents, encode_prompts, frames_to_uint8
+from generation.sampling import StepCallback, step_scheduler_over_frames, decode_latents, encode_prompts, frames_to_uint8
 from utils.video_io import validate_frames
 
 logger = logging.getLogger(__name__)
@@ -196,7 +197,7 @@ def refine_video_zeroscope_xl(model, frames: np.ndarray, prompt: str, config: Re
             if use_cfg:
                 noise_uncond, noise_cond = noise_pred.chunk(2)
                 noise_pred = noise_uncond + config.guidance_scale * (noise_cond - noise_uncond)
-            latents = _scheduler_step(scheduler, noise_pred, timestep, latents)
+            latents = step_scheduler_over_frames(scheduler, noise_pred, timestep, latents)
         if step_callback is not None:
             step_callback(step_index, len(timesteps))
 

@@ -121,7 +121,7 @@ def build_dpm_scheduler(ddim_config: dict[str, Any] | types.MappingProxyType | N
     return DPMSolverMultistepScheduler.from_config(config)
 
 
-def _seeded_build(seed: int, build, device: torch.device | None = None):
+def build_seeded(seed: int, build, device: torch.device | None = None):
     """Run ``build()`` with the torch RNG seeded, without touching the caller's RNG state."""
     devices = [device] if device is not None and device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
@@ -130,7 +130,7 @@ def _seeded_build(seed: int, build, device: torch.device | None = None):
 
 
 def build_tiny_unet(seed: int = 0) -> UNet3DConditionModel:
-    return _seeded_build(seed + _SEED_OFFSETS["unet"],
+    return build_seeded(seed + _SEED_OFFSETS["unet"],
                          lambda: UNet3DConditionModel.from_config(dict(TINY_UNET_CONFIG)))
 
 
@@ -140,7 +140,7 @@ def build_tiny_grounded_unet(seed: int = 0, fuser_gate: float = TINY_FUSER_GATE)
     from models.gligen import attach_gligen_modules, fuser_modules
 
     unet = build_tiny_unet(seed)
-    _seeded_build(seed + _SEED_OFFSETS["gligen"], lambda: attach_gligen_modules(unet))
+    build_seeded(seed + _SEED_OFFSETS["gligen"], lambda: attach_gligen_modules(unet))
     with torch.no_grad():
         for fuser in fuser_modules(unet).values():
             fuser.alpha_attn.fill_(fuser_gate)
@@ -149,11 +149,11 @@ def build_tiny_grounded_unet(seed: int = 0, fuser_gate: float = TINY_FUSER_GATE)
 
 
 def build_tiny_vae(seed: int = 0) -> AutoencoderKL:
-    return _seeded_build(seed + _SEED_OFFSETS["vae"], lambda: AutoencoderKL.from_config(dict(TINY_VAE_CONFIG)))
+    return build_seeded(seed + _SEED_OFFSETS["vae"], lambda: AutoencoderKL.from_config(dict(TINY_VAE_CONFIG)))
 
 
 def build_tiny_text_encoder(seed: int = 0) -> CLIPTextModel:
-    return _seeded_build(seed + _SEED_OFFSETS["text_encoder"],
+    return build_seeded(seed + _SEED_OFFSETS["text_encoder"],
                          lambda: CLIPTextModel(CLIPTextConfig(**TINY_TEXT_ENCODER_CONFIG)))
 
 
@@ -236,7 +236,7 @@ def build_random_model_from_configs(config_dir: str | os.PathLike, dtype: str | 
         def build_here():
             with torch.device(device):
                 return build()
-        return _seeded_build(component_seed, build_here, device)
+        return build_seeded(component_seed, build_here, device)
 
     unet_config = UNet3DConditionModel.load_config(str(config_dir / "unet"))
     if grounded is None:
