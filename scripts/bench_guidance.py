@@ -3,13 +3,14 @@
 Cases (all with the same layout, seed and step count):
   baseline   unguided sampling (the floor)
   weak       LVD with the README weak-guidance preset (max_iter 1, max_index_step 10)
-  benchmark  LVD with the benchmark preset (com_loss_scale 0.03, max_iter 5); with --all-iterations the
-             threshold is never reached, so every guided iteration runs (10 steps x 5)
+  benchmark  LVD with the benchmark preset (com_loss_scale 0.03, max_iter 5)
+With --all-iterations the threshold is never reached, so every guided iteration of the preset runs
+(10 for weak, 50 for benchmark); otherwise the count depends on the model's energies.
   reference  the benchmark case on the reference path: full UNet forward, all 77 token columns recorded
              (what the original does); its latents must equal the optimised path's
 
-Each case runs in its own process (its peak memory is its own), with warm-up runs and several timed
-repeats (the median is reported). Tiny models run anywhere; full-size architectures get random weights
+All cases run in one process after a warm-up run each, their timed repeats interleaved (the median is
+reported); GPU peak memory is reset before every run, CPU peak memory is taken from a fresh process per case. Tiny models run anywhere; full-size architectures get random weights
 from a config folder (``--model-configs``, e.g. ../shared/model-configs) and need a GPU to be practical.
 
     python scripts/bench_guidance.py --run-model lvd_tiny --json-out bench.json
@@ -20,12 +21,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -54,15 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num_frames", type=int, default=None)
     parser.add_argument("--num_inference_steps", type=int, default=40)
     parser.add_argument("--all-iterations", action="store_true",
-                        help="never reach the threshold in the benchmark/reference cases (every iteration runs)")
+                        help="never reach the threshold (every guided iteration of the preset runs; the count is reported)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"))
     parser.add_argument("--low-memory", action="store_true", help="offload the guided pass's saved tensors")
+    parser.add_argument("--ablation", action="store_true",
+                        help="time one guided iteration under each efficiency change instead of whole videos")
     parser.add_argument("--json-out", default=None)
-    parser.add_argument("--single-case", default=None, help=argparse.SUPPRESS)  # internal: one case, JSON out
-    parser.add_argument("--latents-out", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--single-case", default=None, help=argparse.SUPPRESS)  # internal: one case's peak RSS
     return parser
 
 
@@ -73,11 +73,13 @@ def _guidance_for(case: str, spec, args):
         return None
     if case == "weak":
         base = "zeroscope" if "zeroscope" in spec.name else "modelscope"
-        return GuidanceConfig(guided_layers=spec.guided_layers, **weak_guidance_preset(base),
-                              low_memory=args.low_memory)
-    overrides = benchmark_preset()
+        overrides = weak_guidance_preset(base)
+    else:
+        overrides = benchmark_preset()
     if args.all_iterations:
         overrides["loss_threshold"] = -1.0  # the energy is never below: all max_index_step x max_iter run
+    if case == "weak":
+        return GuidanceConfig(guided_layers=spec.guided_layers, **overrides, low_memory=args.low_memory)
     reference = case == "reference"
     return GuidanceConfig(guided_layers=spec.guided_layers, **overrides, low_memory=args.low_memory,
                           stop_after_last_guided_layer=not reference, record_object_tokens_only=not reference)
@@ -94,12 +96,8 @@ def _load_model(spec, args):
                                            device=args.device, spec=spec)
 
 
-def run_single_case(args) -> dict:
-    """Warm up, time ``repeats`` runs of one case, and report its peak memory (in this process)."""
-    import torch
-
+def _setup(args):
     from generation.config import SamplingConfig
-    from generation.sampling import generate_video
     from models.registry import get_run_model, validate_num_frames
     from utils.layout import build_condition, parse_layout
 
@@ -109,68 +107,160 @@ def run_single_case(args) -> dict:
     sampling = SamplingConfig(height=spec.height, width=spec.width, num_frames=num_frames,
                               num_inference_steps=args.num_inference_steps)
     condition = build_condition(parse_layout(BENCH_REPLY, BENCH_PROMPT), num_frames, model.tokenizer)
-    guidance = _guidance_for(args.single_case, spec, args)
+    return spec, model, sampling, condition
+
+
+def _run_once(model, sampling, condition, guidance):
+    """(seconds, peak GPU bytes or None, result) of one video."""
+    import torch
+
+    from generation.sampling import generate_video
+
     cuda = model.device.type == "cuda"
-
-    def run_once():
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        result = generate_video(model, BENCH_PROMPT, sampling, seed=0, condition=condition, guidance=guidance)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - start, result
-
-    for _ in range(args.warmup):
-        run_once()
     if cuda:
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    times, result = [], None
+    start = time.perf_counter()
+    result = generate_video(model, BENCH_PROMPT, sampling, seed=0, condition=condition, guidance=guidance)
+    if cuda:
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    return elapsed, (torch.cuda.max_memory_allocated() if cuda else None), result
+
+
+def run_cases(args) -> tuple[dict, dict]:
+    """All cases in this process, repeats interleaved (case A, B, C, A, B, C, ...) so that drift in the
+    machine's speed hits every case alike. Returns (results per case, final latents per case)."""
+    spec, model, sampling, condition = _setup(args)
+    guidances = {case: _guidance_for(case, spec, args) for case in args.cases}
+    for case in args.cases:
+        for _ in range(args.warmup):
+            _run_once(model, sampling, condition, guidances[case])
+    times = {case: [] for case in args.cases}
+    peaks = {case: [] for case in args.cases}
+    last = {}
     for _ in range(args.repeats):
-        elapsed, result = run_once()
-        times.append(elapsed)
-    if args.latents_out:
-        torch.save(result.latents, args.latents_out)
-    peak_gib = (torch.cuda.max_memory_allocated() if cuda else
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
-    return {"case": args.single_case, "median_s": statistics.median(times), "times_s": times,
-            "guided_iterations": len(result.guidance_log), "peak_memory_gib": peak_gib,
-            "memory_kind": "cuda max_memory_allocated" if cuda else "process max RSS",
-            "device": str(model.device), "dtype": str(model.dtype), "num_frames": num_frames,
-            "height": spec.height, "width": spec.width, "steps": args.num_inference_steps}
+        for case in args.cases:
+            elapsed, peak, last[case] = _run_once(model, sampling, condition, guidances[case])
+            times[case].append(elapsed)
+            peaks[case].append(peak)
+    results = {}
+    for case in args.cases:
+        cuda_peak = max(p for p in peaks[case]) if peaks[case][0] is not None else None
+        results[case] = {"case": case, "median_s": statistics.median(times[case]), "times_s": times[case],
+                         "guided_iterations": len(last[case].guidance_log),
+                         "peak_memory_gib": None if cuda_peak is None else cuda_peak / 2 ** 30,
+                         "memory_kind": "cuda max_memory_allocated" if cuda_peak is not None else "process max RSS",
+                         "device": str(model.device), "dtype": str(model.dtype), "num_frames": sampling.num_frames,
+                         "height": spec.height, "width": spec.width, "steps": args.num_inference_steps}
+    return results, {case: last[case].latents for case in args.cases}
+
+
+ABLATION_VARIANTS = (
+    # (name, parameters frozen, stop after the last guided layer, object-token columns only)
+    ("reference: trainable params, full forward, 77 columns", False, False, False),
+    ("+ frozen parameters", True, False, False),
+    ("+ stop after the last guided layer", True, True, False),
+    ("+ object-token columns only (ours)", True, True, True),
+)
+
+
+def run_ablation(args) -> list[dict]:
+    """Time one guided iteration (forward, energy, gradient) under each efficiency change, cumulatively."""
+    import torch
+
+    from generation.energies import compute_guidance_energy, prepare_guidance_targets
+    from generation.guidance import guidance_step
+    from generation.sampling import encode_prompts, prepare_latents
+    from models.attention import AttentionRecorder, recording_attention, run_recorded_forward
+
+    spec, model, sampling, condition = _setup(args)
+    guidance = _guidance_for("benchmark", spec, args)
+    latents = prepare_latents(0, sampling.num_frames, sampling.height, sampling.width,
+                              model.unet.config.in_channels, model.device, model.dtype)
+    targets = prepare_guidance_targets(condition.boxes_xyxy, condition.token_positions, latents.shape[-2],
+                                       latents.shape[-1], model.device)
+    embedding = encode_prompts(model, [condition.prompt])
+    timestep = torch.tensor(999, device=model.device)
+    rows = []
+    for name, frozen, stop_early, token_columns in ABLATION_VARIANTS:
+        model.unet.requires_grad_(not frozen)
+        recorder = AttentionRecorder(guidance.guided_layers, stop_when_complete=stop_early,
+                                     token_indices=targets.token_indices if token_columns else None)
+
+        def energy_fn(z):
+            maps = run_recorded_forward(model.unet, recorder, z, timestep, encoder_hidden_states=embedding)
+            if not token_columns:
+                maps = {k: m.index_select(-1, targets.token_indices) for k, m in maps.items()}
+            return compute_guidance_energy(maps, targets, **guidance.energy_weights())
+
+        times = []
+        with recording_attention(model.unet, recorder):
+            for repeat in range(args.warmup + args.repeats):
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                guidance_step(latents, energy_fn, 1.0)
+                if model.device.type == "cuda":
+                    torch.cuda.synchronize()
+                if repeat >= args.warmup:
+                    times.append(time.perf_counter() - start)
+        rows.append({"variant": name, "median_s": statistics.median(times), "times_s": times})
+    model.unet.requires_grad_(False)
+    return rows
+
+
+def measure_cpu_peak_rss(args, case: str) -> float:
+    """Peak RSS (GiB) of a fresh process that runs one video of ``case`` (CPU memory has no per-run reset)."""
+    forwarded = ["--run-model", args.run_model, "--num_inference_steps", str(args.num_inference_steps)]
+    for flag, value in (("--model-configs", args.model_configs), ("--num_frames", args.num_frames),
+                        ("--device", args.device), ("--dtype", args.dtype)):
+        if value is not None:
+            forwarded += [flag, str(value)]
+    forwarded += ["--all-iterations"] if args.all_iterations else []
+    forwarded += ["--low-memory"] if args.low_memory else []
+    output = subprocess.run([sys.executable, __file__, *forwarded, "--single-case", case],
+                            capture_output=True, text=True, check=True)
+    return float(json.loads(output.stdout.strip().splitlines()[-1])["peak_rss_gib"])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.single_case:
-        print(json.dumps(run_single_case(args)))
+    if args.single_case:  # internal: one video in a fresh process, for its peak RSS
+        spec, model, sampling, condition = _setup(args)
+        _run_once(model, sampling, condition, _guidance_for(args.single_case, spec, args))
+        print(json.dumps({"peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30}))
         return 0
-    forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--json-out", args.json_out)]
-    results, latents_paths = {}, {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for case in args.cases:
-            latents_paths[case] = os.path.join(tmp, f"{case}.pt")
-            command = [sys.executable, __file__, *forwarded, "--single-case", case, "--latents-out", latents_paths[case]]
-            output = subprocess.run(command, capture_output=True, text=True)
-            if output.returncode != 0:
-                print(output.stderr[-4000:], file=sys.stderr)
-                return 1
-            results[case] = json.loads(output.stdout.strip().splitlines()[-1])
-            print(f"{case}: {results[case]['median_s']:.3f} s, {results[case]['guided_iterations']} guided iterations, "
-                  f"peak {results[case]['peak_memory_gib']:.2f} GiB", flush=True)
-        summary = _summarize(results, latents_paths)
+    if args.ablation:
+        rows = run_ablation(args)
+        print("| guided iteration | median s | x reference |\n|---|---:|---:|")
+        for row in rows:
+            print(f"| {row['variant']} | {row['median_s']:.4f} | {row['median_s'] / rows[0]['median_s']:.2f} |")
+        if args.json_out:
+            from utils.io import atomic_write_json
+
+            atomic_write_json(args.json_out, {"command": " ".join(["python", "scripts/bench_guidance.py"] + [
+                a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--json-out", args.json_out)]),
+                "run_model": args.run_model, "ablation": rows})
+        return 0
+    results, latents = run_cases(args)
+    for case, result in results.items():
+        if result["peak_memory_gib"] is None:
+            result["peak_memory_gib"] = measure_cpu_peak_rss(args, case)
+        print(f"{case}: {result['median_s']:.3f} s, {result['guided_iterations']} guided iterations, "
+              f"peak {result['peak_memory_gib']:.2f} GiB ({result['memory_kind']})", flush=True)
+    summary = _summarize(results, latents)
     print(format_table(summary))
     if args.json_out:
         from utils.io import atomic_write_json
 
+        forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a not in ("--json-out", args.json_out)]
         atomic_write_json(args.json_out, {"command": " ".join(["python", "scripts/bench_guidance.py"] + forwarded),
                                           "run_model": args.run_model, "cases": results, "summary": summary})
     return 0
 
 
-def _summarize(results: dict, latents_paths: dict) -> dict:
-    import torch
-
+def _summarize(results: dict, latents: dict) -> dict:
     summary = {}
     baseline = results.get("baseline")
     for case, result in results.items():
@@ -180,9 +270,9 @@ def _summarize(results: dict, latents_paths: dict) -> dict:
             row["time_ratio"] = result["median_s"] / baseline["median_s"]
             row["memory_ratio"] = result["peak_memory_gib"] / baseline["peak_memory_gib"]
         summary[case] = row
-    if "benchmark" in results and "reference" in results:
-        fast, reference = (torch.load(latents_paths[c]).float() for c in ("benchmark", "reference"))
-        summary["reference"]["max_abs_latent_diff_vs_benchmark"] = float((fast - reference).abs().max())
+    if "benchmark" in latents and "reference" in latents:
+        difference = (latents["benchmark"].float() - latents["reference"].float()).abs().max()
+        summary["reference"]["max_abs_latent_diff_vs_benchmark"] = float(difference)
     return summary
 
 
