@@ -243,7 +243,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from accelerate import PartialState
 
-    state = PartialState(cpu=args.device == "cpu")
+    import torch
+
+    # Without CUDA, processes started by a multi-process launcher (accelerate launch --multi_gpu, torchrun)
+    # join a CPU (gloo) group; accelerate's own `--cpu` launcher starts one process unless MPI is set up.
+    state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
     base = run_base_dir(args, spec)
     run_index = args.force_run_ind if args.force_run_ind is not None else first_unused_run_index(base)
     state.wait_for_everyone()  # every process picked the index before any creates it

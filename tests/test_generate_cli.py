@@ -156,7 +156,9 @@ def test_missing_weights_fail_fast_with_the_model_id(tmp_path):
 
 def test_accelerate_two_processes_cover_every_prompt_once(tmp_path, lvd_cache):
     out = tmp_path / "multi"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    # accelerate's --cpu launcher starts a single process unless MPI is configured; its multi-process
+    # launcher (torchrun underneath) starts two, which join a CPU (gloo) group when there is no GPU.
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "generate.py",
                "--run-model", "lvd_tiny", "--prompt-type", "lvd", "--model", "test-llm", "--template_version", "v0.1",
                "--cache-dir", str(lvd_cache), "--output-dir", str(out), "--num_prompts", "6", *FAST]
@@ -168,6 +170,8 @@ def test_accelerate_two_processes_cover_every_prompt_once(tmp_path, lvd_cache):
     assert not (out / "imgs_lvd_templatev0.1_test-llm_lvd_tiny" / "run1").exists()
     seeds = [json.loads((run_dir / str(i) / "video_0.json").read_text())["seed"] for i in range(6)]
     assert seeds == list(range(6))  # the single-process seeds: prompt index + offset
+    # Both processes worked, three prompts each (interleaved shares).
+    assert "(rank 0): videos: 3," in result.stdout and "(rank 1): videos: 3," in result.stdout, result.stdout
 
 
 def test_batch_size_gives_the_batch_one_videos(tmp_path, lvd_cache):
