@@ -36,7 +36,8 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 from models.loading import (VIDEO_MODEL_CONFIG_FILES, VIDEO_MODEL_WEIGHT_FOLDERS, MissingWeightsError,
                             VideoModel, assemble_video_model, cast_module, load_components_from_folder,
                             resolve_device, resolve_dtype, resolve_model_folder)
-from models.tiny import TINY_TEXT_ENCODER_CONFIG, TINY_VAE_CONFIG, build_seeded, build_tiny_components, save_tiny_model
+from models.tiny import (MODELSCOPE_DDIM_SCHEDULER_CONFIG, TINY_TEXT_ENCODER_CONFIG, TINY_VAE_CONFIG, build_seeded,
+                         build_tiny_components, save_tiny_model)
 from models.tokenizer import build_clip_tokenizer
 from utils.io import atomic_write_json
 
@@ -49,24 +50,10 @@ SDXL_REFINER_ID = "stabilityai/stable-diffusion-xl-refiner-1.0"
 # DDIM config plus rescale_betas_zero_snr and timestep_spacing "leading"). Only the tiny model and
 # `save_tiny_zeroscope_xl` use this copy; real weights bring their own file.
 ZEROSCOPE_XL_DDIM_SCHEDULER_CONFIG = types.MappingProxyType({
-    "_class_name": "DDIMScheduler",
+    **MODELSCOPE_DDIM_SCHEDULER_CONFIG,
     "_diffusers_version": "0.18.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "clip_sample_range": 1.0,
-    "dynamic_thresholding_ratio": 0.995,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
     "rescale_betas_zero_snr": False,
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "thresholding": False,
     "timestep_spacing": "leading",
-    "trained_betas": None,
 })
 
 # What a refiner folder must hold. The refiner has no first text encoder / tokenizer (null in its

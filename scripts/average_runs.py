@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from utils.eval.evaluation import EVAL_FILE, average_summaries, format_summary_table
+from utils.eval.evaluation import EVAL_FILE, average_summaries, format_average_summary_line, format_summary_table
 from utils.io import atomic_write_json
 
 
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
         names.append(str(path))
     combined = average_summaries(summaries, names)
     print(format_summary_table(combined))
-    rates = list(combined["rates_mean"]["tasks"].values()) + [combined["rates_mean"]["overall"]]
-    print("Summary: " + "/".join("-" if r is None else f"{r:.2f}" for r in rates))
+    print(format_average_summary_line(combined))
     if args.json_out:
         atomic_write_json(args.json_out, combined)
         print(f"wrote {args.json_out}")

@@ -26,7 +26,8 @@ from pathlib import Path
 from utils.eval.detection import (DEFAULT_MODEL_IDS, DETECTOR_KINDS, TINY_DETECTOR_KINDS, DetectorConfig,
                                   DetectorLoadError, EvalConfig, load_detector)
 from utils.eval.evaluation import (EVAL_FILE, CacheSettings, VideoResult, average_summaries, collect_eval_items,
-                                   evaluate_items, format_reference_lines, format_summary_table,
+                                   evaluate_items, format_average_summary_line, format_reference_lines,
+                                   format_summary_table,
                                    summarize_results)
 from utils.io import atomic_write_json
 
@@ -211,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nAverage over {len(runs)} runs (rate % = pooled counts; run-mean % = mean of the per-run rates, "
               "as in the README)")
         print(format_summary_table(combined))
-        rates = list(combined["rates_mean"]["tasks"].values()) + [combined["rates_mean"]["overall"]]
-        print("Summary: " + "/".join("-" if r is None else f"{r:.2f}" for r in rates))
+        print(format_average_summary_line(combined))
         if args.average_json:
             atomic_write_json(args.average_json, combined)
             print(f"wrote {args.average_json}")

@@ -581,6 +581,12 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return float(np.mean(present)) if present else None
 
 
+def format_average_summary_line(combined: dict) -> str:
+    """``Summary: r1/r2/.../overall`` of the mean per-run rates (the README's multi-run figures)."""
+    rates = list(combined["rates_mean"]["tasks"].values()) + [combined["rates_mean"]["overall"]]
+    return "Summary: " + "/".join("-" if r is None else f"{r:.2f}" for r in rates)
+
+
 def average_summaries(summaries: Sequence[dict], names: Sequence[str] | None = None) -> dict:
     """Combine the summaries of several runs (e.g. run0 and run1 = the README's 1000 videos).
 
