@@ -239,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         cache = load_cache_entries(path)
 
     if args.dry_run:
-        return _dry_run(items, cache, uses_layout)
+        return _dry_run(items, cache, uses_layout, sampling.num_frames)
 
     from accelerate import PartialState
 
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     return _generate_all(my_items, args, spec, model, sampling, guidance, cache, run_dir, state, gligen)
 
 
-def _dry_run(items, cache, uses_layout) -> int:
+def _dry_run(items, cache, uses_layout, num_frames: int) -> int:
     missing = 0
     for _, index, prompt, occurrence in items:
         if not uses_layout:
@@ -287,7 +287,7 @@ def _dry_run(items, cache, uses_layout) -> int:
             missing += 1
             print(f"[{index}] {error}")
             continue
-        condition = build_condition(layout, 16)
+        condition = build_condition(layout, num_frames)
         print(f"[{index}] {condition.prompt} | objects: {', '.join(condition.phrases) or 'none'}")
     return 1 if missing else 0
 

@@ -69,10 +69,18 @@ def prepare_latents(seed: int, num_frames: int, height: int, width: int, channel
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """(1, 4, F, h, w) latents -> (F, H, W, 3) float32 in [0, 1], one frame per VAE call."""
+    """(1, 4, F, h, w) latents -> (F, H, W, 3) float32 in [0, 1], one frame per VAE call.
+
+    On CUDA the VAE's attention runs on the memory-efficient SDPA kernel, as in the reference (spec 5.5).
+    """
     latents = latents / vae.config.scaling_factor
     frames = latents[0].permute(1, 0, 2, 3)  # (F, 4, h, w)
-    with torch.no_grad():
+    kernels = contextlib.nullcontext()
+    if latents.device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        kernels = sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    with torch.no_grad(), kernels:
         images = torch.cat([vae.decode(frame[None]).sample for frame in frames])
     return (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
 
