@@ -37,7 +37,6 @@ FLOAT_OVERRIDES = ("fg_top_p", "bg_top_p", "fg_weight", "bg_weight", "loss_thres
 INT_OVERRIDES = ("max_iter", "max_index_step")
 BOOL_INT_OVERRIDES = ("use_ratio_based_loss", "boxdiff_normed")  # 0/1 on the command line
 SAVE_FORMATS = ("gif", "joblib", "mp4")
-MODEL_ALIASES = {"gpt-3.5": "gpt-3.5-turbo", "vicuna": "vicuna-13b"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -95,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_llm_model(model: str | None) -> str | None:
-    return MODEL_ALIASES.get(model, model) if model else model
+    """The full LLM name for the cache file (aliases as in prompt_batch.py), or None."""
+    from utils.llm import resolve_model_name
+
+    return resolve_model_name(model) if model else model
 
 
 def run_base_dir(args, spec) -> Path:
