@@ -24,7 +24,7 @@ from pathlib import Path
 
 from models.registry import RunModelError, get_run_model, run_model_names, validate_num_frames
 from prompt import DEFAULT_TEMPLATE_VERSION, PROMPT_TYPES, get_prompts
-from utils.cache import cache_path, load_cache_entries
+from utils.cache import LayoutCache, cache_path
 from utils.io import atomic_write_json
 from utils.layout import LayoutError, build_condition, layout_to_dict, parse_layout
 
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: no layout cache at {path}; make one with prompt_batch.py --prompt-type "
                   f"{args.prompt_type} --model {llm_model} --auto-query", file=sys.stderr)
             return 2
-        cache = load_cache_entries(path)
+        cache = LayoutCache.load(path)
 
     if args.dry_run:
         return _dry_run(items, cache, uses_layout, sampling.num_frames)
@@ -278,7 +278,7 @@ def _dry_run(items, cache, uses_layout, num_frames: int) -> int:
         if not uses_layout:
             print(f"[{index}] {prompt}")
             continue
-        reply = cache.get(prompt, [])[occurrence] if occurrence < len(cache.get(prompt, [])) else None
+        reply = cache.get(prompt, occurrence)
         if reply is None:
             missing += 1
             print(f"[{index}] no cached layout for {prompt!r} (occurrence {occurrence})")
@@ -344,10 +344,10 @@ def _prepare_prompt(index: int, prompt: str, occurrence: int, args, cache, sampl
     """
     if cache is None:
         return None
-    replies = cache.get(prompt, [])
-    if occurrence >= len(replies):
+    reply = cache.get(prompt, occurrence)
+    if reply is None:
         raise LookupError(f"no cached layout for {prompt!r} (occurrence {occurrence})")
-    layout = parse_layout(replies[occurrence], prompt)
+    layout = parse_layout(reply, prompt)
     condition = build_condition(layout, sampling.num_frames, model.tokenizer)
     prompt_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(prompt_dir / "layout.json", {
