@@ -1,4 +1,4 @@
-"""Stage-1 data: LLM templates, prompt sets (demo and the LVD benchmark) and the negative prompt.
+"""Stage-1 data: LLM templates and prompt sets (demo and the LVD benchmark).
 
 Templates are JSON files in ``templates/`` (``<version>.json``): a system message, worked
 examples and a caption prefix. Add a file there, or pass a path, to use your own template without
@@ -19,9 +19,6 @@ from utils.predicates import (LEFT_TO_RIGHT, RIGHT_TO_LEFT, AttributionCheck, Ch
 
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 DEFAULT_TEMPLATE_VERSION = "v0.1"
-
-# Used by every stage-2 method (spec 5.3).
-NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weird, abrupt"
 
 DEMO_PROMPTS = ("A bear walks from the left to the right",)
 
@@ -203,3 +200,10 @@ def get_prompts(prompt_type: str = "demo") -> list[str]:
     if prompt_type not in BENCHMARK_PROMPT_TYPES:
         raise ValueError(f"unknown prompt type {prompt_type!r}; expected one of {list(PROMPT_TYPES)}")
     return [normalize_prompt(item.prompt) for item in get_benchmark(prompt_type)]
+
+
+def get_prompt_entries(prompt_type: str) -> list[tuple[str, Check | None]]:
+    """(normalised prompt, benchmark check or None) of every entry of a prompt type, in generation order."""
+    if prompt_type in BENCHMARK_PROMPT_TYPES:
+        return [(normalize_prompt(item.prompt), item.check) for item in get_benchmark(prompt_type)]
+    return [(prompt, None) for prompt in get_prompts(prompt_type)]

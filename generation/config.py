@@ -5,7 +5,9 @@ import dataclasses
 from dataclasses import dataclass
 
 from models.registry import LVD_GUIDED_LAYERS
-from prompt import NEGATIVE_PROMPT
+
+# Used by every stage-2 method (spec 5.3).
+NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weird, abrupt"
 
 STOP_CARRIED = "carried"    # reference rule: compare the carried loss; stop for good once below (spec 4.5)
 STOP_PER_STEP = "per-step"  # corrected rule (spec 15.2): recompute at every step, stop that step when below

@@ -54,7 +54,8 @@ from diffusers import UNet3DConditionModel
 from diffusers.models.attention import BasicTransformerBlock, GatedSelfAttentionDense
 from diffusers.models.embeddings import GLIGENTextBoundingboxProjection
 
-from models.loading import WEIGHT_SUFFIXES, MissingWeightsError, select_hub_files
+from models.devices import cast_module
+from models.hub import WEIGHT_SUFFIXES, MissingWeightsError, select_hub_files
 from models.registry import GLIGEN_CROSS_ATTENTION_DIM
 
 logger = logging.getLogger(__name__)
@@ -266,8 +267,6 @@ def load_grounded_unet(folder: str | os.PathLike, dtype: torch.dtype = torch.flo
         raise GroundedModelError(f"{unet_dir}: the weights do not fit the config: {exc}") from exc
     left_on_meta = [name for name, t in list(unet.named_parameters()) + list(unet.named_buffers()) if t.is_meta]
     assert not left_on_meta, left_on_meta  # every tensor is persistent, so all were assigned
-    from models.loading import cast_module
-
     cast_module(unet, dtype)
     unet.eval()
     logger.info("loaded grounded UNet3D from %s (%d GLIGEN tensors)", unet_dir, len(gligen_parameter_names(unet)))

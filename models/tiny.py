@@ -20,34 +20,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, UNet3DConditionModel
+from diffusers import AutoencoderKL, UNet3DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from models.loading import VideoModel, assemble_video_model, cast_module, resolve_device, resolve_dtype
+from models.devices import build_seeded, cast_module, resolve_device, resolve_dtype
+from models.gligen import attach_gligen_modules, build_grounded_unet, fuser_modules
 from models.registry import TINY_HEIGHT, RunModelSpec, get_run_model
+from models.schedulers import MODELSCOPE_DDIM_SCHEDULER_CONFIG, build_dpm_scheduler
 from models.tokenizer import VOCAB_SIZE, build_clip_tokenizer, load_tokenizer
+from models.video_model import VideoModel, assemble_video_model
 from utils.io import atomic_write_json
-
-# damo-vilab/text-to-video-ms-1.7b scheduler/scheduler_config.json, verbatim (shared/model-configs is
-# not available at run time). Zeroscope v2 576w's differs only in "_diffusers_version".
-MODELSCOPE_DDIM_SCHEDULER_CONFIG = types.MappingProxyType({
-    "_class_name": "DDIMScheduler",
-    "_diffusers_version": "0.15.0.dev0",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "clip_sample_range": 1.0,
-    "dynamic_thresholding_ratio": 0.995,
-    "num_train_timesteps": 1000,
-    "prediction_type": "epsilon",
-    "sample_max_value": 1.0,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "thresholding": False,
-    "trained_betas": None,
-})
 
 TINY_TEXT_HIDDEN_SIZE = 32
 # Block types, layers per block and the "attention_head_dim is the per-head size" convention are
@@ -114,21 +96,6 @@ _SEED_OFFSETS = {"unet": 0, "vae": 1, "text_encoder": 2, "gligen": 3}
 TINY_FUSER_GATE = 1.0
 
 
-def build_dpm_scheduler(ddim_config: dict[str, Any] | types.MappingProxyType | None = None
-                        ) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ (2M) from a DDIM config, as the reference does (spec 5.1); default: ModelScope's."""
-    config = dict(MODELSCOPE_DDIM_SCHEDULER_CONFIG if ddim_config is None else ddim_config)
-    return DPMSolverMultistepScheduler.from_config(config)
-
-
-def build_seeded(seed: int, build, device: torch.device | None = None):
-    """Run ``build()`` with the torch RNG seeded, without touching the caller's RNG state."""
-    devices = [device] if device is not None and device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return build()
-
-
 def build_tiny_unet(seed: int = 0) -> UNet3DConditionModel:
     return build_seeded(seed + _SEED_OFFSETS["unet"],
                          lambda: UNet3DConditionModel.from_config(dict(TINY_UNET_CONFIG)))
@@ -137,8 +104,6 @@ def build_tiny_unet(seed: int = 0) -> UNet3DConditionModel:
 def build_tiny_grounded_unet(seed: int = 0, fuser_gate: float = TINY_FUSER_GATE) -> UNet3DConditionModel:
     """The tiny UNet (same weights as `build_tiny_unet(seed)`) plus GLIGEN fusers and a position net
     (positive_len = the tiny text width), seeded; every fuser gate set to ``fuser_gate``."""
-    from models.gligen import attach_gligen_modules, fuser_modules
-
     unet = build_tiny_unet(seed)
     build_seeded(seed + _SEED_OFFSETS["gligen"], lambda: attach_gligen_modules(unet))
     with torch.no_grad():
@@ -242,8 +207,6 @@ def build_random_model_from_configs(config_dir: str | os.PathLike, dtype: str | 
     if grounded is None:
         grounded = (spec is not None and spec.grounded) or unet_config.get("attention_type") == "gated"
     if grounded:
-        from models.gligen import build_grounded_unet
-
         build_unet = lambda: build_grounded_unet(unet_config)  # noqa: E731
     else:
         build_unet = lambda: UNet3DConditionModel.from_config(unet_config)  # noqa: E731

@@ -29,32 +29,23 @@ import types
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler,
                        StableDiffusionXLImg2ImgPipeline, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
-from models.loading import (VIDEO_MODEL_CONFIG_FILES, VIDEO_MODEL_WEIGHT_FOLDERS, MissingWeightsError,
-                            VideoModel, assemble_video_model, cast_module, load_components_from_folder,
-                            resolve_device, resolve_dtype, resolve_model_folder)
-from models.tiny import (MODELSCOPE_DDIM_SCHEDULER_CONFIG, TINY_TEXT_ENCODER_CONFIG, TINY_VAE_CONFIG, build_seeded,
-                         build_tiny_components, save_tiny_model)
+from models.devices import build_seeded, cast_module, resolve_device, resolve_dtype
+from models.hub import MissingWeightsError, resolve_model_folder
+from models.schedulers import ZEROSCOPE_XL_DDIM_SCHEDULER_CONFIG, build_zeroscope_xl_scheduler
+from models.tiny import TINY_TEXT_ENCODER_CONFIG, TINY_VAE_CONFIG, build_tiny_components, save_tiny_model
 from models.tokenizer import build_clip_tokenizer
+from models.video_model import (VIDEO_MODEL_CONFIG_FILES, VIDEO_MODEL_WEIGHT_FOLDERS, VideoModel,
+                                assemble_video_model, load_components_from_folder)
 from utils.io import atomic_write_json
 
 logger = logging.getLogger(__name__)
 
 ZEROSCOPE_XL_ID = "cerspense/zeroscope_v2_XL"
 SDXL_REFINER_ID = "stabilityai/stable-diffusion-xl-refiner-1.0"
-
-# cerspense/zeroscope_v2_XL scheduler/scheduler_config.json (shared/model-configs/SOURCES.md: the 576w
-# DDIM config plus rescale_betas_zero_snr and timestep_spacing "leading"). Only the tiny model and
-# `save_tiny_zeroscope_xl` use this copy; real weights bring their own file.
-ZEROSCOPE_XL_DDIM_SCHEDULER_CONFIG = types.MappingProxyType({
-    **MODELSCOPE_DDIM_SCHEDULER_CONFIG,
-    "_diffusers_version": "0.18.0.dev0",
-    "rescale_betas_zero_snr": False,
-    "timestep_spacing": "leading",
-})
 
 # What a refiner folder must hold. The refiner has no first text encoder / tokenizer (null in its
 # model_index.json): only the OpenCLIP-bigG tower with projection, as text_encoder_2.
@@ -124,12 +115,6 @@ _SDXL_SEED_OFFSETS = {"unet": 10, "vae": 11, "text_encoder_2": 12}
 
 # ---------------------------------------------------------------------------------------------
 # Zeroscope v2 XL
-
-
-def build_zeroscope_xl_scheduler(ddim_config=None) -> DPMSolverMultistepScheduler:
-    """DPM-Solver++ from the XL DDIM config (default: `ZEROSCOPE_XL_DDIM_SCHEDULER_CONFIG`): leading spacing."""
-    return DPMSolverMultistepScheduler.from_config(dict(ZEROSCOPE_XL_DDIM_SCHEDULER_CONFIG if ddim_config is None
-                                                        else ddim_config))
 
 
 def enable_model_cpu_offload(model: VideoModel, execution_device: torch.device) -> VideoModel:

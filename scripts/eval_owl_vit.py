@@ -23,6 +23,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from prompt import get_prompt_entries
 from utils.eval.detection import (DEFAULT_MODEL_IDS, DETECTOR_KINDS, TINY_DETECTOR_KINDS, DetectorConfig,
                                   DetectorLoadError, EvalConfig, load_detector)
 from utils.eval.evaluation import (EVAL_FILE, CacheSettings, VideoResult, average_summaries, collect_eval_items,
@@ -113,7 +114,7 @@ def evaluate_run(run: Path, args, detector, config: EvalConfig, report_dir: Path
     """Evaluate one run directory; returns (summary, number of unexpected failures)."""
     from tqdm import tqdm
 
-    items = collect_eval_items(run, config.prompt_type, skip_first_prompts=args.skip_first_prompts,
+    items = collect_eval_items(run, config.prompt_type, get_prompt_entries(config.prompt_type), skip_first_prompts=args.skip_first_prompts,
                                num_prompts=args.num_prompts, run_start_ind=args.run_start_ind,
                                all_repeats=args.all_repeats)
     if not run.is_dir():

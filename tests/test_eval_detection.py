@@ -112,7 +112,7 @@ def test_load_detector_from_a_folder(tmp_path, tiny):
 
 
 def test_missing_weights_fail_fast_with_a_clear_message(tmp_path, monkeypatch):
-    from models.loading import MissingWeightsError
+    from models.hub import MissingWeightsError
 
     with pytest.raises(MissingWeightsError, match="not a folder"):
         load_detector(DetectorConfig(kind="owlvit", model_path=str(tmp_path / "nowhere")))

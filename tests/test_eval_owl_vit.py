@@ -15,6 +15,7 @@ from prompt import get_benchmark
 from utils.eval.detection import (CACHE_DIR_NAME, EvalConfig, build_cache_key, build_tiny_detector,
                                   cache_file_path, compute_file_digest, make_detections,
                                   save_cached_detections)
+from prompt import get_prompt_entries
 from utils.eval.evaluation import CacheSettings, collect_eval_items, evaluate_items, summarize_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -119,7 +120,7 @@ def test_bad_inputs_are_skipped_with_a_reason(tmp_path, tiny):
     joblib.dump(draw_video(seed=9), folder / "video_1.joblib")
     write_prompt_folder(run, 5, draw_video().astype(np.float32), benchmark[5].prompt)      # not uint8
     write_prompt_folder(run, 6, draw_video(), benchmark[200].prompt)                       # another prompt
-    items = collect_eval_items(run, "lvd", num_prompts=8)
+    items = collect_eval_items(run, "lvd", get_prompt_entries("lvd"), num_prompts=8)
     results, stats = evaluate_items(items, tiny, EvalConfig())
     reasons = {r.item.index: r.skipped for r in results}
     assert reasons[0] is None
@@ -133,7 +134,7 @@ def test_bad_inputs_are_skipped_with_a_reason(tmp_path, tiny):
     assert not any(r.error for r in results)  # expected problems, not crashes
     summary = summarize_results(results, EvalConfig())
     assert summary["tasks"]["numeracy"]["total"] == 1 and summary["skipped"] == {"total": 7, "tasks": {"numeracy": 7}}
-    both = collect_eval_items(run, "lvd", skip_first_prompts=4, num_prompts=1, all_repeats=True)
+    both = collect_eval_items(run, "lvd", get_prompt_entries("lvd"), skip_first_prompts=4, num_prompts=1, all_repeats=True)
     assert [i.video_path.name for i in both] == ["video_0.joblib", "video_1.joblib"]
 
 
@@ -148,14 +149,14 @@ def test_a_run_of_another_prompt_type_is_skipped(tmp_path, cli, capsys):
 def test_a_reference_run_without_layouts_is_judged_without_adherence(tmp_path, tiny):
     run = write_run(tmp_path / "run0", [0], with_layout=False)
     (run / "config.json").unlink()
-    results, _ = evaluate_items(collect_eval_items(run, "lvd", num_prompts=1), tiny, EvalConfig())
+    results, _ = evaluate_items(collect_eval_items(run, "lvd", get_prompt_entries("lvd"), num_prompts=1), tiny, EvalConfig())
     assert results[0].skipped is None and results[0].success is not None and results[0].adherence is None
 
 
 def test_adherence_on_all_frames(tmp_path, tiny):
     run = write_run(tmp_path / "run0", [0])
     config = EvalConfig(adherence_all_frames=True)
-    results, _ = evaluate_items(collect_eval_items(run, "lvd", num_prompts=1), tiny, config,
+    results, _ = evaluate_items(collect_eval_items(run, "lvd", get_prompt_entries("lvd"), num_prompts=1), tiny, config,
                                 cache=CacheSettings(directory=str(tmp_path / "cache")))
     assert results[0].adherence_frame_indices == tuple(range(16)) and results[0].frame_indices == (0, 3, 6, 9, 12, 15)
     assert len(results[0].frame_boxes) == 6
@@ -188,7 +189,7 @@ def test_demo_prompts_get_adherence_only(tmp_path, tiny):
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"prompt_type": "demo"}))
     write_prompt_folder(run, 0, draw_video(num_frames=8, height=128, width=128), get_prompts("demo")[0])
-    results, _ = evaluate_items(collect_eval_items(run, "demo"), tiny, EvalConfig())
+    results, _ = evaluate_items(collect_eval_items(run, "demo", get_prompt_entries("demo")), tiny, EvalConfig())
     (result,) = results
     assert result.skipped is None and result.success is None and result.item.task == "demo"
     assert result.frame_indices == (0, 1, 3, 4, 6, 7) and result.adherence is not None

@@ -154,6 +154,7 @@ def test_missing_weights_fail_fast_with_the_model_id(tmp_path):
     assert elapsed < 30  # the import of torch/diffusers dominates; the check itself is immediate
 
 
+@pytest.mark.slow
 def test_accelerate_two_processes_cover_every_prompt_once(tmp_path, lvd_cache):
     out = tmp_path / "multi"
     # accelerate's --cpu launcher starts a single process unless MPI is configured; its multi-process

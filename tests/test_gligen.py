@@ -28,7 +28,8 @@ from models.gligen import (MAX_OBJECTS, GligenConfig, GroundedModelError, build_
                            fuser_modules, gligen_parameter_names, is_grounded, load_grounded_unet,
                            spatial_transformer_block_paths, stack_cfg_gligen_inputs, temporal_transformer_paths,
                            validate_grounded_config)
-from models.loading import MissingWeightsError, load_video_model
+from models.hub import MissingWeightsError
+from models.loading import load_video_model
 from models.registry import LVD_GUIDED_LAYERS, get_run_model
 from utils.layout import Box, ObjectTrack, SceneLayout, build_condition
 

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from models import tiny
-from models.loading import (MissingWeightsError, VideoModel, load_video_model, resolve_device, resolve_dtype,
-                            resolve_model_folder, select_hub_files)
+from models.devices import resolve_device, resolve_dtype
+from models.hub import MissingWeightsError, resolve_model_folder, select_hub_files
+from models.loading import load_video_model
+from models.video_model import VideoModel
 from models.registry import (LVD_GUIDED_LAYERS, RUN_MODELS, RunModelError, get_run_model, run_model_names,
                              validate_num_frames)
 from models.tokenizer import TokenizerFilesError, build_clip_tokenizer, find_clip_bpe_file

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from prompt import (BENCHMARK_PROMPT_TYPES, DEMO_PROMPTS, NEGATIVE_PROMPT, PROMPT_TYPES, BenchmarkPrompt,
+from generation.config import NEGATIVE_PROMPT
+from prompt import (BENCHMARK_PROMPT_TYPES, DEMO_PROMPTS, PROMPT_TYPES, BenchmarkPrompt,
                     build_messages, get_benchmark, get_prompts, load_template)
 from utils.predicates import (LEFT_TO_RIGHT, RIGHT_TO_LEFT, TASKS, AttributionCheck, DynamicSpatialCheck,
                               NumeracyCheck, SequentialCheck, VisibilityCheck)

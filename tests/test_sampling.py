@@ -13,11 +13,11 @@ import pytest
 import torch
 from diffusers import TextToVideoSDPipeline
 
-from generation.config import GuidanceConfig, SamplingConfig
+from generation.config import NEGATIVE_PROMPT, GuidanceConfig, SamplingConfig
 from generation.guidance import compute_step_sizes
 from generation.sampling import decode_latents, frames_to_uint8, generate_video, prepare_latents
-from models.tiny import build_dpm_scheduler, build_tiny_video_model
-from prompt import NEGATIVE_PROMPT
+from models.schedulers import build_dpm_scheduler
+from models.tiny import build_tiny_video_model
 from utils.layout import Box, LayoutCondition, ObjectTrack, SceneLayout, build_condition
 
 SAMPLING = SamplingConfig(height=64, width=64, num_frames=4, num_inference_steps=8)

@@ -20,8 +20,8 @@ from generation.upsampling import (UPSAMPLE_NEGATIVE_PROMPT, RefineConfig, compu
                                    compute_target_size, refine_frames_sdxl, refine_video_zeroscope_xl,
                                    resize_frames, sdxl_refine_config, upsampled_video_stem,
                                    zeroscope_xl_refine_config)
-from models.loading import MissingWeightsError
-from models.tiny import build_dpm_scheduler
+from models.hub import MissingWeightsError
+from models.schedulers import build_dpm_scheduler
 from models.upsamplers import (SDXL_REFINER_ID, ZEROSCOPE_XL_ID, build_tiny_sdxl_refiner, build_tiny_zeroscope_xl,
                                enable_model_cpu_offload, load_sdxl_refiner, load_zeroscope_xl,
                                save_tiny_sdxl_refiner, save_tiny_zeroscope_xl)

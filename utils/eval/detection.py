@@ -200,13 +200,13 @@ def load_detector(config: DetectorConfig) -> Detector:
     """Build the detector a :class:`DetectorConfig` names, in fp32 eval mode on ``config.device``.
 
     Tiny kinds are built from configs; real ones load from ``config.model_path`` or the local model
-    cache via ``models.loading.resolve_model_folder`` (which raises ``MissingWeightsError`` offline).
+    cache via ``models.hub.resolve_model_folder`` (which raises ``MissingWeightsError`` offline).
     """
     if config.kind in TINY_DETECTOR_KINDS:
         return build_tiny_detector(config.kind, seed=config.seed, device=config.device,
                                    batch_size=config.batch_size)
     architecture = _architecture(config.kind)
-    from models.loading import resolve_model_folder
+    from models.hub import resolve_model_folder
 
     model_id = config.model_id or DEFAULT_MODEL_IDS[architecture]
     folder = Path(resolve_model_folder(model_id, model_path=config.model_path, revision=config.revision,

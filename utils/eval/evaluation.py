@@ -93,21 +93,13 @@ def read_run_prompt_type(run_base_path: str | Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def list_prompt_entries(prompt_type: str) -> list[tuple[str, Check | None]]:
-    """(normalised prompt, check) of every entry of a prompt type, in generation order."""
-    from prompt import BENCHMARK_PROMPT_TYPES, get_benchmark, get_prompts
-
-    if prompt_type in BENCHMARK_PROMPT_TYPES:
-        return [(normalize_prompt(item.prompt), item.check) for item in get_benchmark(prompt_type)]
-    return [(prompt, None) for prompt in get_prompts(prompt_type)]
-
-
 def _video_sort_key(path: Path) -> tuple[int, str]:
     match = re.fullmatch(r"video_(\d+)", path.stem)
     return (int(match.group(1)) if match else 1 << 30, path.name)
 
 
-def collect_eval_items(run_base_path: str | Path, prompt_type: str = "lvd", *, skip_first_prompts: int = 0,
+def collect_eval_items(run_base_path: str | Path, prompt_type: str, entries: Sequence[tuple[str, Check | None]], *,
+                       skip_first_prompts: int = 0,
                        num_prompts: int | None = None, run_start_ind: int = 0,
                        all_repeats: bool = False) -> list[EvalItem]:
     """The videos of benchmark entries ``[skip_first_prompts, skip_first_prompts + num_prompts)``.
@@ -117,7 +109,6 @@ def collect_eval_items(run_base_path: str | Path, prompt_type: str = "lvd", *, s
     Unusable entries come back with a ``skip_reason``; nothing here raises for bad input.
     """
     run = Path(run_base_path)
-    entries = list_prompt_entries(prompt_type)
     end = len(entries) if num_prompts is None else min(len(entries), skip_first_prompts + num_prompts)
     run_type = read_run_prompt_type(run) if run.is_dir() else None
     items = []

@@ -1,0 +1,60 @@
+"""Shared fixtures and the ``slow`` marker.
+
+- Tiny random-weight models (the real classes, shrunken configs; models/tiny.py) are built once per
+  session: every test module that needs one asks for ``tiny_model`` / ``tiny_grounded_model``. Tests
+  must not change their weights (processors are installed by context managers that restore them).
+- ``@pytest.mark.slow`` tests (subprocess launches, multi-process runs, long equivalence runs) are
+  skipped, with that reason, unless ``--run-slow`` is given; ``.ci/run`` runs them in a second pass.
+- ``torch.set_num_threads`` never leaks from one test into the next.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", default=False,
+                     help="also run the tests marked slow (CI runs them in a second pass)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: run with --run-slow (CI runs it: .ci/run)")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    """The `lvd_tiny` model (seed 0, CPU, fp32)."""
+    from models.tiny import build_tiny_video_model
+
+    return build_tiny_video_model(seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_grounded_model():
+    """The `lvd-gligen_tiny` model: the tiny UNet plus GLIGEN fusers and a position net (seed 0)."""
+    from models.registry import get_run_model
+    from models.tiny import build_tiny_video_model
+
+    return build_tiny_video_model(seed=0, spec=get_run_model("lvd-gligen_tiny"))
+
+
+@pytest.fixture(scope="session")
+def clip_tokenizer():
+    """The real ModelScope / Zeroscope CLIP tokenizer, built offline."""
+    from models.tokenizer import build_clip_tokenizer
+
+    return build_clip_tokenizer()

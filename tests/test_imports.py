@@ -1,0 +1,97 @@
+"""The project's import graph is a DAG that runs one way (issue: models/ without import cycles).
+
+Read from the source with ``ast`` (no import side effects): every ``import`` / ``from ... import`` of a
+project module, at any depth (function-level imports included), is an edge. Checked: no cycle; models/
+imports no project module lazily (inside a function) to dodge one; models/, utils/ and generation/ never
+import the stage CLIs or scripts; and every module imports in a fresh interpreter.
+"""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("models", "generation", "utils", "studio")
+TOP_LEVEL = ("prompt", "prompt_batch", "generate", "app")
+SCRIPTS = ("prompt_batch", "generate", "app")  # CLIs: nothing in the library may import them
+
+
+def project_modules() -> dict[str, Path]:
+    modules = {name: ROOT / f"{name}.py" for name in TOP_LEVEL if (ROOT / f"{name}.py").is_file()}
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")) if (ROOT / package).is_dir() else ():
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def import_edges(modules: dict[str, Path]) -> list[tuple[str, str, bool]]:
+    """(importer, imported project module, whether the import sits inside a function)."""
+    edges = []
+    for name, path in modules.items():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        nested = {id(child) for fn in functions for child in ast.walk(fn)}
+        for node in ast.walk(tree):
+            targets = []
+            if isinstance(node, ast.Import):
+                targets = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                targets = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+            for target in targets:
+                if target in modules and target != name:
+                    edges.append((name, target, id(node) in nested))
+    return edges
+
+
+def find_cycle(edges) -> list[str] | None:
+    graph: dict[str, set[str]] = {}
+    for source, target, _ in edges:
+        graph.setdefault(source, set()).add(target)
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_import_graph_has_no_cycle():
+    edges = import_edges(project_modules())
+    assert len(edges) > 30  # the scan sees the project's imports
+    assert find_cycle(edges) is None, " -> ".join(find_cycle(edges))
+
+
+def test_models_imports_no_project_module_lazily():
+    lazy = [(a, b) for a, b, nested in import_edges(project_modules()) if nested and a.startswith("models")]
+    assert lazy == []
+
+
+def test_the_library_never_imports_a_cli_or_the_stage_one_data():
+    forbidden = set(SCRIPTS) | {"prompt"}
+    bad = [(a, b) for a, b, _ in import_edges(project_modules())
+           if a.split(".")[0] in ("models", "utils", "generation") and b.split(".")[0] in forbidden]
+    assert bad == []
+
+
+def test_every_module_imports_in_a_fresh_interpreter():
+    names = [name for name in project_modules() if not name.startswith("studio") and name != "app"]
+    code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"
+    result = subprocess.run([sys.executable, "-c", code, *names], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-2000:]
