@@ -116,25 +116,31 @@ def first_unused_run_index(base: Path) -> int:
 
 
 def build_configs(args, spec):
-    """(SamplingConfig, GuidanceConfig | None) from the run-model and the given overrides only."""
-    from generation.config import GuidanceConfig, SamplingConfig, replace_config
+    """(SamplingConfig, GuidanceConfig | None, ExecutionConfig) from the run-model and the given flags only."""
+    from generation.config import ExecutionConfig, GuidanceConfig, SamplingConfig, replace_config
 
     num_frames = validate_num_frames(spec, args.num_frames)
     sampling = replace_config(SamplingConfig(height=spec.height, width=spec.width, num_frames=num_frames,
                                              initial_noise=args.initial_noise),
                               num_inference_steps=args.num_inference_steps)
-    overrides = {name: getattr(args, name) for name in FLOAT_OVERRIDES + INT_OVERRIDES}
-    overrides.update({name: (None if getattr(args, name) is None else bool(getattr(args, name)))
-                      for name in BOOL_INT_OVERRIDES})
+    execution = ExecutionConfig(low_memory=args.low_memory)
+    # Each guidance flag, None when not given (the run-model's defaults then apply).
+    overrides = dict(
+        loss_scale=args.loss_scale, loss_threshold=args.loss_threshold, max_iter=args.max_iter,
+        max_index_step=args.max_index_step, fg_top_p=args.fg_top_p, bg_top_p=args.bg_top_p,
+        fg_weight=args.fg_weight, bg_weight=args.bg_weight, com_loss_scale=args.com_loss_scale,
+        boxdiff_loss_scale=args.boxdiff_loss_scale, attn_sync_weight=args.attn_sync_weight,
+        use_ratio_based_loss=None if args.use_ratio_based_loss is None else bool(args.use_ratio_based_loss),
+        boxdiff_normed=None if args.boxdiff_normed is None else bool(args.boxdiff_normed))
     given = sorted(name for name, value in overrides.items() if value is not None)
     if spec.method not in GUIDED_METHODS:
         if given:
             raise RunModelError(f"run-model {spec.name!r} ({spec.method}) has no attention guidance; "
                                 f"remove {', '.join('--' + g for g in given)}")
-        return sampling, None
-    guidance = replace_config(GuidanceConfig(guided_layers=spec.guided_layers, stop_rule=args.guidance_stop,
-                                             low_memory=args.low_memory), **overrides)
-    return sampling, guidance
+        return sampling, None, execution
+    guidance = replace_config(GuidanceConfig(guided_layers=spec.guided_layers, stop_rule=args.guidance_stop),
+                              **overrides)
+    return sampling, guidance, execution
 
 
 def build_gligen_config(args, spec):
@@ -205,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         spec = get_run_model(args.run_model)
-        sampling, guidance = build_configs(args, spec)
+        sampling, guidance, execution = build_configs(args, spec)
         gligen = build_gligen_config(args, spec)
     except (RunModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
@@ -268,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     if spec.tiny:
         print(f"note: {spec.name} is a tiny random-weight model; its videos are noise (it exercises the code paths)")
     if state.is_main_process:
-        _write_run_config(run_dir, args, spec, sampling, guidance, llm_model, model, state.num_processes, gligen)
-    return _generate_all(my_items, args, spec, model, sampling, guidance, cache, run_dir, state, gligen)
+        _write_run_config(run_dir, args, spec, sampling, guidance, execution, llm_model, model, state.num_processes,
+                          gligen)
+    return _generate_all(my_items, args, spec, model, sampling, guidance, execution, cache, run_dir, state, gligen)
 
 
 def _dry_run(items, cache, uses_layout, num_frames: int) -> int:
@@ -294,7 +301,7 @@ def _dry_run(items, cache, uses_layout, num_frames: int) -> int:
     return 1 if missing else 0
 
 
-def _write_run_config(run_dir: Path, args, spec, sampling, guidance, llm_model, model, num_processes,
+def _write_run_config(run_dir: Path, args, spec, sampling, guidance, execution, llm_model, model, num_processes,
                       gligen=None) -> None:
     import diffusers
     import torch
@@ -309,6 +316,7 @@ def _write_run_config(run_dir: Path, args, spec, sampling, guidance, llm_model, 
         "llm_model": llm_model,
         "sampling": dataclasses.asdict(sampling),
         "guidance": dataclasses.asdict(guidance) if guidance is not None else None,
+        "execution": dataclasses.asdict(execution),
         "gligen": dataclasses.asdict(gligen) if gligen is not None else None,
         "device": str(model.device), "dtype": str(model.dtype), "num_processes": num_processes,
         "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
@@ -363,7 +371,7 @@ def _prepare_prompt(index: int, prompt: str, occurrence: int, args, cache, sampl
     return condition
 
 
-def _generate_all(items, args, spec, model, sampling, guidance, cache, run_dir, state, gligen=None) -> int:
+def _generate_all(items, args, spec, model, sampling, guidance, execution, cache, run_dir, state, gligen=None) -> int:
     import torch
     from tqdm import tqdm
 
@@ -415,7 +423,7 @@ def _generate_all(items, args, spec, model, sampling, guidance, cache, run_dir, 
         started = time.perf_counter()
         try:
             requests = [VideoRequest(video.prompt, video.seed, video.condition) for video in chunk]
-            results = generate_videos(model, requests, sampling, guidance=guidance, gligen=gligen,
+            results = generate_videos(model, requests, sampling, guidance=guidance, gligen=gligen, execution=execution,
                                       step_callback=lambda i, n: steps.update(1))
             elapsed = (time.perf_counter() - started) / len(chunk)
             for video, result in zip(chunk, results):

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
 
-# Downsampling factors of the attention maps relative to the latent, precomputed per layout.
+# Downsampling factors of a UNet's attention maps relative to the latent, precomputed per layout.
 MAP_FACTORS = (1, 2, 4, 8)
 
 
@@ -73,9 +74,10 @@ def compute_box_masks(boxes_xyxy: np.ndarray, height: int, width: int,
     return BoxMasks(height, width, masks.to(device), torch.from_numpy(corners).to(device))
 
 
-def prepare_guidance_targets(boxes_xyxy: np.ndarray, token_positions, latent_height: int, latent_width: int,
+def prepare_guidance_targets(boxes_xyxy: np.ndarray, token_positions, map_sizes: Sequence[tuple[int, int]],
                              device: torch.device | str = "cpu") -> GuidanceTargets:
-    """Layout boxes (objects, F, 4) and token positions per object -> :class:`GuidanceTargets`."""
+    """Layout boxes (objects, F, 4) and token positions per object -> :class:`GuidanceTargets`, with box
+    masks at every attention-map grid ``(h, w)`` of ``map_sizes``."""
     token_indices, token_objects, token_weights = [], [], []
     for object_index, positions in enumerate(token_positions):
         for position in positions:
@@ -84,14 +86,18 @@ def prepare_guidance_targets(boxes_xyxy: np.ndarray, token_positions, latent_hei
             token_weights.append(1.0 / len(positions))
     token_boxes = np.asarray(boxes_xyxy, dtype=np.float64)[np.asarray(token_objects, dtype=np.int64)]
     token_boxes = token_boxes.reshape(len(token_objects), -1, 4)
-    masks_by_size = {}
-    for factor in MAP_FACTORS:
-        height, width = latent_height // factor, latent_width // factor
-        if height and width:
-            masks_by_size[height * width] = compute_box_masks(token_boxes, height, width, device)
+    masks_by_size = {height * width: compute_box_masks(token_boxes, height, width, device)
+                     for height, width in map_sizes if height and width}
     return GuidanceTargets(token_indices=torch.tensor(token_indices, dtype=torch.int64, device=device),
                            token_weights=torch.tensor(token_weights, dtype=torch.float32, device=device),
                            num_objects=len(token_positions), masks_by_size=masks_by_size)
+
+
+def compute_latent_map_sizes(latent_height: int, latent_width: int,
+                             factors: Sequence[int] = MAP_FACTORS) -> tuple[tuple[int, int], ...]:
+    """The attention-map grids of a UNet at ``latent / factor`` for each downsampling factor (spec 4.1)."""
+    return tuple((latent_height // f, latent_width // f) for f in factors
+                 if latent_height // f and latent_width // f)
 
 
 def compute_map_size(num_positions: int, latent_height: int, latent_width: int) -> tuple[int, int]:
@@ -222,16 +228,34 @@ def compute_layer_energy(attention: torch.Tensor, box_masks: BoxMasks, token_wei
     return (terms.sum(dim=1) * token_weights).sum()
 
 
+@dataclass(frozen=True)
+class EnergyWeights:
+    """The numbers of :func:`compute_layer_energy` (spec 4.4), as one value (``GuidanceConfig.energy_weights``)."""
+
+    fg_top_p: float
+    bg_top_p: float
+    fg_weight: float
+    bg_weight: float
+    com_loss_scale: float = 0.0
+    use_ratio_based_loss: bool = False
+    boxdiff_loss_scale: float = 0.0
+    boxdiff_normed: bool = True
+    attn_sync_weight: float = 0.0
+
+
 def compute_guidance_energy(maps: dict[str, torch.Tensor], targets: GuidanceTargets,
-                            **energy_weights) -> torch.Tensor:
+                            weights: EnergyWeights) -> torch.Tensor:
     """Total energy L (spec 4.4): sum of layer energies / (number of objects * number of layers).
 
     ``maps``: layer path -> (F, H, N, J) probabilities, batch of one (the conditional branch).
-    ``energy_weights``: keyword arguments of :func:`compute_layer_energy`.
     """
     total = None
     for attention in maps.values():
-        layer = compute_layer_energy(attention, targets.masks_for(attention.shape[2]), targets.token_weights,
-                                     **energy_weights)
+        layer = compute_layer_energy(
+            attention, targets.masks_for(attention.shape[2]), targets.token_weights,
+            fg_top_p=weights.fg_top_p, bg_top_p=weights.bg_top_p, fg_weight=weights.fg_weight,
+            bg_weight=weights.bg_weight, com_loss_scale=weights.com_loss_scale,
+            use_ratio_based_loss=weights.use_ratio_based_loss, boxdiff_loss_scale=weights.boxdiff_loss_scale,
+            boxdiff_normed=weights.boxdiff_normed, attn_sync_weight=weights.attn_sync_weight)
         total = layer if total is None else total + layer
     return total / (targets.num_objects * len(maps))

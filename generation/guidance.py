@@ -1,10 +1,14 @@
 """Latent guidance: one gradient step on an energy, and the reference's schedule around it (spec 4.5).
 
 :func:`guidance_step` is the whole method: forward with grad, energy, gradient with respect to the
-latents, update. :class:`GuidanceSchedule` decides when to call it: for the first
-``max_index_step`` denoising steps, up to ``max_iter`` times, while the energy is above the threshold
-(the reference compares the loss carried from the previous iteration and stops for good once it is
-below; ``stop_rule="per-step"`` recomputes it at every step instead, spec 15.2).
+latents, update ``x <- x - step_size * loss_scale * dE/dx``. :class:`GuidanceSchedule` holds one
+video's stopping rule: guide for the first ``max_index_step`` denoising steps, up to ``max_iter`` times,
+while the energy is above the threshold (the reference compares the energy carried from the previous
+iteration and stops for good once it is below; ``stop_rule="per-step"`` recomputes it at every step
+instead, spec 15.2). :func:`guide_batch` runs the iterations of one denoising step for a batch of
+videos, each with its own schedule.
+
+``loss_scale`` is applied once, in the update: the schedule and the log work with the energy itself.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import torch
 
 from generation.config import STOP_CARRIED, GuidanceConfig
 
-# The reference starts the carried loss at this sentinel (spec 4.5).
+# The reference starts its carried loss (loss_scale * energy) at this sentinel (spec 4.5).
 INITIAL_LOSS = 10000.0
 
 
@@ -30,7 +34,7 @@ class GuidanceRecord:
     iteration: int     # guidance iteration within the step
     timestep: int
     energy: float      # L, before the update this iteration makes
-    loss: float        # loss_scale * L, what the threshold is compared with (divided by loss_scale)
+    loss: float        # loss_scale * L, the reference's "loss"
 
 
 def compute_step_sizes(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -42,10 +46,10 @@ def compute_step_sizes(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) ->
 
 
 def guidance_step(latents: torch.Tensor, energy_fn: Callable[[torch.Tensor], torch.Tensor],
-                  step_size: torch.Tensor | float,
+                  step_size: torch.Tensor | float, scale: float = 1.0,
                   update_if: Callable[[torch.Tensor], bool | torch.Tensor] | None = None
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``latents - step_size * d energy_fn(latents) / d latents``; returns (new latents, energy).
+    """``latents - step_size * d(scale * energy_fn(latents)) / d latents``; returns (new latents, energy).
 
     ``energy_fn`` returns a scalar, or one energy per video of a batch ``(B,)`` (videos are independent,
     so the gradient of the sum is each video's own gradient). ``update_if(energy)`` may veto the update
@@ -58,7 +62,7 @@ def guidance_step(latents: torch.Tensor, energy_fn: Callable[[torch.Tensor], tor
         update = torch.as_tensor(True if update_if is None else update_if(energy.detach()))
         if not bool(update.any()):
             return latents, energy.detach()
-        (gradient,) = torch.autograd.grad(energy.sum(), leaf)
+        (gradient,) = torch.autograd.grad((scale * energy).sum(), leaf)
     if update.ndim:  # per-video veto: a zero gradient leaves those latents exactly as they were
         gradient = gradient * update.to(gradient.device, gradient.dtype).view(-1, *[1] * (gradient.ndim - 1))
     return leaf.detach() - step_size * gradient, energy.detach()
@@ -66,53 +70,40 @@ def guidance_step(latents: torch.Tensor, energy_fn: Callable[[torch.Tensor], tor
 
 @dataclass
 class GuidanceSchedule:
-    """One video's guidance state across denoising steps: the carried loss and the log.
+    """One video's guidance state across denoising steps: the carried energy and the log.
 
-    :meth:`wants_iteration` and :meth:`record` hold the whole stopping rule; :meth:`guide` (one video)
-    and :func:`guide_batch` (several videos in one forward) only loop over them.
+    :meth:`wants_iteration` (before an iteration) and :meth:`record` (after its energy is known) hold
+    the whole stopping rule; :func:`guide_batch` only loops over them.
     """
 
     config: GuidanceConfig
-    carried_loss: float = INITIAL_LOSS
+    carried_energy: float | None = None   # None: the sentinel, INITIAL_LOSS / loss_scale
     log: list[GuidanceRecord] = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.carried_energy is None:
+            self.carried_energy = INITIAL_LOSS / self.config.loss_scale
 
     def wants_iteration(self, step_index: int, iteration: int) -> bool:
         """Whether guided iteration ``iteration`` of step ``step_index`` runs (before seeing its energy)."""
         if step_index >= self.config.max_index_step or iteration >= self.config.iterations_at(step_index):
             return False
-        # The reference tests the loss carried from the previous iteration (or step); the per-step rule
-        # decides after computing the fresh energy, in :meth:`record`.
+        # The reference tests the energy carried from the previous iteration (or step); the per-step
+        # rule decides after computing the fresh energy, in :meth:`record`.
         return self.config.stop_rule != STOP_CARRIED or self._above_threshold()
 
-    def record(self, loss: torch.Tensor | float, step_index: int, iteration: int, timestep: int) -> bool:
-        """Log an iteration's (scaled) loss; returns whether the latents are updated with its gradient."""
-        value = float(loss)
+    def record(self, energy: torch.Tensor | float, step_index: int, iteration: int, timestep: int) -> bool:
+        """Log an iteration's energy; returns whether the latents are updated with its gradient."""
+        value = float(energy)
         if not math.isfinite(value):
             raise GuidanceError(f"the guidance energy is {value} at denoising step {step_index} "
                                 f"(timestep {timestep}), iteration {iteration}")
-        self.carried_loss = value
-        self.log.append(GuidanceRecord(step_index, iteration, int(timestep), value / self.config.loss_scale, value))
+        self.carried_energy = value
+        self.log.append(GuidanceRecord(step_index, iteration, int(timestep), value, self.config.loss_scale * value))
         return self.config.stop_rule == STOP_CARRIED or self._above_threshold()
 
-    def guide(self, latents: torch.Tensor, step_index: int, timestep: int,
-              energy_fn: Callable[[torch.Tensor], torch.Tensor], step_size: torch.Tensor) -> torch.Tensor:
-        """Apply the guided iterations of one denoising step. ``energy_fn`` returns the scaled loss."""
-        iteration = 0
-        while self.wants_iteration(step_index, iteration):
-            updated = []
-
-            def update_if(loss: torch.Tensor) -> bool:
-                updated.append(self.record(loss, step_index, iteration, timestep))
-                return updated[-1]
-
-            latents, _ = guidance_step(latents, energy_fn, step_size, update_if=update_if)
-            if not updated[-1]:
-                break
-            iteration += 1
-        return latents
-
     def _above_threshold(self) -> bool:
-        return self.carried_loss / self.config.loss_scale > self.config.loss_threshold
+        return self.carried_energy > self.config.loss_threshold
 
     def log_as_dicts(self) -> list[dict]:
         return [asdict(record) for record in self.log]
@@ -120,11 +111,12 @@ class GuidanceSchedule:
 
 def guide_batch(schedules: Sequence[GuidanceSchedule | None], latents: torch.Tensor, step_index: int,
                 timestep: int, energy_fn: Callable[[torch.Tensor, list[int]], torch.Tensor],
-                step_size: torch.Tensor) -> torch.Tensor:
-    """:meth:`GuidanceSchedule.guide` for a batch of videos, each with its own schedule (None: unguided).
+                step_size: torch.Tensor | float, scale: float) -> torch.Tensor:
+    """The guided iterations of one denoising step for a batch of videos, each with its own schedule
+    (None: unguided).
 
     Each iteration runs one forward over the videos that still want it: ``energy_fn(latents[active],
-    active)`` returns their ``(A,)`` scaled losses. Decisions are per video, exactly as for one video.
+    active)`` returns their ``(A,)`` energies. Decisions are per video, exactly as for one video.
     """
     stopped = [schedule is None for schedule in schedules]
     iteration = 0
@@ -134,8 +126,8 @@ def guide_batch(schedules: Sequence[GuidanceSchedule | None], latents: torch.Ten
         if not active:
             return latents
 
-        def update_if(losses: torch.Tensor) -> torch.Tensor:
-            decisions = [schedules[b].record(losses[a], step_index, iteration, timestep)
+        def update_if(energies: torch.Tensor) -> torch.Tensor:
+            decisions = [schedules[b].record(energies[a], step_index, iteration, timestep)
                          for a, b in enumerate(active)]
             for a, b in enumerate(active):
                 stopped[b] = stopped[b] or not decisions[a]
@@ -143,6 +135,6 @@ def guide_batch(schedules: Sequence[GuidanceSchedule | None], latents: torch.Ten
 
         index = torch.tensor(active, device=latents.device)
         updated, _ = guidance_step(latents.index_select(0, index), lambda z: energy_fn(z, active), step_size,
-                                   update_if=update_if)
+                                   scale, update_if=update_if)
         latents = latents.index_copy(0, index, updated)
         iteration += 1

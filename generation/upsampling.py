@@ -31,7 +31,8 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 
-from generation.sampling import StepCallback, step_scheduler_over_frames, decode_latents, encode_prompts, frames_to_uint8
+from generation.backbones.unet3d import UNet3DBackbone
+from generation.loop import StepCallback, denoise
 from utils.video_io import validate_frames
 
 logger = logging.getLogger(__name__)
@@ -170,39 +171,25 @@ def refine_video_zeroscope_xl(model, frames: np.ndarray, prompt: str, config: Re
                               step_callback: StepCallback | None = None) -> RefineResult:
     """Refine a video with Zeroscope XL (video-to-video), at the frames' size.
 
-    ``model`` is a `models.loading.VideoModel` (see `models.upsamplers.load_zeroscope_xl`); ``frames``
+    ``model`` is a `models.video_model.VideoModel` (see `models.upsamplers.load_zeroscope_xl`); ``frames``
     (F, H, W, 3) uint8 are already at the target size (`resize_frames`). Returns (F, H, W, 3) uint8.
     """
     validate_frames(frames)
-    device, dtype = model.device, model.dtype
-    scheduler = model.make_scheduler()  # fresh: DPM-Solver keeps state
+    backbone = UNet3DBackbone(model)
+    scheduler = backbone.make_scheduler()  # fresh: DPM-Solver keeps state
     use_cfg = config.guidance_scale > 1.0  # as the pipeline: no unconditional pass at scale <= 1
-    if use_cfg:
-        embeddings = encode_prompts(model, [config.negative_prompt or "", prompt])  # (2, 77, D): [uncond; cond]
-    else:
-        embeddings = encode_prompts(model, [prompt])                                # (1, 77, D)
+    text = backbone.encode_text([prompt], (config.negative_prompt or "") if use_cfg else None)
     generator = torch.Generator("cpu").manual_seed(config.seed)
-    timesteps = compute_img2img_timesteps(scheduler, config.num_inference_steps, config.strength, device)
+    timesteps = compute_img2img_timesteps(scheduler, config.num_inference_steps, config.strength, model.device)
 
-    init_latents = encode_video_latents(model.vae, frames, generator, device, dtype)       # (F, 4, h, w)
-    noise = randn_tensor(init_latents.shape, generator=generator, device=device, dtype=dtype)
+    init_latents = encode_video_latents(model.vae, frames, generator, model.device, model.dtype)  # (F, 4, h, w)
+    noise = randn_tensor(init_latents.shape, generator=generator, device=model.device, dtype=model.dtype)
     noisy = scheduler.add_noise(init_latents, noise, timesteps[:1])
-    latents = noisy[None].permute(0, 2, 1, 3, 4)                                            # (1, 4, F, h, w)
-
-    for step_index, timestep in enumerate(timesteps):
-        with torch.no_grad():
-            model_input = torch.cat([latents] * 2) if use_cfg else latents
-            model_input = scheduler.scale_model_input(model_input, timestep)
-            noise_pred = model.unet(model_input, timestep, encoder_hidden_states=embeddings, return_dict=False)[0]
-            if use_cfg:
-                noise_uncond, noise_cond = noise_pred.chunk(2)
-                noise_pred = noise_uncond + config.guidance_scale * (noise_cond - noise_uncond)
-            latents = step_scheduler_over_frames(scheduler, noise_pred, timestep, latents)
-        if step_callback is not None:
-            step_callback(step_index, len(timesteps))
-
-    upsampled = frames_to_uint8(decode_latents(model.vae, latents))
-    return RefineResult(frames=upsampled, latents=latents.detach().cpu(), seed=config.seed, prompt=prompt)
+    latents = noisy[None].permute(0, 2, 1, 3, 4)                                                  # (1, 4, F, h, w)
+    latents = denoise(backbone, latents, scheduler, timesteps, text, config.guidance_scale,
+                      step_callback=step_callback)
+    return RefineResult(frames=backbone.decode(latents), latents=latents.detach().cpu(), seed=config.seed,
+                        prompt=prompt)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -67,22 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _guidance_for(case: str, spec, args):
-    from generation.config import GuidanceConfig, benchmark_preset, weak_guidance_preset
+    """(GuidanceConfig or None, ExecutionConfig) of a case."""
+    import dataclasses
 
-    if case == "baseline":
-        return None
-    if case == "weak":
-        base = "zeroscope" if "zeroscope" in spec.name else "modelscope"
-        overrides = weak_guidance_preset(base)
-    else:
-        overrides = benchmark_preset()
-    if args.all_iterations:
-        overrides["loss_threshold"] = -1.0  # the energy is never below: all max_index_step x max_iter run
-    if case == "weak":
-        return GuidanceConfig(guided_layers=spec.guided_layers, **overrides, low_memory=args.low_memory)
+    from generation.config import ExecutionConfig, benchmark_preset, weak_guidance_preset
+
     reference = case == "reference"
-    return GuidanceConfig(guided_layers=spec.guided_layers, **overrides, low_memory=args.low_memory,
-                          stop_after_last_guided_layer=not reference, record_object_tokens_only=not reference)
+    execution = ExecutionConfig(low_memory=args.low_memory, stop_after_last_guided_layer=not reference,
+                                record_object_tokens_only=not reference)
+    if case == "baseline":
+        return None, execution
+    if case == "weak":
+        guidance = weak_guidance_preset("zeroscope" if "zeroscope" in spec.name else "modelscope")
+    else:
+        guidance = benchmark_preset()
+    guidance = dataclasses.replace(guidance, guided_layers=spec.guided_layers)
+    if args.all_iterations:  # the energy is never below: all max_index_step x max_iter iterations run
+        guidance = dataclasses.replace(guidance, loss_threshold=-1.0)
+    return guidance, execution
 
 
 def _load_model(spec, args):
@@ -110,7 +112,7 @@ def _setup(args):
     return spec, model, sampling, condition
 
 
-def _run_once(model, sampling, condition, guidance):
+def _run_once(model, sampling, condition, guidance_and_execution):
     """(seconds, peak GPU bytes or None, result) of one video."""
     import torch
 
@@ -121,7 +123,9 @@ def _run_once(model, sampling, condition, guidance):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    result = generate_video(model, BENCH_PROMPT, sampling, seed=0, condition=condition, guidance=guidance)
+    guidance, execution = guidance_and_execution
+    result = generate_video(model, BENCH_PROMPT, sampling, seed=0, condition=condition, guidance=guidance,
+                            execution=execution)
     if cuda:
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
@@ -169,38 +173,35 @@ def run_ablation(args) -> list[dict]:
     """Time one guided iteration (forward, energy, gradient) under each efficiency change, cumulatively."""
     import torch
 
-    from generation.energies import compute_guidance_energy, prepare_guidance_targets
+    from generation.backbones import backbone_for
+    from generation.config import ExecutionConfig
     from generation.guidance import guidance_step
-    from generation.sampling import encode_prompts, prepare_latents
-    from models.attention import AttentionRecorder, recording_attention, run_recorded_forward
+    from generation.lvd import build_layout_guidance, make_layout_energy_fn
 
     spec, model, sampling, condition = _setup(args)
-    guidance = _guidance_for("benchmark", spec, args)
-    latents = prepare_latents(0, sampling.num_frames, sampling.height, sampling.width,
-                              model.unet.config.in_channels, model.device, model.dtype)
-    targets = prepare_guidance_targets(condition.boxes_xyxy, condition.token_positions, latents.shape[-2],
-                                       latents.shape[-1], model.device)
-    embedding = encode_prompts(model, [condition.prompt])
+    guidance, _ = _guidance_for("benchmark", spec, args)
+    backbone = backbone_for(model)
+    latents = backbone.prepare_latents(0, sampling.num_frames, sampling.height, sampling.width, "cpu")
+    cond = backbone.encode_text([condition.prompt], None).cond
+    scheduler = backbone.make_scheduler()
+    scheduler.set_timesteps(sampling.num_inference_steps, device=model.device)
     timestep = torch.tensor(999, device=model.device)
     rows = []
     for name, frozen, stop_early, token_columns in ABLATION_VARIANTS:
         model.unet.requires_grad_(not frozen)
-        recorder = AttentionRecorder(guidance.guided_layers, stop_when_complete=stop_early,
-                                     token_indices=targets.token_indices if token_columns else None)
-
-        def energy_fn(z):
-            maps = run_recorded_forward(model.unet, recorder, z, timestep, encoder_hidden_states=embedding)
-            if not token_columns:
-                maps = {k: m.index_select(-1, targets.token_indices) for k, m in maps.items()}
-            return compute_guidance_energy(maps, targets, **guidance.energy_weights())
+        execution = ExecutionConfig(stop_after_last_guided_layer=stop_early, record_object_tokens_only=token_columns)
+        hook = build_layout_guidance(backbone, [condition.prompt], [condition], cond, guidance, execution, scheduler,
+                                     scheduler.timesteps, sampling.num_frames, sampling.height, sampling.width)
+        energy_fn = make_layout_energy_fn(backbone, hook.recorder, cond, timestep, hook.videos,
+                                          guidance.energy_weights(), hook.num_map_frames)
 
         times = []
-        with recording_attention(model.unet, recorder):
+        with hook:
             for repeat in range(args.warmup + args.repeats):
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 start = time.perf_counter()
-                guidance_step(latents, energy_fn, 1.0)
+                guidance_step(latents, lambda z: energy_fn(z, [0]), 1.0, guidance.loss_scale)
                 if model.device.type == "cuda":
                     torch.cuda.synchronize()
                 if repeat >= args.warmup:

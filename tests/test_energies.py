@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from generation.energies import (BoxMasks, compute_box_corners, compute_box_masks, compute_boxdiff_energy,
+from generation.energies import (BoxMasks, EnergyWeights, compute_box_corners, compute_box_masks, compute_boxdiff_energy,
                                  compute_com_energy, compute_fg_bg_energy, compute_guidance_energy,
-                                 compute_layer_energy, compute_map_size, compute_ratio_energy,
+                                 compute_latent_map_sizes, compute_layer_energy, compute_map_size, compute_ratio_energy,
                                  compute_sync_energy, compute_topk_sizes, prepare_guidance_targets)
 
 DEFAULT_WEIGHTS = {"fg_top_p": 0.75, "bg_top_p": 0.75, "fg_weight": 1.0, "bg_weight": 4.0}
@@ -209,7 +209,7 @@ def test_map_size_recovery():
 
 def test_targets_weights_and_mask_sizes():
     boxes = np.array([[[0.0, 0.0, 0.5, 0.5]] * 2, [[0.5, 0.5, 1.0, 1.0]] * 2])
-    targets = prepare_guidance_targets(boxes, ((3, 4, 5), (9,)), latent_height=8, latent_width=12)
+    targets = prepare_guidance_targets(boxes, ((3, 4, 5), (9,)), compute_latent_map_sizes(8, 12))
     assert targets.token_indices.tolist() == [3, 4, 5, 9]
     assert torch.allclose(targets.token_weights, torch.tensor([1 / 3, 1 / 3, 1 / 3, 1.0]))
     assert targets.num_objects == 2
@@ -344,11 +344,11 @@ def test_aggregation_sums_frames_and_heads_and_averages_tokens_objects_layers():
                       [[0.5, 0.0, 1.0, 0.5], [0.45, 0.1, 0.95, 0.6], [0.4, 0.2, 0.9, 0.7]]])
     positions = ((2, 3), (6,))
     layer_maps = [random_attention(generator, 3, 2, 24), random_attention(generator, 3, 3, 96)]
-    targets = prepare_guidance_targets(boxes, positions, latent_height, latent_width)
+    targets = prepare_guidance_targets(boxes, positions, compute_latent_map_sizes(latent_height, latent_width))
     for weights in (DEFAULT_WEIGHTS, ALL_TERMS, {**ALL_TERMS, "boxdiff_normed": False},
                     {**ALL_TERMS, "use_ratio_based_loss": True}):
         expected = spec_energy(layer_maps, boxes, positions, latent_height, latent_width, **weights)
-        energy = compute_guidance_energy(guided_maps(layer_maps, targets), targets, **weights)
+        energy = compute_guidance_energy(guided_maps(layer_maps, targets), targets, EnergyWeights(**weights))
         assert energy.item() == pytest.approx(expected.item(), rel=1e-5), weights
     # The frame sum and the token mean, by hand on the fg/bg terms of one layer: object 0's two
     # tokens are averaged, object 1's single token is not, and the layer energy is their sum.
@@ -359,16 +359,16 @@ def test_aggregation_sums_frames_and_heads_and_averages_tokens_objects_layers():
                                       torch.ones(1), **DEFAULT_WEIGHTS) for j in range(3)]
     layer = compute_layer_energy(maps, box_masks, targets.token_weights, **DEFAULT_WEIGHTS)
     assert layer.item() == pytest.approx(((per_token[0] + per_token[1]) / 2 + per_token[2]).item(), rel=1e-6)
-    total = compute_guidance_energy({"a": maps, "b": maps}, targets, **DEFAULT_WEIGHTS)
+    total = compute_guidance_energy({"a": maps, "b": maps}, targets, EnergyWeights(**DEFAULT_WEIGHTS))
     assert total.item() == pytest.approx(layer.item() / 2, rel=1e-6)  # (2 layers x 2 objects) / 2 layers
 
 
 def test_half_precision_attention_is_promoted_to_float32():
     generator = torch.Generator().manual_seed(2)
     boxes = np.array([[[0.1, 0.2, 0.6, 0.9]] * 2])
-    targets = prepare_guidance_targets(boxes, ((4,),), 4, 4)
+    targets = prepare_guidance_targets(boxes, ((4,),), compute_latent_map_sizes(4, 4))
     attention = random_attention(generator, 2, 2, 16).half()
-    energy = compute_guidance_energy(guided_maps([attention], targets), targets, **ALL_TERMS)
+    energy = compute_guidance_energy(guided_maps([attention], targets), targets, EnergyWeights(**ALL_TERMS))
     expected = spec_energy([attention], boxes, ((4,),), 4, 4, **ALL_TERMS)
     assert energy.dtype == torch.float32
     assert energy.item() == pytest.approx(expected.item(), rel=1e-5)
@@ -396,10 +396,10 @@ def random_case(seed: int):
 def test_energy_is_finite_non_negative_with_finite_gradients(weights):
     for seed in range(15):
         boxes, positions, layer_maps, latent_height, latent_width = random_case(seed)
-        targets = prepare_guidance_targets(boxes, positions, latent_height, latent_width)
+        targets = prepare_guidance_targets(boxes, positions, compute_latent_map_sizes(latent_height, latent_width))
         logits = [m.log().requires_grad_(True) for m in layer_maps]
         maps = guided_maps([l.softmax(dim=-1) for l in logits], targets)
-        energy = compute_guidance_energy(maps, targets, **weights)
+        energy = compute_guidance_energy(maps, targets, EnergyWeights(**weights))
         assert energy.ndim == 0 and torch.isfinite(energy) and energy.item() >= 0, seed
         gradients = torch.autograd.grad(energy, logits)
         assert all(torch.isfinite(g).all() for g in gradients), seed
@@ -441,11 +441,11 @@ def test_energy_does_not_depend_on_object_order():
     for seed in range(15):
         boxes, positions, layer_maps, latent_height, latent_width = random_case(100 + seed)
         order = np.random.default_rng(seed).permutation(len(positions))
-        targets = prepare_guidance_targets(boxes, positions, latent_height, latent_width)
+        targets = prepare_guidance_targets(boxes, positions, compute_latent_map_sizes(latent_height, latent_width))
         permuted = prepare_guidance_targets(boxes[order], tuple(positions[i] for i in order),
-                                            latent_height, latent_width)
-        energy = compute_guidance_energy(guided_maps(layer_maps, targets), targets, **ALL_TERMS)
-        energy_permuted = compute_guidance_energy(guided_maps(layer_maps, permuted), permuted, **ALL_TERMS)
+                                            compute_latent_map_sizes(latent_height, latent_width))
+        energy = compute_guidance_energy(guided_maps(layer_maps, targets), targets, EnergyWeights(**ALL_TERMS))
+        energy_permuted = compute_guidance_energy(guided_maps(layer_maps, permuted), permuted, EnergyWeights(**ALL_TERMS))
         assert energy_permuted.item() == pytest.approx(energy.item(), rel=1e-5), seed
 
 

@@ -17,12 +17,13 @@ from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 import generate
-from generation.config import GuidanceConfig, SamplingConfig
-from generation.energies import compute_guidance_energy, prepare_guidance_targets
+from generation.backbones import backbone_for
+from generation.backbones.unet3d import prepare_latents
+from generation.config import ExecutionConfig, GuidanceConfig, SamplingConfig
 from generation.guidance import compute_step_sizes, guidance_step
-from generation.sampling import encode_prompts, generate_video, prepare_latents
+from generation.lvd import build_layout_guidance, make_layout_energy_fn
+from generation.sampling import generate_video
 from models import tiny
-from models.attention import AttentionRecorder, recording_attention, run_recorded_forward
 from models.gligen import (MAX_OBJECTS, GligenConfig, GroundedModelError, build_gligen_inputs,
                            build_grounded_unet, compute_gligen_objects, count_grounded_steps, encode_phrases,
                            fuser_modules, gligen_parameter_names, is_grounded, load_grounded_unet,
@@ -276,22 +277,24 @@ def test_lvd_plus_records_attention_and_guidance_lowers_the_energy(condition):
     config = GuidanceConfig()
     scheduler = model.make_scheduler()
     scheduler.set_timesteps(40)
-    embedding = encode_prompts(model, [condition.prompt])
-    targets = prepare_guidance_targets(condition.boxes_xyxy, condition.token_positions, 8, 8)
-    recorder = AttentionRecorder(config.guided_layers, token_indices=targets.token_indices)
+    backbone = backbone_for(model)
+    guidance = build_layout_guidance(backbone, [condition.prompt], [condition],
+                                     backbone.encode_text([condition.prompt], None).cond, config, ExecutionConfig(),
+                                     scheduler, scheduler.timesteps, SAMPLING.num_frames, 64, 64)
+    production_energy = make_layout_energy_fn(backbone, guidance.recorder, guidance.cond, scheduler.timesteps[0],
+                                              guidance.videos, config.energy_weights(), guidance.num_map_frames)
     maps_seen = []
 
     def energy_fn(latents):
-        maps = run_recorded_forward(model.unet, recorder, latents, scheduler.timesteps[0],
-                                    encoder_hidden_states=embedding)
-        maps_seen.append({name: tuple(m.shape) for name, m in maps.items()})
-        return config.loss_scale * compute_guidance_energy(maps, targets, **config.energy_weights())
+        energy = production_energy(latents, [0])[0]
+        maps_seen.append({name: tuple(m.shape) for name, m in guidance.recorder.maps.items()})
+        return energy
 
     latents = prepare_latents(SEED, SAMPLING.num_frames, 64, 64, 4, "cpu", torch.float32)
     step_size = compute_step_sizes(scheduler.alphas_cumprod, scheduler.timesteps)[0]
-    with recording_attention(model.unet, recorder):
-        guided, before = guidance_step(latents, energy_fn, step_size)
-        _, after = guidance_step(guided, energy_fn, step_size)
+    with guidance:
+        guided, before = guidance_step(latents, energy_fn, step_size, config.loss_scale)
+        _, after = guidance_step(guided, energy_fn, step_size, config.loss_scale)
     assert set(maps_seen[0]) == set(LVD_GUIDED_LAYERS)
     assert maps_seen[0]["down_blocks.1.attentions.0.transformer_blocks.0.attn2"][:3] == (4, 4, 16)
     assert torch.isfinite(before) and after < before, (before.item(), after.item())

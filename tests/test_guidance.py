@@ -13,13 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from generation.config import STOP_PER_STEP, GuidanceConfig, SamplingConfig, benchmark_preset
-from generation.energies import compute_guidance_energy, prepare_guidance_targets
-from generation.guidance import (INITIAL_LOSS, GuidanceError, GuidanceSchedule, compute_step_sizes,
-                                 guidance_step)
-from generation.sampling import encode_prompts, generate_video, prepare_latents
-from models.attention import AttentionRecorder, recording_attention, run_recorded_forward
-from models.tiny import build_tiny_video_model
+from generation.backbones import backbone_for
+from generation.backbones.unet3d import prepare_latents
+from generation.config import STOP_PER_STEP, ExecutionConfig, GuidanceConfig, SamplingConfig, benchmark_preset
+from generation.guidance import INITIAL_LOSS, GuidanceError, GuidanceSchedule, compute_step_sizes, guidance_step, guide_batch
+from generation.lvd import build_layout_guidance, make_layout_energy_fn
+from generation.sampling import generate_video
 from utils.layout import Box, ObjectTrack, SceneLayout, build_condition
 
 SAMPLING = SamplingConfig(height=64, width=64, num_frames=4, num_inference_steps=6)
@@ -33,25 +32,30 @@ ACTIVE = GuidanceConfig(loss_threshold=0.0, max_iter=2, max_index_step=2)
 
 
 class ScriptedEnergy:
-    """Returns the scripted losses in order, with gradient 1 for every latent entry; counts calls."""
+    """Returns the scripted energies in order, with gradient 1 for every latent entry; counts calls.
 
-    def __init__(self, losses):
-        self.losses = list(losses)
+    Called as guide_batch calls it: ``(latents of the active videos, their indices) -> (A,)`` energies.
+    """
+
+    def __init__(self, energies):
+        self.energies = list(energies)
         self.calls = 0
 
-    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
-        value = self.losses[self.calls]
+    def __call__(self, latents: torch.Tensor, active: list[int]) -> torch.Tensor:
+        value = self.energies[self.calls]
         self.calls += 1
-        total = latents.sum()
+        total = latents.sum(dim=-1)
         return total - total.detach() + value
 
 
-def run_step(schedule: GuidanceSchedule, step_index: int, losses) -> tuple[int, int]:
-    """One denoising step of guidance from zero latents with step size 1: (energy calls, updates)."""
-    energy = ScriptedEnergy(losses)
-    latents = schedule.guide(torch.zeros(3), step_index, 999 - step_index, energy, torch.tensor(1.0))
-    updates = -latents[0].item()
-    assert torch.all(latents == latents[0]) and updates == int(updates)
+def run_step(schedule: GuidanceSchedule, step_index: int, energies) -> tuple[int, int]:
+    """One denoising step of guidance through the production path (guide_batch, one video) from zero
+    latents with step size 1: (energy calls, updates). Each update subtracts loss_scale."""
+    energy = ScriptedEnergy(energies)
+    latents = guide_batch([schedule], torch.zeros(1, 3), step_index, 999 - step_index, energy, torch.tensor(1.0),
+                          schedule.config.loss_scale)
+    updates = -latents[0, 0].item() / schedule.config.loss_scale
+    assert torch.all(latents == latents[0, 0]) and updates == int(updates)
     return energy.calls, int(updates)
 
 
@@ -69,14 +73,14 @@ def test_guidance_step_is_plain_gradient_descent():
 
 
 def test_carried_rule_starts_at_the_sentinel_and_stops_for_good():
-    schedule = GuidanceSchedule(GuidanceConfig())   # loss_scale 5, threshold 200: runs while loss > 1000
-    assert schedule.carried_loss == INITIAL_LOSS == 10000.0
-    # The check before each iteration uses the loss of the previous one (pre-update): 900 is below,
-    # but the update it triggered still happens; then the carried 900 stops this step ...
-    assert run_step(schedule, 0, [2000.0, 1500.0, 900.0, 5000.0, 5000.0]) == (3, 3)
+    schedule = GuidanceSchedule(GuidanceConfig())   # loss_scale 5, threshold 200: runs while energy > 200
+    assert schedule.carried_energy * schedule.config.loss_scale == INITIAL_LOSS == 10000.0
+    # The check before each iteration uses the energy of the previous one (pre-update): 180 is below,
+    # but the update it triggered still happens; then the carried 180 stops this step ...
+    assert run_step(schedule, 0, [400.0, 300.0, 180.0, 1000.0, 1000.0]) == (3, 3)
     # ... and every later step, whatever the energy would be now.
-    assert run_step(schedule, 1, [5000.0] * 5) == (0, 0)
-    assert run_step(schedule, 5, [5000.0] * 5) == (0, 0)
+    assert run_step(schedule, 1, [1000.0] * 5) == (0, 0)
+    assert run_step(schedule, 5, [1000.0] * 5) == (0, 0)
     assert [(r.step, r.iteration, r.energy, r.loss) for r in schedule.log] == [
         (0, 0, 400.0, 2000.0), (0, 1, 300.0, 1500.0), (0, 2, 180.0, 900.0)]
     assert [r.timestep for r in schedule.log] == [999, 999, 999]
@@ -84,33 +88,33 @@ def test_carried_rule_starts_at_the_sentinel_and_stops_for_good():
 
 def test_carried_rule_compares_the_previous_steps_last_loss():
     schedule = GuidanceSchedule(GuidanceConfig(max_iter=1))
-    assert run_step(schedule, 0, [1200.0]) == (1, 1)   # sentinel 10000 -> runs; carries 1200
-    assert run_step(schedule, 1, [800.0]) == (1, 1)    # 1200 carried -> runs, although this loss is below
-    assert run_step(schedule, 2, [5000.0]) == (0, 0)   # 800 carried -> off for good
+    assert run_step(schedule, 0, [240.0]) == (1, 1)    # sentinel 10000 / 5 -> runs; carries 240
+    assert run_step(schedule, 1, [160.0]) == (1, 1)    # 240 carried -> runs, although this energy is below
+    assert run_step(schedule, 2, [1000.0]) == (0, 0)   # 160 carried -> off for good
 
 
 def test_iterations_and_steps_are_capped():
     schedule = GuidanceSchedule(GuidanceConfig(max_iter=3, max_index_step=2))
-    assert [run_step(schedule, step, [5000.0] * 3) for step in range(4)] == [(3, 3), (3, 3), (0, 0), (0, 0)]
+    assert [run_step(schedule, step, [1000.0] * 3) for step in range(4)] == [(3, 3), (3, 3), (0, 0), (0, 0)]
     per_step = GuidanceSchedule(GuidanceConfig(max_iter=(2, 0, 1), max_index_step=10))
-    assert [run_step(per_step, step, [5000.0] * 2) for step in range(4)] == [(2, 2), (0, 0), (1, 1), (0, 0)]
+    assert [run_step(per_step, step, [1000.0] * 2) for step in range(4)] == [(2, 2), (0, 0), (1, 1), (0, 0)]
 
 
 def test_sentinel_over_loss_scale_can_disable_guidance():
     # 10000 / loss_scale must exceed the threshold: loss_scale >= 10000 / 200 = 50 never guides.
-    assert run_step(GuidanceSchedule(GuidanceConfig(loss_scale=50.0)), 0, [1e6] * 5) == (0, 0)
-    assert run_step(GuidanceSchedule(GuidanceConfig(loss_scale=49.0)), 0, [1e6] * 5) == (5, 5)
+    assert run_step(GuidanceSchedule(GuidanceConfig(loss_scale=50.0)), 0, [1e4] * 5) == (0, 0)
+    assert run_step(GuidanceSchedule(GuidanceConfig(loss_scale=49.0)), 0, [1e4] * 5) == (5, 5)
     # The per-step rule recomputes the energy, so the sentinel plays no part there.
     per_step = GuidanceSchedule(GuidanceConfig(loss_scale=50.0, stop_rule=STOP_PER_STEP))
-    assert run_step(per_step, 0, [1e6] * 5) == (5, 5)
+    assert run_step(per_step, 0, [1e4] * 5) == (5, 5)
 
 
 def test_per_step_rule_recomputes_every_step_and_updates_only_while_above():
-    schedule = GuidanceSchedule(GuidanceConfig(stop_rule=STOP_PER_STEP))   # above means loss > 1000
-    assert run_step(schedule, 0, [2000.0, 900.0, 5000.0]) == (2, 1)        # 900: no update, step ends
-    assert run_step(schedule, 1, [800.0, 5000.0]) == (1, 0)                # recomputed: below, no update
-    assert run_step(schedule, 2, [3000.0] * 5) == (5, 5)                   # above again: guidance resumes
-    assert run_step(schedule, 10, [3000.0] * 5) == (0, 0)                  # past max_index_step
+    schedule = GuidanceSchedule(GuidanceConfig(stop_rule=STOP_PER_STEP))   # above means energy > 200
+    assert run_step(schedule, 0, [400.0, 180.0, 1000.0]) == (2, 1)         # 180: no update, step ends
+    assert run_step(schedule, 1, [160.0, 1000.0]) == (1, 0)                # recomputed: below, no update
+    assert run_step(schedule, 2, [600.0] * 5) == (5, 5)                    # above again: guidance resumes
+    assert run_step(schedule, 10, [600.0] * 5) == (0, 0)                   # past max_index_step
     assert [(r.step, r.iteration, r.loss) for r in schedule.log] == [
         (0, 0, 2000.0), (0, 1, 900.0), (1, 0, 800.0)] + [(2, i, 3000.0) for i in range(5)]
 
@@ -119,9 +123,9 @@ def test_per_step_rule_recomputes_every_step_and_updates_only_while_above():
 @pytest.mark.parametrize("bad", [math.nan, math.inf])
 def test_a_non_finite_energy_raises_naming_the_step(stop_rule, bad):
     schedule = GuidanceSchedule(GuidanceConfig(stop_rule=stop_rule))
-    run_step(schedule, 0, [2000.0] * 5)
+    run_step(schedule, 0, [400.0] * 5)
     with pytest.raises(GuidanceError, match=r"denoising step 3 \(timestep 996\), iteration 1"):
-        run_step(schedule, 3, [2000.0, bad, 2000.0])
+        run_step(schedule, 3, [400.0, bad, 400.0])
 
 
 def test_config_rejects_an_unknown_stop_rule():
@@ -134,8 +138,8 @@ def test_config_rejects_an_unknown_stop_rule():
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_tiny_video_model(seed=0)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -152,21 +156,20 @@ def baseline(model, condition):
     return generate_video(model, condition.prompt, SAMPLING, SEED, condition=condition)
 
 
-def make_targets(condition):
-    latent_size = SAMPLING.height // 8
-    return prepare_guidance_targets(condition.boxes_xyxy, condition.token_positions, latent_size, latent_size)
+def make_guidance(model, prompt: str, condition, config: GuidanceConfig, timesteps: torch.Tensor):
+    """The production hook for one video whose guided pass sees ``prompt``'s conditional embedding."""
+    backbone = backbone_for(model)
+    cond = backbone.encode_text([prompt], None).cond   # (1, 77, D)
+    return build_layout_guidance(backbone, [prompt], [condition], cond, config, ExecutionConfig(),
+                                 model.make_scheduler(), timesteps, SAMPLING.num_frames, SAMPLING.height,
+                                 SAMPLING.width)
 
 
-def make_energy_fn(model, prompt: str, targets, config: GuidanceConfig, timestep: torch.Tensor,
-                   recorder: AttentionRecorder):
-    """The guided pass of spec 4.5 from the public pieces: batch 1, one prompt's embedding, six maps."""
-    embedding = encode_prompts(model, [prompt])   # (1, 77, D)
-
-    def energy_fn(latents: torch.Tensor) -> torch.Tensor:
-        maps = run_recorded_forward(model.unet, recorder, latents, timestep, encoder_hidden_states=embedding)
-        return config.loss_scale * compute_guidance_energy(maps, targets, **config.energy_weights())
-
-    return energy_fn
+def make_energy_fn(guidance, timestep: torch.Tensor):
+    """The guided energy of spec 4.4-4.5 for the hook's one video: the production make_layout_energy_fn."""
+    energy_fn = make_layout_energy_fn(guidance.backbone, guidance.recorder, guidance.cond, timestep,
+                                      guidance.videos, guidance.config.energy_weights(), guidance.num_map_frames)
+    return lambda latents: energy_fn(latents, [0])[0]
 
 
 def test_one_guidance_iteration_lowers_the_energy(model, condition):
@@ -175,12 +178,11 @@ def test_one_guidance_iteration_lowers_the_energy(model, condition):
     scheduler.set_timesteps(40)
     step_size = compute_step_sizes(scheduler.alphas_cumprod, scheduler.timesteps)[0]
     latents = prepare_latents(SEED, SAMPLING.num_frames, SAMPLING.height, SAMPLING.width, 4, "cpu", torch.float32)
-    targets = make_targets(condition)
-    recorder = AttentionRecorder(config.guided_layers, token_indices=targets.token_indices)
-    energy_fn = make_energy_fn(model, condition.prompt, targets, config, scheduler.timesteps[0], recorder)
-    with recording_attention(model.unet, recorder):
-        guided, before = guidance_step(latents, energy_fn, step_size)
-        _, after = guidance_step(guided, energy_fn, step_size)
+    guidance = make_guidance(model, condition.prompt, condition, config, scheduler.timesteps)
+    energy_fn = make_energy_fn(guidance, scheduler.timesteps[0])
+    with guidance:
+        guided, before = guidance_step(latents, energy_fn, step_size, config.loss_scale)
+        _, after = guidance_step(guided, energy_fn, step_size, config.loss_scale)
     assert not torch.equal(guided, latents)
     assert torch.isfinite(before) and after < before, (before.item(), after.item())
 
@@ -199,10 +201,11 @@ def test_zero_guidance_equals_the_baseline_bit_for_bit(model, condition, baselin
 
 
 def test_fast_path_equals_the_reference_path_bit_for_bit(model, condition, baseline):
-    config = dataclasses.replace(ACTIVE, **benchmark_preset())   # com_loss_scale 0.03 too
-    reference = dataclasses.replace(config, stop_after_last_guided_layer=False, record_object_tokens_only=False)
+    config = dataclasses.replace(ACTIVE, com_loss_scale=benchmark_preset().com_loss_scale)   # 0.03 too
+    reference = ExecutionConfig(stop_after_last_guided_layer=False, record_object_tokens_only=False)
     fast = generate_video(model, condition.prompt, SAMPLING, SEED, condition=condition, guidance=config)
-    slow = generate_video(model, condition.prompt, SAMPLING, SEED, condition=condition, guidance=reference)
+    slow = generate_video(model, condition.prompt, SAMPLING, SEED, condition=condition, guidance=config,
+                          execution=reference)
     assert fast.latents.dtype == torch.float32
     assert torch.equal(fast.latents, slow.latents)
     assert [r.energy for r in fast.guidance_log] == [r.energy for r in slow.guidance_log]
@@ -221,13 +224,11 @@ def test_guidance_log_has_one_record_per_guided_iteration(model, condition):
     # The first guided pass sees the initial noise at the first timestep with the conditional
     # embedding only (spec 4.7): recompute it here, and with the negative prompt for contrast.
     latents = prepare_latents(SEED, SAMPLING.num_frames, SAMPLING.height, SAMPLING.width, 4, "cpu", torch.float32)
-    targets = make_targets(condition)
-    recorder = AttentionRecorder(ACTIVE.guided_layers, token_indices=targets.token_indices)
     losses = {}
-    with recording_attention(model.unet, recorder), torch.enable_grad():
-        for name, prompt in (("cond", condition.prompt), ("negative", SAMPLING.negative_prompt)):
-            energy_fn = make_energy_fn(model, prompt, targets, ACTIVE, scheduler.timesteps[0], recorder)
-            losses[name] = energy_fn(latents).item()
+    for name, prompt in (("cond", condition.prompt), ("negative", SAMPLING.negative_prompt)):
+        guidance = make_guidance(model, prompt, condition, ACTIVE, scheduler.timesteps)
+        with guidance, torch.enable_grad():
+            losses[name] = ACTIVE.loss_scale * make_energy_fn(guidance, scheduler.timesteps[0])(latents).item()
     assert result.guidance_log[0].loss == pytest.approx(losses["cond"], rel=1e-6)
     assert losses["negative"] != pytest.approx(losses["cond"], rel=1e-5)
     # Within a step each update lowers the energy the next iteration sees.

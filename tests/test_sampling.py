@@ -15,7 +15,8 @@ from diffusers import TextToVideoSDPipeline
 
 from generation.config import NEGATIVE_PROMPT, GuidanceConfig, SamplingConfig
 from generation.guidance import compute_step_sizes
-from generation.sampling import decode_latents, frames_to_uint8, generate_video, prepare_latents
+from generation.backbones.unet3d import decode_latents, frames_to_uint8, prepare_latents
+from generation.sampling import generate_video
 from models.schedulers import build_dpm_scheduler
 from models.tiny import build_tiny_video_model
 from utils.layout import Box, LayoutCondition, ObjectTrack, SceneLayout, build_condition

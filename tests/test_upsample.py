@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from generation.sampling import decode_latents
+from generation.backbones.unet3d import decode_latents
 from generation.upsampling import (UPSAMPLE_NEGATIVE_PROMPT, RefineConfig, compute_img2img_timesteps,
                                    compute_target_size, refine_frames_sdxl, refine_video_zeroscope_xl,
                                    resize_frames, sdxl_refine_config, upsampled_video_stem,

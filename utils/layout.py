@@ -145,10 +145,21 @@ class LayoutCondition:
     phrases: tuple[str, ...]
     token_positions: tuple[tuple[int, ...], ...] | None  # CLIP token indices per phrase (BOS = 0)
     token_map: tuple[str, ...] | None                   # BPE tokens of the prompt, BOS/EOS included
+    layout: SceneLayout | None = None                   # the keyframes the boxes were resampled from
 
     @property
     def num_frames(self) -> int:
         return int(self.boxes_xyxy.shape[1])
+
+    def boxes_at(self, num_frames: int) -> np.ndarray:
+        """(tracks, num_frames, 4) boxes: these, or the keyframes resampled to another frame count (e.g. the
+        latent frames of a backbone whose VAE compresses time)."""
+        if num_frames == self.num_frames:
+            return self.boxes_xyxy
+        if self.layout is None:
+            raise ValueError(f"prompt {self.prompt!r}: boxes for {num_frames} frames are needed but the condition "
+                             f"has {self.num_frames} and no keyframes to resample; build it with build_condition")
+        return resample_boxes(self.layout, num_frames)
 
 
 def normalize_prompt(prompt: str) -> str:
@@ -479,7 +490,7 @@ def build_condition(layout: SceneLayout, num_frames: int, tokenizer=None, *,
     if strip_phrases:
         phrases = tuple(strip_phrase(phrase) for phrase in phrases)
     return LayoutCondition(prompt=prompt, boxes_xyxy=resample_boxes(layout, num_frames),
-                           phrases=phrases, token_positions=positions, token_map=token_map)
+                           phrases=phrases, token_positions=positions, token_map=token_map, layout=layout)
 
 
 # --------------------------------------------------------------------------------------------
