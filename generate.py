@@ -22,7 +22,7 @@ import time
 import traceback
 from pathlib import Path
 
-from models.registry import RunModelError, get_run_model, run_model_names, validate_num_frames
+from models.registry import RunModelError, get_run_model, run_model_names
 from prompt import DEFAULT_TEMPLATE_VERSION, PROMPT_TYPES, get_prompts
 from utils.cache import LayoutCache, cache_path
 from utils.io import atomic_write_json
@@ -117,12 +117,10 @@ def first_unused_run_index(base: Path) -> int:
 
 def build_configs(args, spec):
     """(SamplingConfig, GuidanceConfig | None, ExecutionConfig) from the run-model and the given flags only."""
-    from generation.config import ExecutionConfig, GuidanceConfig, SamplingConfig, replace_config
+    from generation.config import ExecutionConfig, GuidanceConfig, replace_config, sampling_config_for
 
-    num_frames = validate_num_frames(spec, args.num_frames)
-    sampling = replace_config(SamplingConfig(height=spec.height, width=spec.width, num_frames=num_frames,
-                                             initial_noise=args.initial_noise),
-                              num_inference_steps=args.num_inference_steps)
+    sampling = sampling_config_for(spec, num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
+                                   initial_noise=args.initial_noise)
     execution = ExecutionConfig(low_memory=args.low_memory)
     # Each guidance flag, None when not given (the run-model's defaults then apply).
     overrides = dict(

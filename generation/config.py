@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from generation.energies import EnergyWeights
-from models.registry import LVD_GUIDED_LAYERS
+from models.registry import LVD_GUIDED_LAYERS, RunModelSpec, validate_num_frames, validate_size
 
 # Used by every stage-2 method of the reference (spec 5.3).
 NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weird, abrupt"
@@ -91,6 +91,20 @@ class ExecutionConfig:
     # Keep the guided pass's saved activations in host memory (UNet3D) or recompute them (gradient
     # checkpointing, DiT backbones): slower, same result, for 24 GB cards.
     low_memory: bool = False
+
+
+def sampling_config_for(spec: RunModelSpec, *, num_frames: int | None = None, height: int | None = None,
+                        width: int | None = None, num_inference_steps: int | None = None,
+                        guidance_scale: float | None = None, initial_noise: str = NOISE_CPU) -> SamplingConfig:
+    """The run-model's sampling defaults (size, frames, steps, CFG, negative prompt), with the given overrides
+    validated against what the model allows (raises `models.registry.RunModelError`)."""
+    height, width = validate_size(spec, height, width)
+    return SamplingConfig(
+        height=height, width=width, num_frames=validate_num_frames(spec, num_frames),
+        num_inference_steps=spec.num_inference_steps if num_inference_steps is None else num_inference_steps,
+        guidance_scale=spec.guidance_scale if guidance_scale is None else guidance_scale,
+        negative_prompt=NEGATIVE_PROMPT if spec.negative_prompt is None else spec.negative_prompt,
+        initial_noise=initial_noise)
 
 
 def weak_guidance_preset(base_model: str = "zeroscope") -> GuidanceConfig:

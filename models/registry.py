@@ -9,6 +9,8 @@ import dataclasses
 import difflib
 import types
 
+UNET3D_FAMILY = "unet3d"  # ModelScope, Zeroscope, their GLIGEN adapters, the tiny models
+
 # Latent = pixels / 8 for the SD-style VAE of ModelScope / Zeroscope (and of the tiny models).
 VAE_SCALE_FACTOR = 8
 
@@ -69,6 +71,13 @@ class RunModelSpec:
     guided_layers: tuple[str, ...] = ()
     tiny: bool = False
     config_dir_name: str | None = None
+    family: str = UNET3D_FAMILY              # which loader and backbone adapter (generation/backbones)
+    num_inference_steps: int = 40            # sampling defaults of the family (spec 4.8, 5.2)
+    guidance_scale: float = 9.0
+    negative_prompt: str | None = None       # None: the LVD negative prompt (spec 5.3)
+    fps: float = 8.0                         # of the saved GIF / mp4 (spec 8.2)
+    size_multiple: int | None = None         # None: the size is fixed; else --height/--width must be multiples
+    frames_step: int = 1                     # num_frames must be 1 + k * frames_step (a temporal VAE factor)
 
     @property
     def grounded(self) -> bool:
@@ -154,7 +163,8 @@ def get_run_model(name: str) -> RunModelSpec:
 def validate_num_frames(spec: RunModelSpec, num_frames: int | None) -> int:
     """The number of frames to generate: ``num_frames``, or the run-model's default when None.
 
-    Raises `RunModelError` below the model's minimum (spec 1.2: Zeroscope needs at least 24 frames).
+    Raises `RunModelError` below the model's minimum (spec 1.2: Zeroscope needs at least 24 frames) or off
+    the model's frame grid (a VAE that compresses time by 4 takes 1 + 4k frames).
     """
     if num_frames is None:
         return spec.default_num_frames
@@ -165,4 +175,27 @@ def validate_num_frames(spec: RunModelSpec, num_frames: int | None) -> int:
             f"run-model {spec.name!r} needs num_frames >= {spec.min_num_frames}, got {num_frames}"
             + (" (Zeroscope was trained on 24-frame clips)" if spec.min_num_frames == 24 else "")
         )
+    if spec.frames_step > 1 and (num_frames - 1) % spec.frames_step:
+        below = (num_frames - 1) // spec.frames_step * spec.frames_step + 1
+        raise RunModelError(f"run-model {spec.name!r} needs num_frames = 1 + {spec.frames_step}k (its VAE folds "
+                            f"frames by {spec.frames_step}), got {num_frames}; e.g. {below} or "
+                            f"{below + spec.frames_step}")
     return num_frames
+
+
+def validate_size(spec: RunModelSpec, height: int | None, width: int | None) -> tuple[int, int]:
+    """(height, width) to generate: the run-model's own, or the given ones where the model allows another size."""
+    if height is None and width is None:
+        return spec.height, spec.width
+    height = spec.height if height is None else height
+    width = spec.width if width is None else width
+    if spec.size_multiple is None:
+        if (height, width) != (spec.height, spec.width):
+            raise RunModelError(f"run-model {spec.name!r} generates {spec.width}x{spec.height} only (its guided "
+                                f"layers and presets are tuned for that size), got {width}x{height}")
+        return height, width
+    for name, value in (("height", height), ("width", width)):
+        if value < spec.size_multiple or value % spec.size_multiple:
+            raise RunModelError(f"run-model {spec.name!r} needs a {name} that is a positive multiple of "
+                                f"{spec.size_multiple}, got {value}")
+    return height, width
