@@ -154,7 +154,7 @@ def _video_gligen_objects(model, prompt: str, num_frames: int, condition: Layout
     """One video's ``(2 * F, max_objects, C)`` GLIGEN objects, or None (computed once per video: they
     depend only on the layout)."""
     if gligen is None:
-        if condition is not None and is_grounded(model.unet):
+        if condition is not None and hasattr(model, "unet") and is_grounded(model.unet):  # UNet3D family only
             logger.warning("prompt %r: the UNet has GLIGEN fusers but no GLIGEN config was given; its fusers "
                            "get no objects", prompt)
         return None

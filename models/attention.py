@@ -45,9 +45,13 @@ class AttentionRecorder:
     def stop(self) -> None:
         self.enabled = False
 
-    def record(self, layer_name: str, probs: torch.Tensor) -> None:
-        """``probs``: (batch*frames, heads, h*w, tokens). Kept with their graph (not detached)."""
-        if self.token_indices is not None:
+    def record(self, layer_name: str, probs: torch.Tensor, *, columns_selected: bool = False) -> None:
+        """``probs``: (batch*frames, heads, h*w, tokens). Kept with their graph (not detached).
+
+        ``columns_selected``: the processor already kept only ``token_indices`` (in that order), e.g. to avoid
+        holding all text columns for the backward pass (models/wan_attention.py).
+        """
+        if self.token_indices is not None and not columns_selected:
             probs = probs.index_select(-1, self.token_indices.to(probs.device))
         self.maps[layer_name] = probs
         if self.stop_when_complete and len(self.maps) == len(self.layer_names):

@@ -10,6 +10,7 @@ import difflib
 import types
 
 UNET3D_FAMILY = "unet3d"  # ModelScope, Zeroscope, their GLIGEN adapters, the tiny models
+WAN_FAMILY = "wan"        # Wan 2.1 T2V (a DiT with flow matching): models/wan.py, generation/backbones/wan.py
 
 # Latent = pixels / 8 for the SD-style VAE of ModelScope / Zeroscope (and of the tiny models).
 VAE_SCALE_FACTOR = 8
@@ -45,6 +46,53 @@ ZEROSCOPE_CONFIG_DIR = "cerspense__zeroscope_v2_576w"
 TINY_HEIGHT = 128
 TINY_WIDTH = 128
 TINY_NUM_FRAMES = 8
+
+
+# Wan 2.1 T2V (diffusers `WanPipeline`). Defaults are the pipeline's and Wan's own (Wan2.1
+# `wan/configs/shared_config.py`: 81 frames, 16 fps, 50 steps, CFG 5.0, UniPC with flow shift 3.0 for 480p).
+WAN_1_3B_ID = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+WAN_14B_ID = "Wan-AI/Wan2.1-T2V-14B-Diffusers"
+WAN_CONFIG_DIR = "Wan-AI__Wan2.1-T2V-1.3B-Diffusers"
+WAN_HEIGHT = 480
+WAN_WIDTH = 832
+WAN_NUM_FRAMES = 81
+WAN_NUM_INFERENCE_STEPS = 50
+WAN_GUIDANCE_SCALE = 5.0
+WAN_FPS = 16.0
+WAN_SIZE_MULTIPLE = 16      # VAE 8x, then 2x2 patches
+WAN_FRAMES_STEP = 4         # the VAE keeps frame 0 and folds each later group of 4 frames into one latent frame
+WAN_NUM_LAYERS_1_3B = 30
+WAN_NUM_LAYERS_14B = 40
+# Wan's own negative prompt (`sample_neg_prompt` of Wan2.1's shared config; diffusers' WanPipeline example uses an
+# English rendering of it). The umT5 tokenizer is multilingual.
+WAN_NEGATIVE_PROMPT = ("色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，"
+                       "JPEG压缩残留，丑陋的，残缺的，多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的"
+                       "肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走")
+# Guided cross-attention blocks of the 1.3B model (30 blocks): a starting point, to be tuned on real weights with
+# scripts/probe_attention.py. Other depths get the same relative depths (`scale_guided_blocks`).
+WAN_GUIDED_BLOCKS_1_3B = (8, 10, 12, 14, 16, 18)
+# Tiny random-weight Wan (models/wan.py): 64x96 video -> 8x12 latents -> 4x6 maps; 17 frames -> 5 latent frames.
+WAN_TINY_HEIGHT = 64
+WAN_TINY_WIDTH = 96
+WAN_TINY_NUM_FRAMES = 17
+WAN_TINY_NUM_LAYERS = 6
+
+
+def scale_guided_blocks(blocks: tuple[int, ...], num_layers: int,
+                        reference_layers: int = WAN_NUM_LAYERS_1_3B) -> tuple[int, ...]:
+    """``blocks`` of a ``reference_layers``-deep model at the same relative depths of a ``num_layers``-deep one
+    (rounded, duplicates merged): (8, 10, 12, 14, 16, 18) of 30 -> (11, 13, 16, 19, 21, 24) of 40."""
+    return tuple(sorted({min(num_layers - 1, round(block * num_layers / reference_layers)) for block in blocks}))
+
+
+def wan_guided_layers(blocks) -> tuple[str, ...]:
+    """Module paths of the cross-attention of transformer blocks ``blocks``: ``blocks.<i>.attn2``."""
+    return tuple(f"blocks.{int(block)}.attn2" for block in blocks)
+
+
+WAN_1_3B_GUIDED_LAYERS = wan_guided_layers(WAN_GUIDED_BLOCKS_1_3B)
+WAN_14B_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, WAN_NUM_LAYERS_14B))
+WAN_TINY_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, WAN_TINY_NUM_LAYERS))
 
 
 class RunModelError(ValueError):
@@ -126,6 +174,25 @@ RUN_MODELS: tuple[RunModelSpec, ...] = (
                  tiny=True),
     RunModelSpec("lvd-plus_tiny", "lvd-plus", None, TINY_HEIGHT, TINY_WIDTH, default_num_frames=TINY_NUM_FRAMES,
                  guided_layers=LVD_GUIDED_LAYERS, tiny=True),
+    # Wan 2.1 T2V (a DiT, flow matching; models/wan.py, generation/backbones/wan.py). Baselines use the prompt as
+    # is; the LVD variants guide `blocks.<i>.attn2`. Any size that is a multiple of 16, frames 1 + 4k.
+    *(RunModelSpec(name, method, model_id, WAN_HEIGHT, WAN_WIDTH, default_num_frames=WAN_NUM_FRAMES,
+                   guided_layers=layers if method == "lvd" else (), config_dir_name=WAN_CONFIG_DIR, family=WAN_FAMILY,
+                   num_inference_steps=WAN_NUM_INFERENCE_STEPS, guidance_scale=WAN_GUIDANCE_SCALE,
+                   negative_prompt=WAN_NEGATIVE_PROMPT, fps=WAN_FPS, size_multiple=WAN_SIZE_MULTIPLE,
+                   frames_step=WAN_FRAMES_STEP)
+      for name, method, model_id, layers in (
+          ("wan2.1-1.3b", "baseline", WAN_1_3B_ID, WAN_1_3B_GUIDED_LAYERS),
+          ("lvd_wan2.1-1.3b", "lvd", WAN_1_3B_ID, WAN_1_3B_GUIDED_LAYERS),
+          ("wan2.1-14b", "baseline", WAN_14B_ID, WAN_14B_GUIDED_LAYERS),
+          ("lvd_wan2.1-14b", "lvd", WAN_14B_ID, WAN_14B_GUIDED_LAYERS))),
+    # Tiny random-weight Wan (noise; for tests and demos); both build the same weights.
+    *(RunModelSpec(name, method, None, WAN_TINY_HEIGHT, WAN_TINY_WIDTH, default_num_frames=WAN_TINY_NUM_FRAMES,
+                   guided_layers=WAN_TINY_GUIDED_LAYERS if method == "lvd" else (), tiny=True, family=WAN_FAMILY,
+                   num_inference_steps=WAN_NUM_INFERENCE_STEPS, guidance_scale=WAN_GUIDANCE_SCALE,
+                   negative_prompt=WAN_NEGATIVE_PROMPT, fps=WAN_FPS, size_multiple=WAN_SIZE_MULTIPLE,
+                   frames_step=WAN_FRAMES_STEP)
+      for name, method in (("wan_tiny", "baseline"), ("lvd_wan_tiny", "lvd"))),
 )
 
 RUN_MODELS_BY_NAME: types.MappingProxyType[str, RunModelSpec] = types.MappingProxyType(
