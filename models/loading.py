@@ -65,8 +65,9 @@ def load_wan_model(spec: RunModelSpec, model_path: str | os.PathLike | None = No
     if spec.tiny and model_path is None:
         components = build_tiny_wan_components(seed)
         cast_wan_transformer(components["transformer"], dtype)
-        components["text_encoder"].to(dtype)
-        components["vae"].to(vae_dtype)
+        for name, target in (("text_encoder", dtype), ("vae", vae_dtype)):
+            if next(components[name].parameters()).dtype != target:  # built in fp32
+                components[name].to(target)
         source = f"tiny random Wan weights (seed {seed})"
     else:
         folder = resolve_wan_model_folder(spec, model_path, local_files_only=local_files_only, cache_dir=cache_dir)

@@ -446,7 +446,8 @@ def build_tiny_wan_model(seed: int = 0, device: str | torch.device | None = "cpu
     dtype = resolve_dtype(dtype, device)
     components = build_tiny_wan_components(seed)
     cast_wan_transformer(components["transformer"], dtype)
-    components["text_encoder"].to(dtype)
+    if dtype != torch.float32:
+        components["text_encoder"].to(dtype)
     return assemble_wan_model(components, device, dtype, torch.float32,
                               spec if spec is not None else get_run_model("lvd_wan_tiny"),
                               f"tiny random Wan weights (seed {seed})", corrector_off_steps=corrector_off_steps)
