@@ -1,10 +1,10 @@
 """Stage 2 CLI: layouts from the cache -> videos, for a prompt set (reference spec 1.2, 8).
 
-A thin shell over :func:`generation.sampling.generate_video`: it reads the layout cache, builds the
-configs, and owns the batch concerns: run directories, resume (a video whose joblib exists is
-done), sharding (``--skip_first_prompts``/``--num_prompts``, and across ``accelerate launch``
-processes), per-prompt failures (logged to ``failures.jsonl``; the batch goes on unless
-``--fail-fast``) and the resolved config next to the outputs.
+A thin shell over the library: `generation.runs` (the files of a run, one call per batch of videos)
+on top of `generation.sampling`. This script owns the flags, the run folder (``run<k>``, created
+when the first output is about to be written), resume (a video with all its files is done),
+sharding (``--skip_first_prompts``/``--num_prompts``, and across ``accelerate launch`` processes) and
+the batch's failures (logged to ``failures.jsonl``; the batch goes on unless ``--fail-fast``).
 
 Example (no downloads, random tiny model; the output is noise)::
 
@@ -14,29 +14,24 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
-import os
 import sys
-import time
-import traceback
 from pathlib import Path
 
 from models.registry import RunModelError, get_run_model, run_model_names
 from prompt import DEFAULT_TEMPLATE_VERSION, PROMPT_TYPES, get_prompts
-from utils.cache import LayoutCache, cache_path
-from utils.io import atomic_write_json
-from utils.layout import LayoutError, build_condition, layout_to_dict, parse_layout
+from utils.cache import CacheFormatError, LayoutCache, cache_path, occurrence_indices, select_window
+from utils.cli import OutputDirError, ensure_writable_dir, float_in, int_in, run_cli
+from utils.failures import FAILURES_FILE, describe_error, record_failure
+from utils.layout import LayoutError, parse_layout
 
 logger = logging.getLogger("generate")
 
 LAYOUT_METHODS = ("lvd", "lvd-plus", "lvd-gligen")
 GUIDED_METHODS = ("lvd", "lvd-plus")
-FLOAT_OVERRIDES = ("fg_top_p", "bg_top_p", "fg_weight", "bg_weight", "loss_threshold", "loss_scale",
-                   "boxdiff_loss_scale", "com_loss_scale", "attn_sync_weight")
-INT_OVERRIDES = ("max_iter", "max_index_step")
-BOOL_INT_OVERRIDES = ("use_ratio_based_loss", "boxdiff_normed")  # 0/1 on the command line
 SAVE_FORMATS = ("gif", "joblib", "mp4")
+PUBLISHED_CACHES_HINT = ("the authors' published GPT-4 / GPT-3.5 caches of the LVD benchmark come with their "
+                         "release (see cache/README.md): pass --cache-dir DIR or copy them into cache/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,29 +46,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cache-dir", default="cache", help="folder of the layout caches")
     parser.add_argument("--output-dir", default="img_generations", help="root of the run directories")
     parser.add_argument("--save-suffix", default=None, help="appended as _<suffix> to the run directory name")
-    parser.add_argument("--repeats", type=int, default=1, help="videos per prompt (seeds differ by 6789)")
-    parser.add_argument("--regenerate", type=int, default=1, help="full passes over the prompt list")
-    parser.add_argument("--force_run_ind", type=int, default=None,
+    parser.add_argument("--repeats", type=int_in(1), default=1, help="videos per prompt (seeds differ by 6789)")
+    parser.add_argument("--regenerate", type=int_in(1), default=1, help="full passes over the prompt list")
+    parser.add_argument("--force_run_ind", type=int_in(0), default=None,
                         help="write into run<k> (resumable); default: the first unused run<k>")
-    parser.add_argument("--skip_first_prompts", type=int, default=0)
-    parser.add_argument("--num_prompts", type=int, default=None)
-    parser.add_argument("--seed_offset", type=int, default=0)
-    parser.add_argument("--num_frames", type=int, default=None, help="default: the run-model's")
-    parser.add_argument("--num_inference_steps", type=int, default=None, help="default: 40")
-    for name in FLOAT_OVERRIDES + ("gligen_scheduled_sampling_beta",):
-        parser.add_argument(f"--{name}", type=float, default=None)
-    for name in INT_OVERRIDES + BOOL_INT_OVERRIDES:
-        parser.add_argument(f"--{name}", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=1,
+    parser.add_argument("--skip_first_prompts", type=int_in(0), default=0)
+    parser.add_argument("--num_prompts", type=int_in(1), default=None)
+    parser.add_argument("--seed_offset", type=int_in(0), default=0)
+    parser.add_argument("--num_frames", type=int_in(1), default=None, help="default: the run-model's")
+    parser.add_argument("--height", type=int_in(1), default=None,
+                        help="default: the run-model's (only models that allow other sizes accept it)")
+    parser.add_argument("--width", type=int_in(1), default=None, help="default: the run-model's")
+    parser.add_argument("--num_inference_steps", type=int_in(1), default=None, help="default: the run-model's")
+
+    guidance = parser.add_argument_group("LVD guidance (default: the paper's values, spec 4.8)")
+    guidance.add_argument("--loss_scale", type=float_in(0.0, low_open=True), default=None,
+                          help="scale of the energy in the latent update (5)")
+    guidance.add_argument("--loss_threshold", type=float_in(), default=None,
+                          help="guide while the energy is above this (200)")
+    guidance.add_argument("--max_iter", type=int_in(0), default=None, help="guided iterations per step (5)")
+    guidance.add_argument("--max_index_step", type=int_in(0), default=None, help="guided denoising steps (10)")
+    guidance.add_argument("--fg_top_p", type=float_in(0.0, 1.0, low_open=True), default=None,
+                          help="top-k fraction of the attention inside the box (0.75)")
+    guidance.add_argument("--bg_top_p", type=float_in(0.0, 1.0, low_open=True), default=None,
+                          help="top-k fraction of the attention outside the box (0.75)")
+    guidance.add_argument("--fg_weight", type=float_in(0.0), default=None, help="(1.0)")
+    guidance.add_argument("--bg_weight", type=float_in(0.0), default=None, help="(4.0)")
+    guidance.add_argument("--com_loss_scale", type=float_in(0.0), default=None,
+                          help="centre-of-mass term (0; the benchmark preset: 0.03)")
+    guidance.add_argument("--boxdiff_loss_scale", type=float_in(0.0), default=None, help="BoxDiff term (0)")
+    guidance.add_argument("--boxdiff_normed", type=int_in(0, 1), default=None, help="0/1 (1)")
+    guidance.add_argument("--attn_sync_weight", type=float_in(0.0), default=None, help="attention-sync term (0)")
+    guidance.add_argument("--use_ratio_based_loss", type=int_in(0, 1), default=None, help="0/1 (0)")
+    guidance.add_argument("--guidance-stop", choices=("carried", "per-step"), default="carried",
+                          help="carried: the reference's threshold rule (stops for good once below); "
+                               "per-step: recompute the energy at every guided step (spec 15.2)")
+    parser.add_argument("--gligen_scheduled_sampling_beta", type=float_in(0.0, 1.0), default=None,
+                        help="LVD-GLIGEN / LVD-plus: fraction of steps with the fusers on (1.0)")
+
+    parser.add_argument("--batch-size", type=int_in(1), default=1,
                         help="videos per forward pass (sweeps); each keeps its own seed and layout")
     parser.add_argument("--low-memory", action="store_true",
                         help="keep the guided pass's activations in host memory (same result, slower; 24 GB cards)")
     parser.add_argument("--initial-noise", choices=("cpu", "reference"), default="cpu",
                         help="cpu: float32 noise from a CPU generator, the same on every machine; reference: "
                              "the original's draw (a generator on the GPU, in fp16), for bit-level comparisons")
-    parser.add_argument("--guidance-stop", choices=("carried", "per-step"), default="carried",
-                        help="carried: the reference's threshold rule (stops for good once below); "
-                             "per-step: recompute the energy at every guided step (spec 15.2)")
     parser.add_argument("--model-path", default=None, help="local folder with the video model's weights")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: automatic)")
     parser.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
@@ -119,10 +136,10 @@ def build_configs(args, spec):
     """(SamplingConfig, GuidanceConfig | None, ExecutionConfig) from the run-model and the given flags only."""
     from generation.config import ExecutionConfig, GuidanceConfig, replace_config, sampling_config_for
 
-    sampling = sampling_config_for(spec, num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
-                                   initial_noise=args.initial_noise)
+    sampling = sampling_config_for(spec, num_frames=args.num_frames, height=args.height, width=args.width,
+                                   num_inference_steps=args.num_inference_steps, initial_noise=args.initial_noise)
     execution = ExecutionConfig(low_memory=args.low_memory)
-    # Each guidance flag, None when not given (the run-model's defaults then apply).
+    # Each guidance flag, None when not given (the defaults then apply).
     overrides = dict(
         loss_scale=args.loss_scale, loss_threshold=args.loss_threshold, max_iter=args.max_iter,
         max_index_step=args.max_index_step, fg_top_p=args.fg_top_p, bg_top_p=args.bg_top_p,
@@ -151,60 +168,33 @@ def build_gligen_config(args, spec):
     return GligenConfig() if beta is None else GligenConfig(scheduled_sampling_beta=beta)
 
 
-def _work_items(prompts: list[str], args) -> list[tuple[int, int, str, int]]:
-    """(pass, running index, prompt, occurrence) in the window, over all ``--regenerate`` passes."""
-    from utils.cache import occurrence_indices
-
+def plan_items(prompts: list[str], args) -> list[tuple[int, str, int]]:
+    """(running index, prompt, occurrence) of the window, over all ``--regenerate`` passes (spec 5.4: the
+    index counts on across passes and gives the seed and the folder)."""
     occurrences = occurrence_indices(prompts)
-    end = None if args.num_prompts is None else args.skip_first_prompts + args.num_prompts
-    items = []
-    for pass_index in range(args.regenerate):
-        for position, prompt in enumerate(prompts):
-            index = pass_index * len(prompts) + position
-            if index < args.skip_first_prompts or (end is not None and index >= end):
-                continue
-            items.append((pass_index, index, prompt, occurrences[position]))
-    return items
+    window = select_window(len(prompts) * args.regenerate, args.skip_first_prompts, args.num_prompts)
+    return [(index, prompts[index % len(prompts)], occurrences[index % len(prompts)]) for index in window]
+
+
+def load_layout_cache(path: Path) -> LayoutCache:
+    """The cache file (raises CacheFormatError or OSError with the path in the message)."""
+    try:
+        return LayoutCache.load(path)
+    except CacheFormatError:
+        raise
+    except (OSError, UnicodeDecodeError) as error:
+        raise CacheFormatError(f"{path}: cannot read the layout cache ({describe_error(error)})") from None
 
 
 # --------------------------------------------------------------------------------------------
-# Per-prompt work
-
-
-def _record_failure(run_dir: Path, index: int, prompt: str, error: BaseException, rank: int) -> None:
-    record = {"time": time.strftime("%Y-%m-%d %H:%M:%S"), "prompt_index": index, "prompt": prompt, "rank": rank,
-              "error": f"{type(error).__name__}: {error}",
-              "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__))}
-    line = (json.dumps(record) + "\n").encode()
-    fd = os.open(run_dir / "failures.jsonl", os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, line)  # one append per record: concurrent processes do not interleave lines
-    finally:
-        os.close(fd)
-
-
-def _save_outputs(result, prompt_dir: Path, repeat_index: int, args, condition, elapsed_s: float) -> None:
-    from utils.video_io import save_latents, save_video
-    from utils.visualize import annotate_video
-
-    stem = prompt_dir / f"video_{repeat_index}"
-    meta = {"seed": result.seed, "repeat_index": repeat_index, "prompt": result.prompt, "elapsed_s": round(elapsed_s, 3),
-            "guided_iterations": len(result.guidance_log),
-            "guidance_log": [dataclasses.asdict(record) for record in result.guidance_log]}
-    atomic_write_json(stem.with_suffix(".json"), meta)
-    if args.save_latents:
-        save_latents(result.latents, prompt_dir / f"video_{repeat_index}.latents.pt")
-    if condition is not None and not args.no_annotate and condition.phrases:
-        from utils.video_io import write_gif
-
-        annotated = annotate_video(result.frames, condition.boxes_xyxy, condition.phrases)
-        write_gif(annotated, prompt_dir / f"video_{repeat_index}_annotated.gif")
-    # The joblib is written last by save_video: its presence marks the video finished.
-    save_video(result.frames, stem, formats=tuple(args.save_formats))
+# Main
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse's usage errors (exit 2) and --help (0) as return codes
+        return int(exit_.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -213,9 +203,6 @@ def main(argv: list[str] | None = None) -> int:
         gligen = build_gligen_config(args, spec)
     except (RunModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.batch_size < 1 or args.repeats < 1 or args.regenerate < 1:
-        print("error: --batch-size, --repeats and --regenerate must be at least 1", file=sys.stderr)
         return 2
     if args.regenerate > 1 and args.skip_first_prompts != 0:
         print("error: --regenerate > 1 needs --skip_first_prompts 0", file=sys.stderr)
@@ -229,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     llm_model = resolve_llm_model(args.model)
     prompts = get_prompts(args.prompt_type)
-    items = _work_items(prompts, args)
+    items = plan_items(prompts, args)
 
     cache = None
     if uses_layout:
@@ -238,18 +225,27 @@ def main(argv: list[str] | None = None) -> int:
                   "(e.g. --model gpt-4-1106-preview, or --model handwritten for the demo)", file=sys.stderr)
             return 2
         path = cache_path(args.prompt_type, args.template_version, llm_model, cache_dir=args.cache_dir)
-        if not Path(path).is_file():
-            print(f"error: no layout cache at {path}; make one with prompt_batch.py --prompt-type "
-                  f"{args.prompt_type} --model {llm_model} --auto-query", file=sys.stderr)
+        if not path.is_file():
+            print(f"error: no layout cache at {path} (--cache-dir {args.cache_dir}); make one with prompt_batch.py "
+                  f"--prompt-type {args.prompt_type} --model {llm_model} --auto-query, or point --cache-dir at a "
+                  f"folder that has it ({PUBLISHED_CACHES_HINT})", file=sys.stderr)
             return 2
-        cache = LayoutCache.load(path)
+        try:
+            cache = load_layout_cache(path)
+        except CacheFormatError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
 
     if args.dry_run:
         return _dry_run(items, cache, uses_layout, sampling.num_frames)
-
-    from accelerate import PartialState
+    try:
+        ensure_writable_dir(args.output_dir, "--output-dir")
+    except OutputDirError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
     import torch
+    from accelerate import PartialState
 
     # Without CUDA, processes started by a multi-process launcher (accelerate launch --multi_gpu, torchrun)
     # join a CPU (gloo) group; accelerate's own `--cpu` launcher starts one process unless MPI is set up.
@@ -257,29 +253,34 @@ def main(argv: list[str] | None = None) -> int:
     base = run_base_dir(args, spec)
     run_index = args.force_run_ind if args.force_run_ind is not None else first_unused_run_index(base)
     state.wait_for_everyone()  # every process picked the index before any creates it
-    run_dir = base / f"run{run_index}"
-    run_dir.mkdir(parents=True, exist_ok=True)
     my_items = items[state.process_index::state.num_processes]
 
     from models.loading import load_video_model
 
+    print(f"loading {spec.model_id or spec.name} ...", file=sys.stderr, flush=True)
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
     try:
         model = load_video_model(spec, model_path=args.model_path, device=device, dtype=args.dtype)
-    except Exception as error:  # missing weights and the like: one clear line, no traceback
+    except Exception as error:  # missing weights and the like: one clear line, no traceback, no run folder
         print(f"error: {error}", file=sys.stderr)
         return 2
     if spec.tiny:
         print(f"note: {spec.name} is a tiny random-weight model; its videos are noise (it exercises the code paths)")
-    if state.is_main_process:
-        _write_run_config(run_dir, args, spec, sampling, guidance, execution, llm_model, model, state.num_processes,
-                          gligen)
-    return _generate_all(my_items, args, spec, model, sampling, guidance, execution, cache, run_dir, state, gligen)
+    run = _RunFolder(base / f"run{run_index}", args, spec, sampling, guidance, execution, gligen, llm_model, model,
+                     state, cache)
+    try:
+        return _generate_all(my_items, args, spec, model, sampling, guidance, execution, gligen, cache, run, state)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished videos are kept in {run.path}; rerun the same command with "
+              f"--force_run_ind {run_index} to resume", file=sys.stderr)
+        return 130
 
 
 def _dry_run(items, cache, uses_layout, num_frames: int) -> int:
+    from utils.layout import build_condition
+
     missing = 0
-    for _, index, prompt, occurrence in items:
+    for index, prompt, occurrence in items:
         if not uses_layout:
             print(f"[{index}] {prompt}")
             continue
@@ -299,149 +300,139 @@ def _dry_run(items, cache, uses_layout, num_frames: int) -> int:
     return 1 if missing else 0
 
 
-def _write_run_config(run_dir: Path, args, spec, sampling, guidance, execution, llm_model, model, num_processes,
-                      gligen=None) -> None:
-    import diffusers
-    import torch
-    import transformers
+class _RunFolder:
+    """``run<k>``: created, with this process's record in config.json, when the first output is written."""
 
-    config = {
-        "command": sys.argv,
-        "args": vars(args),
-        "run_model": dataclasses.asdict(spec),
-        "prompt_type": args.prompt_type,
-        "template_version": args.template_version,
-        "llm_model": llm_model,
+    def __init__(self, path: Path, args, spec, sampling, guidance, execution, gligen, llm_model, model, state, cache):
+        self.path = path
+        self._record = (args, spec, sampling, guidance, execution, gligen, llm_model, model, state, cache)
+        self._ready = False
+
+    def ensure(self) -> Path:
+        if not self._ready:
+            self.path.mkdir(parents=True, exist_ok=True)
+            changed = _record_invocation(self.path, *self._record)
+            if changed:
+                logger.warning("resuming %s with different settings (%s); both are recorded in %s", self.path,
+                               ", ".join(changed), self.path / "config.json")
+            self._ready = True
+        return self.path
+
+    def prompt_folder(self, index: int) -> Path:
+        return self.ensure() / str(index)
+
+
+def _record_invocation(run_dir: Path, args, spec, sampling, guidance, execution, gligen, llm_model, model, state,
+                       cache) -> list[str]:
+    from generation.runs import describe_environment, file_sha256, record_invocation
+
+    settings = {
+        "run_model": dataclasses.asdict(spec), "prompt_type": args.prompt_type,
+        "template_version": args.template_version, "llm_model": llm_model,
         "sampling": dataclasses.asdict(sampling),
         "guidance": dataclasses.asdict(guidance) if guidance is not None else None,
         "execution": dataclasses.asdict(execution),
         "gligen": dataclasses.asdict(gligen) if gligen is not None else None,
-        "device": str(model.device), "dtype": str(model.dtype), "num_processes": num_processes,
-        "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                     "transformers": transformers.__version__},
         "seed_rule": "prompt_index + 6789 * repeat_index + seed_offset",
     }
-    path = run_dir / "config.json"
-    if path.exists():
-        previous = json.loads(path.read_text())
-        keys = ("run_model", "sampling", "guidance", "gligen", "prompt_type", "template_version", "llm_model")
-        changed = [k for k in keys if json.dumps(previous.get(k), default=str) != json.dumps(config[k], default=str)]
-        if changed:
-            logger.warning("resuming %s with different settings (%s); the old config is kept as config.previous.json",
-                           run_dir, ", ".join(changed))
-            atomic_write_json(run_dir / "config.previous.json", previous)
-    atomic_write_json(path, json.loads(json.dumps(config, default=str)))
+    end = None if args.num_prompts is None else args.skip_first_prompts + args.num_prompts
+    invocation = {
+        "command": sys.argv, "args": vars(args), "rank": state.process_index, "num_processes": state.num_processes,
+        "window": [args.skip_first_prompts, end], "device": str(model.device), "dtype": str(model.dtype),
+        "model_source": model.source,
+        "layout_cache": None if cache is None else {"path": str(cache.path), "sha256": file_sha256(cache.path)},
+        **describe_environment(str(model.device)),
+    }
+    return record_invocation(run_dir, settings, invocation)
 
 
-@dataclasses.dataclass(frozen=True)
-class _PendingVideo:
-    index: int
-    prompt: str
-    repeat_index: int
-    seed: int
-    condition: object  # LayoutCondition | None
-    prompt_dir: Path
-
-
-def _prepare_prompt(index: int, prompt: str, occurrence: int, args, cache, sampling, model, prompt_dir: Path):
-    """Parse the prompt's cached layout and write layout.json (and the box GIF); returns the condition.
-
-    Returns None for baselines; raises LookupError on a cache miss and LayoutError on a bad layout.
-    """
-    if cache is None:
-        return None
-    reply = cache.get(prompt, occurrence)
-    if reply is None:
-        raise LookupError(f"no cached layout for {prompt!r} (occurrence {occurrence})")
-    layout = parse_layout(reply, prompt)
-    condition = build_condition(layout, sampling.num_frames, model.tokenizer)
-    prompt_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(prompt_dir / "layout.json", {
-        "prompt": prompt, "prompt_index": index, "occurrence": occurrence,
-        "layout": layout_to_dict(layout), "diffusion_prompt": condition.prompt,
-        "phrases": list(condition.phrases), "token_positions": [list(p) for p in condition.token_positions],
-        "num_frames": sampling.num_frames, "boxes_xyxy": condition.boxes_xyxy.tolist()})
-    if args.visualize:
-        from utils.visualize import save_layout_gif
-
-        save_layout_gif(layout, prompt_dir / "boxes.gif")
-        save_layout_gif(layout, prompt_dir / f"boxes_{index}.gif")
-    return condition
-
-
-def _generate_all(items, args, spec, model, sampling, guidance, execution, cache, run_dir, state, gligen=None) -> int:
+def _generate_all(items, args, spec, model, sampling, guidance, execution, gligen, cache, run: _RunFolder,
+                  state) -> int:
     import torch
     from tqdm import tqdm
 
+    from generation.backbones import backbone_for
     from generation.config import derive_seed
-    from generation.sampling import VideoRequest, generate_videos
+    from generation.runs import (OutputOptions, VideoJob, generate_and_save, is_video_done, remove_stale_temp_files,
+                                 write_layout_record)
 
+    options = OutputOptions(formats=tuple(dict.fromkeys(args.save_formats)), fps=spec.fps,
+                            save_latents=args.save_latents, annotate=not args.no_annotate)
+    backbone = backbone_for(model)
     counts = {"videos": 0, "already_done": 0, "missing_layout": 0, "failed": 0}
     position = state.process_index
 
     def fail(index: int, prompt: str, error: BaseException) -> None:
         counts["failed"] += 1
-        _record_failure(run_dir, index, prompt, error, state.process_index)
-        kind = "out of memory" if isinstance(error, torch.OutOfMemoryError) else f"{type(error).__name__}: {error}"
-        tqdm.write(f"[{index}] failed: {kind}; logged to {run_dir / 'failures.jsonl'}")
+        record_failure(run.ensure() / FAILURES_FILE, error, prompt_index=index, prompt=prompt, rank=state.process_index)
+        kind = "out of memory" if isinstance(error, torch.OutOfMemoryError) else describe_error(error)
+        tqdm.write(f"[{index}] {prompt!r} failed: {kind}; traceback in {run.path / FAILURES_FILE}")
         if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
     # 1. Layouts: parse every prompt of this process's share, list the videos still to make.
-    pending: list[_PendingVideo] = []
-    for _, index, prompt, occurrence in items:
-        prompt_dir = run_dir / str(index)
-        todo = [r for r in range(args.repeats) if not (prompt_dir / f"video_{r}.joblib").exists()]
+    pending: list[VideoJob] = []
+    for index, prompt, occurrence in items:
+        prompt_dir = run.path / str(index)
+        if prompt_dir.is_dir():
+            remove_stale_temp_files(prompt_dir)  # left by a killed run; this process owns this prompt
+        todo = [r for r in range(args.repeats) if not is_video_done(prompt_dir, r, options)]
         counts["already_done"] += args.repeats - len(todo)
         if not todo:
             continue
-        try:
-            condition = _prepare_prompt(index, prompt, occurrence, args, cache, sampling, model, prompt_dir)
-        except LookupError as error:
-            tqdm.write(f"[{index}] {error}; skipped")
-            counts["missing_layout"] += 1
-            continue
-        except Exception as error:  # a bad layout never stops the batch (unless --fail-fast)
-            fail(index, prompt, error)
-            if args.fail_fast:
-                raise
-            continue
-        prompt_dir.mkdir(parents=True, exist_ok=True)
-        pending += [_PendingVideo(index, prompt, r, derive_seed(index, r, args.seed_offset), condition, prompt_dir)
+        condition = None
+        if cache is not None:
+            reply = cache.get(prompt, occurrence)
+            if reply is None:
+                tqdm.write(f"[{index}] no cached layout for {prompt!r} (occurrence {occurrence}); skipped")
+                counts["missing_layout"] += 1
+                continue
+            try:
+                layout = parse_layout(reply, prompt)
+                condition = backbone.build_condition(layout, sampling.num_frames)
+                write_layout_record(run.prompt_folder(index), prompt=prompt, index=index, occurrence=occurrence,
+                                    layout=layout, condition=condition)
+                if args.visualize:
+                    from utils.visualize import save_layout_gif
+
+                    save_layout_gif(layout, prompt_dir / "boxes.gif")
+                    save_layout_gif(layout, prompt_dir / f"boxes_{index}.gif")
+            except Exception as error:  # a bad layout never stops the batch (unless --fail-fast)
+                fail(index, prompt, error)
+                if args.fail_fast:
+                    return 1
+                continue
+        pending += [VideoJob(index, prompt, r, derive_seed(index, r, args.seed_offset), condition, prompt_dir)
                     for r in todo]
 
     # 2. Videos, --batch-size at a time (each keeps its own seed, layout and guidance state).
     bar = tqdm(total=len(pending), desc=f"videos (rank {position})" if state.num_processes > 1 else "videos",
                position=position, dynamic_ncols=True, unit="video")
-    for start in range(0, len(pending), args.batch_size):
-        chunk = pending[start:start + args.batch_size]
-        label = f"[{chunk[0].index}] seed {chunk[0].seed}" + (f" +{len(chunk) - 1}" if len(chunk) > 1 else "")
-        steps = tqdm(total=sampling.num_inference_steps, desc=label, leave=False,
-                     position=position + state.num_processes, dynamic_ncols=True)
-        started = time.perf_counter()
-        try:
-            requests = [VideoRequest(video.prompt, video.seed, video.condition) for video in chunk]
-            results = generate_videos(model, requests, sampling, guidance=guidance, gligen=gligen, execution=execution,
-                                      step_callback=lambda i, n: steps.update(1))
-            elapsed = (time.perf_counter() - started) / len(chunk)
-            for video, result in zip(chunk, results):
-                _save_outputs(result, video.prompt_dir, video.repeat_index, args, video.condition, elapsed)
-                counts["videos"] += 1
-        except KeyboardInterrupt:
-            raise
-        except Exception as error:  # out of memory included: logged per video, the batch goes on
-            for video in chunk:
-                fail(video.index, video.prompt, error)
-            if args.fail_fast:
-                raise
-        finally:
-            steps.close()
+    try:
+        for start in range(0, len(pending), args.batch_size):
+            chunk = pending[start:start + args.batch_size]
+            label = f"[{chunk[0].index}] seed {chunk[0].seed}" + (f" +{len(chunk) - 1}" if len(chunk) > 1 else "")
+            steps = tqdm(total=sampling.num_inference_steps, desc=label, leave=False,
+                         position=position + state.num_processes, dynamic_ncols=True)
+            try:
+                run.ensure()
+                generate_and_save(model, chunk, sampling, guidance=guidance, gligen=gligen, execution=execution,
+                                  options=options, step_callback=lambda i, n: steps.update(1))
+                counts["videos"] += len(chunk)
+            except Exception as error:  # out of memory included: logged per video, the batch goes on
+                for video in chunk:
+                    fail(video.index, video.prompt, error)
+                if args.fail_fast:
+                    return 1
+            finally:
+                steps.close()
             bar.update(len(chunk))
-    bar.close()
+    finally:
+        bar.close()
     summary = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
-    print(f"{run_dir} (rank {state.process_index}): {summary}")
+    print(f"{run.path} (rank {state.process_index}): {summary}")
     return 1 if counts["failed"] or counts["missing_layout"] else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

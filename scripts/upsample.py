@@ -25,17 +25,21 @@ import argparse
 import dataclasses
 import gc
 import logging
+import os
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 from generation.upsampling import (CHAINED_SDXL_STRENGTH, DEFAULT_SEED, DEFAULT_STRENGTH, GIF_FPS, MP4_FPS, SDXL,
                                    UPSAMPLE_NEGATIVE_PROMPT, ZEROSCOPE_XL, RefineConfig, compute_target_size,
                                    sdxl_refine_config, upsampled_video_stem, zeroscope_xl_refine_config)
+from utils.cli import float_in, int_in, run_cli
+from utils.failures import describe_error, record_failure
 
 logger = logging.getLogger("upsample")
+
+UPSAMPLE_FAILURES_FILE = "upsample_failures.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,8 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input videos (.joblib; a .gif path reads the .joblib next to it)")
     parser.add_argument("--prompts", nargs="+", required=True,
                         help="one prompt per video, or one prompt for all videos")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
-    parser.add_argument("--strength", type=float, default=DEFAULT_STRENGTH,
+    parser.add_argument("--seed", type=int_in(0), default=DEFAULT_SEED)
+    parser.add_argument("--strength", type=float_in(0.0, 1.0, low_open=True), default=DEFAULT_STRENGTH,
                         help="how much of the video is re-noised (0 keeps it, 1 ignores it)")
     parser.add_argument("--negative_prompt", default=UPSAMPLE_NEGATIVE_PROMPT,
                         help="negative prompt of Zeroscope XL (the SDXL refiner gets none, as in the reference)")
@@ -57,11 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--horizontal", action="store_true",
                         help="resize to 1024x576 (width x height); otherwise 1024x1024 (LANCZOS)")
     parser.add_argument("--output-mp4", action="store_true", help="also write an .mp4 (8.01 fps)")
-    parser.add_argument("--width", type=int, default=None, help="override the output width (multiple of 8)")
-    parser.add_argument("--height", type=int, default=None, help="override the output height (multiple of 8)")
-    parser.add_argument("--num_inference_steps", type=int, default=50,
+    parser.add_argument("--width", type=int_in(8), default=None, help="override the output width (multiple of 8)")
+    parser.add_argument("--height", type=int_in(8), default=None, help="override the output height (multiple of 8)")
+    parser.add_argument("--num_inference_steps", type=int_in(1), default=50,
                         help="scheduler steps before the strength cut (stock pipelines: 50)")
-    parser.add_argument("--guidance_scale", type=float, default=None,
+    parser.add_argument("--guidance_scale", type=float_in(0.0), default=None,
                         help="CFG scale for both models; unset: 15.0 for Zeroscope XL, 5.0 for SDXL")
     parser.add_argument("--zsxl-model-path", default=None,
                         help="local folder with cerspense/zeroscope_v2_XL; unset: the HF cache / hub")
@@ -199,17 +203,30 @@ def run_job(job: UpsampleJob, model, height: int, width: int, args) -> dict[str,
     return paths
 
 
-def _failure_path(job: UpsampleJob) -> Path:
-    return job.output_stem.with_name(job.output_stem.name + ".failed.json")
+def _record_failure(job: UpsampleJob, error: BaseException) -> Path:
+    """One record in ``upsample_failures.jsonl`` next to the output; returns the log's path."""
+    path = job.output_stem.parent / UPSAMPLE_FAILURES_FILE
+    record_failure(path, error, input=str(job.input_path), output=str(job.output_stem), upsampler=job.upsampler,
+                   prompt=job.prompt)
+    return path
 
 
-def _record_failure(job: UpsampleJob, error: BaseException) -> None:
-    from utils.io import atomic_write_json
-
-    atomic_write_json(_failure_path(job), {
-        "time": time.strftime("%Y-%m-%d %H:%M:%S"), "input": str(job.input_path), "prompt": job.prompt,
-        "error": f"{type(error).__name__}: {error}",
-        "traceback": "".join(traceback.format_exception(type(error), error, error.__traceback__))})
+def find_unreadable_inputs(jobs: list[UpsampleJob]) -> dict[Path, str]:
+    """Inputs that are not there (or not files), checked before any model is loaded: path -> problem.
+    Inputs written by an earlier job of this run (chained SDXL after Zeroscope XL) are not checked."""
+    produced = {job.output_stem.with_name(job.output_stem.name + ".joblib") for job in jobs}
+    problems = {}
+    for job in jobs:
+        path = job.input_path
+        if path in produced or path in problems:
+            continue
+        if not path.exists():
+            problems[path] = "not found"
+        elif not path.is_file():
+            problems[path] = "not a file"
+        elif not os.access(path, os.R_OK):
+            problems[path] = "not readable"
+    return problems
 
 
 def _release_memory() -> None:
@@ -237,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
 
     counts = {"written": 0, "already_done": 0, "failed": 0}
     failed_outputs: set[Path] = set()
+    failed_inputs = find_unreadable_inputs(jobs)
+    for path, problem in failed_inputs.items():
+        print(f"{path}: {problem}; its outputs are skipped", file=sys.stderr)
     if args.tiny:
         print("note: --tiny uses tiny random-weight models; the upsampled videos are noise "
               "(this only exercises the code paths)")
@@ -247,7 +267,16 @@ def main(argv: list[str] | None = None) -> int:
         for job in stage:
             if job not in pending:
                 print(f"{job.output_stem}.joblib exists; skipped")
-        if not pending:
+        for job in [job for job in pending if job.input_path in failed_inputs]:
+            counts["failed"] += 1
+            failed_outputs.add(job.output_stem)
+            _record_failure(job, FileNotFoundError(f"{job.input_path}: {failed_inputs[job.input_path]}"))
+        pending = [job for job in pending if job.input_path not in failed_inputs]
+        for job in [job for job in pending if job.input_path.with_suffix("") in failed_outputs]:
+            print(f"{job.output_stem}: skipped, its input {job.input_path} failed")  # a chained job
+            counts["failed"] += 1
+        pending = [job for job in pending if job.input_path.with_suffix("") not in failed_outputs]
+        if not pending:  # nothing left to run: no model is loaded
             continue
         try:
             model = load_upsampler(upsampler, args)
@@ -257,10 +286,6 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {str(error).replace('`--model-path DIR`', f'`{flag} DIR`')}", file=sys.stderr)
             return 2
         for job in pending:
-            if job.input_path.with_suffix("") in failed_outputs:  # a chained job whose input failed
-                print(f"{job.output_stem}: skipped, its input {job.input_path} failed")
-                counts["failed"] += 1
-                continue
             try:
                 paths = run_job(job, model, height, width, args)
             except KeyboardInterrupt:
@@ -268,13 +293,12 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # one bad video never stops the batch (unless --fail-fast)
                 counts["failed"] += 1
                 failed_outputs.add(job.output_stem)
-                _record_failure(job, error)
-                print(f"{job.output_stem}: failed: {type(error).__name__}: {error}", file=sys.stderr)
+                log = _record_failure(job, error)
+                print(f"{job.output_stem}: failed: {describe_error(error)}; traceback in {log}", file=sys.stderr)
                 if args.fail_fast:
-                    raise
+                    return 1
                 continue
             counts["written"] += 1
-            _failure_path(job).unlink(missing_ok=True)  # a failure from an earlier attempt is stale now
             print(" ".join(str(paths[fmt]) for fmt in ("gif", "mp4", "joblib") if fmt in paths))
         del model
         _release_memory()
@@ -283,4 +307,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

@@ -79,6 +79,115 @@ def test_resume_redoes_only_unfinished_videos(tmp_path, lvd_cache):
     assert _run(tmp_path, "--num_prompts", "2", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
     assert (run_dir / "0" / "video_0.joblib").stat().st_mtime_ns == first["0"]  # untouched
     assert (run_dir / "1" / "video_0.joblib").is_file()
+    assert not list((run_dir / "1").glob(".*.tmp*"))  # the interrupted write's leftover is cleaned up
+
+
+def test_resume_without_joblib_counts_finished_videos(tmp_path, lvd_cache, capsys):
+    formats = ["--save-formats", "mp4", "--num_prompts", "2", "--force_run_ind", "0"]
+    assert _run(tmp_path, *formats, cache_dir=lvd_cache) == 0
+    assert (_run_dir(tmp_path) / "1" / "video_0.mp4").is_file()
+    assert not (_run_dir(tmp_path) / "1" / "video_0.joblib").exists()
+    capsys.readouterr()
+    assert _run(tmp_path, *formats, cache_dir=lvd_cache) == 0
+    assert "videos: 0, already done: 2" in capsys.readouterr().out
+
+
+def test_config_keeps_one_record_per_shard(tmp_path, lvd_cache):
+    assert _run(tmp_path, "--num_prompts", "2", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    assert _run(tmp_path, "--skip_first_prompts", "2", "--num_prompts", "1", "--force_run_ind", "0",
+                cache_dir=lvd_cache) == 0
+    config = json.loads((_run_dir(tmp_path) / "config.json").read_text())
+    assert config["prompt_type"] == "lvd" and config["sampling"]["num_frames"] == 4
+    records = config["invocations"]
+    assert [r["window"] for r in records] == [[0, 2], [2, 3]]
+    cache_file = next(lvd_cache.iterdir())
+    for record in records:
+        assert record["rank"] == 0 and record["host"] and record["time"] and "git_commit" in record
+        assert record["layout_cache"]["path"] == str(cache_file) and len(record["layout_cache"]["sha256"]) == 64
+        assert record["changed_settings"] == []
+    assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", "--repeats", "2", "--fg_top_p", "0.5",
+                cache_dir=lvd_cache) == 0
+    config = json.loads((_run_dir(tmp_path) / "config.json").read_text())
+    assert config["guidance"]["fg_top_p"] == 0.75  # the run's first settings stay at the top ...
+    assert config["invocations"][-1]["changed_settings"] == ["guidance"]  # ... a change is recorded
+    assert config["invocations"][-1]["settings"]["guidance"]["fg_top_p"] == 0.5
+
+
+def test_a_failed_model_load_leaves_no_run_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for _ in range(2):
+        assert generate.main(["--run-model", "lvd_zeroscope", "--prompt-type", "demo", "--model", "handwritten",
+                              "--template_version", "v0.1", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "cerspense/zeroscope_v2_576w" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("*/run*"))  # the next real run is run0
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--num_inference_steps", "0"), ("--skip_first_prompts", "-5"), ("--num_prompts", "-1"), ("--num_prompts", "0"),
+    ("--fg_top_p", "2.0"), ("--loss_scale", "nan"), ("--loss_scale", "inf"), ("--max_iter", "-1"),
+    ("--force_run_ind", "-1"), ("--repeats", "0"), ("--batch-size", "0"), ("--bg_top_p", "0"),
+    ("--use_ratio_based_loss", "2"), ("--num_frames", "x"),
+])
+def test_nonsense_numbers_are_rejected_naming_the_flag(tmp_path, capsys, flag, value):
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--output-dir", str(tmp_path), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and value in err and "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_an_unusable_output_folder_is_one_line(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--output-dir", str(blocker / "out"), *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--output-dir" in err and "is a file" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[1, 2]", '{"A prompt": "not a list"}', "\x00\xff\xfe"])
+def test_a_broken_cache_file_is_one_line_naming_it(tmp_path, capsys, content):
+    path = cache_path("demo", "v0.1", "broken", cache_dir=tmp_path / "cache")
+    path.parent.mkdir()
+    path.write_bytes(content.encode("latin-1"))
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "broken",
+                          "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(path) in err and "Traceback" not in err
+
+
+def test_a_missing_cache_file_is_one_line_naming_it_and_the_flag(tmp_path, capsys):
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "lvd", "--model", "gpt-4-1106-preview",
+                          "--cache-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cache_lvd_v0.1_gpt-4-1106-preview.json" in err
+    assert "--cache-dir" in err and "published" in err
+
+
+def test_a_closed_pipe_ends_quietly(tmp_path, lvd_cache):
+    command = (f"{sys.executable} generate.py --run-model lvd_tiny --prompt-type lvd --model test-llm "
+               f"--cache-dir {lvd_cache} --dry-run | head -1")
+    result = subprocess.run(["bash", "-c", command], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.stdout.startswith("[0] ") and len(result.stdout.splitlines()) == 1
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+
+
+@pytest.mark.slow
+def test_ctrl_c_prints_one_line_with_the_resume_hint(tmp_path, lvd_cache):
+    import signal
+
+    command = [sys.executable, "generate.py", "--run-model", "lvd_tiny", "--prompt-type", "lvd", "--model", "test-llm",
+               "--cache-dir", str(lvd_cache), "--output-dir", str(tmp_path), "--num_frames", "4", "--force_run_ind", "3"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(tmp_path.glob("*/run3/0/layout.json")):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "--force_run_ind 3" in err
 
 
 def test_shards_equal_a_full_run(tmp_path, lvd_cache):
@@ -111,14 +220,17 @@ def test_bad_layout_is_logged_and_the_batch_goes_on(tmp_path, lvd_cache):
     assert (run_dir / "0" / "video_0.joblib").is_file() and (run_dir / "2" / "video_0.joblib").is_file()
 
 
-def test_fail_fast_stops_at_the_first_failure(tmp_path, lvd_cache):
+def test_fail_fast_stops_at_the_first_failure(tmp_path, lvd_cache, capsys):
     path = next(lvd_cache.iterdir())
     entries = json.loads(path.read_text())
     entries[next(iter(entries))][0] = "not a layout"
     path.write_text(serialize_cache(entries))
-    with pytest.raises(Exception):
-        _run(tmp_path, "--num_prompts", "2", "--fail-fast", cache_dir=lvd_cache)
+    assert _run(tmp_path, "--num_prompts", "2", "--fail-fast", cache_dir=lvd_cache) == 1
     assert not (_run_dir(tmp_path) / "1" / "video_0.joblib").exists()
+    failures = [json.loads(line) for line in (_run_dir(tmp_path) / "failures.jsonl").read_text().splitlines()]
+    assert [f["prompt_index"] for f in failures] == [0] and "Traceback" in failures[0]["traceback"]
+    out = capsys.readouterr().out
+    assert "[0]" in out and "LayoutParseError" in out and "failures.jsonl" in out
 
 
 def test_repeats_and_seed_offset_follow_the_seed_rule(tmp_path, lvd_cache):

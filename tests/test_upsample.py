@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 import time
+import json
 from pathlib import Path
 
 import numpy as np
@@ -280,5 +281,6 @@ def test_cli_reports_a_missing_video_and_goes_on(tmp_path, script, capsys):
     assert script.main(argv) == 1
     captured = capsys.readouterr()
     assert "missing.joblib" in captured.err and "failed: 1" in captured.out
-    assert (tmp_path / "missing_zsxl.failed.json").is_file()
+    failures = [json.loads(line) for line in (tmp_path / "upsample_failures.jsonl").read_text().splitlines()]
+    assert [Path(f["input"]).name for f in failures] == ["missing.joblib"] and "not found" in failures[0]["error"]
     assert load_video(tmp_path / "video_0_zsxl.joblib").shape == (2, 64, 128, 3)

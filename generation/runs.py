@@ -1,0 +1,220 @@
+"""Stage-2 runs on disk (spec 8.1): what a prompt folder holds, when a video counts as done, the run's
+config record, and generating a batch of videos into their folders.
+
+A run folder ``<output>/imgs_<type>_template<ver>[_<llm>]_<run-model>[_<suffix>]/run<k>/`` holds
+``config.json`` (the resolved settings and one record per invocation: shard, process, host, commit),
+``failures.jsonl`` and one folder per prompt index with ``layout.json`` (layout methods) and, per
+repeat ``r``: ``video_<r>.json`` (seed, prompt, guidance log), the requested video formats, the
+annotated GIF and optionally the final latents. Every file is written atomically; a video is done
+when every file it was asked for exists, so a run killed at any point resumes where it stopped.
+
+The CLI (``generate.py``) owns flags, run-folder choice, sharding and the batch's failures; this module
+owns the files and one call per batch of videos (:func:`generate_and_save`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import platform
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from generation.config import ExecutionConfig, GuidanceConfig, SamplingConfig
+from generation.sampling import StepCallback, VideoRequest, VideoResult, generate_videos
+from models.gligen import GligenConfig
+from utils.cache import locked
+from utils.io import atomic_write_json
+from utils.layout import LayoutCondition, SceneLayout, layout_to_dict
+from utils.video_io import DEFAULT_FPS, VIDEO_FORMATS, save_latents, save_video, write_gif
+
+logger = logging.getLogger(__name__)
+
+RUN_CONFIG_FILE = "config.json"
+LAYOUT_FILE = "layout.json"
+# The settings that must match when a run is resumed (a change is recorded and warned about).
+RUN_SETTINGS_KEYS = ("run_model", "sampling", "guidance", "gligen", "prompt_type", "template_version", "llm_model")
+# Temporary files of an atomic write (utils.io.atomic_path) that a killed process left behind.
+TEMP_FILE_GLOB = ".*.tmp*"
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What is written for each video."""
+
+    formats: tuple[str, ...] = ("gif", "joblib")
+    fps: float = DEFAULT_FPS
+    save_latents: bool = False
+    annotate: bool = True   # the annotated GIF (layout methods with objects)
+
+    def __post_init__(self):
+        unknown = [f for f in self.formats if f not in VIDEO_FORMATS]
+        if unknown or not self.formats:
+            raise ValueError(f"video formats must be a non-empty subset of {VIDEO_FORMATS}, found {list(self.formats)}")
+
+
+@dataclass(frozen=True)
+class VideoJob:
+    """One video to make: prompt index ``index`` (its folder), repeat ``repeat_index``, its seed."""
+
+    index: int
+    prompt: str
+    repeat_index: int
+    seed: int
+    condition: LayoutCondition | None
+    folder: Path
+
+
+def video_stem(folder: Path, repeat_index: int) -> Path:
+    return Path(folder) / f"video_{repeat_index}"
+
+
+def expected_video_files(folder: Path, repeat_index: int, options: OutputOptions) -> list[Path]:
+    """The files a finished video has: its record and every requested format."""
+    stem = video_stem(folder, repeat_index)
+    return [stem.with_suffix(".json")] + [stem.with_name(f"{stem.name}.{fmt}") for fmt in options.formats]
+
+
+def is_video_done(folder: Path, repeat_index: int, options: OutputOptions) -> bool:
+    """Whether a video was finished with these outputs (any format set, joblib or not)."""
+    return all(path.is_file() for path in expected_video_files(folder, repeat_index, options))
+
+
+def remove_stale_temp_files(folder: Path) -> int:
+    """Delete the temporary files of interrupted atomic writes in ``folder`` (not below it); returns how many.
+
+    Only for folders no other process is writing into (a prompt folder of this process's share).
+    """
+    removed = 0
+    for path in Path(folder).glob(TEMP_FILE_GLOB):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+def write_layout_record(folder: Path, *, prompt: str, index: int, occurrence: int, layout: SceneLayout,
+                        condition: LayoutCondition, source: str | None = None) -> Path:
+    """``<folder>/layout.json``: the parsed layout, the diffusion prompt, phrases, token positions and the
+    per-frame boxes (what the video was generated from; evaluation and ``--layout-file`` read it)."""
+    record = {"prompt": prompt, "prompt_index": index, "occurrence": occurrence, "layout": layout_to_dict(layout),
+              "diffusion_prompt": condition.prompt, "phrases": list(condition.phrases),
+              "token_positions": None if condition.token_positions is None else [list(p) for p in
+                                                                                 condition.token_positions],
+              "num_frames": condition.num_frames, "boxes_xyxy": condition.boxes_xyxy.tolist()}
+    if source is not None:
+        record["source"] = source
+    path = Path(folder) / LAYOUT_FILE
+    atomic_write_json(path, record)
+    return path
+
+
+def save_video_outputs(result: VideoResult, folder: Path, repeat_index: int, condition: LayoutCondition | None,
+                       options: OutputOptions, elapsed_s: float) -> None:
+    """Write one video's files; the record (``video_<r>.json``) goes last, so that a video with all its
+    files is finished (:func:`is_video_done`)."""
+    from utils.visualize import annotate_video  # drawing code only when drawing
+
+    stem = video_stem(folder, repeat_index)
+    if options.save_latents:
+        save_latents(result.latents, stem.with_name(f"{stem.name}.latents.pt"))
+    if options.annotate and condition is not None and condition.phrases:
+        boxes = condition.boxes_at(result.frames.shape[0])
+        write_gif(annotate_video(result.frames, boxes, condition.phrases),
+                  stem.with_name(f"{stem.name}_annotated.gif"), fps=options.fps)
+    save_video(result.frames, stem, formats=options.formats, fps=options.fps)
+    atomic_write_json(stem.with_suffix(".json"), {
+        "seed": result.seed, "repeat_index": repeat_index, "prompt": result.prompt, "elapsed_s": round(elapsed_s, 3),
+        "num_frames": int(result.frames.shape[0]), "formats": list(options.formats),
+        "guided_iterations": len(result.guidance_log),
+        "guidance_log": [dataclasses.asdict(record) for record in result.guidance_log]})
+
+
+def generate_and_save(model, jobs: Sequence[VideoJob], sampling: SamplingConfig, *,
+                      guidance: GuidanceConfig | None = None, gligen: GligenConfig | None = None,
+                      execution: ExecutionConfig | None = None, options: OutputOptions = OutputOptions(),
+                      step_callback: StepCallback | None = None) -> list[VideoResult]:
+    """Generate ``jobs`` as one batch (each keeps its seed, layout and guidance state) and save each."""
+    started = time.perf_counter()
+    requests = [VideoRequest(job.prompt, job.seed, job.condition) for job in jobs]
+    results = generate_videos(model, requests, sampling, guidance=guidance, gligen=gligen, execution=execution,
+                              step_callback=step_callback)
+    elapsed = (time.perf_counter() - started) / max(len(jobs), 1)
+    for job, result in zip(jobs, results):
+        job.folder.mkdir(parents=True, exist_ok=True)
+        save_video_outputs(result, job.folder, job.repeat_index, job.condition, options, elapsed)
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The run's config record
+
+
+def describe_environment(device: str) -> dict[str, Any]:
+    """Where and with what this process runs: host, GPU, library versions, the project's git commit."""
+    import diffusers
+    import torch
+    import transformers
+
+    gpu = None
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "gpu": gpu,
+            "python": platform.python_version(), "git_commit": git_commit(Path(__file__).resolve().parents[1]),
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__}}
+
+
+def git_commit(folder: Path) -> str | None:
+    """The checked-out commit of the project (``+dirty`` with uncommitted changes), None outside a checkout."""
+    try:
+        commit = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(folder), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "") if commit else None
+
+
+def file_sha256(path: str | os.PathLike) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
+
+
+def record_invocation(run_dir: Path, settings: dict[str, Any], invocation: dict[str, Any]) -> list[str]:
+    """Add this process's record to ``<run_dir>/config.json``; returns the settings that differ from the
+    run's first invocation (a resume with other settings), which are recorded, never overwritten.
+
+    The file holds the run's settings at the top (those of its first invocation, which evaluation reads)
+    and ``"invocations"``: one entry per process and shard, each with its own command, window, settings,
+    host, GPU, commit and the layout cache's hash. Shards and processes add to it under a lock.
+    """
+    path = Path(run_dir) / RUN_CONFIG_FILE
+    settings = json.loads(json.dumps(settings, default=str))
+    invocation = json.loads(json.dumps(invocation, default=str))
+    with locked(path):
+        existing = None
+        if path.is_file():
+            try:
+                existing = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError:
+                logger.warning("%s is not valid JSON; it is kept as %s and a new one is started", path,
+                               path.with_suffix(".corrupt.json"))
+                os.replace(path, path.with_suffix(".corrupt.json"))
+        if not isinstance(existing, dict):
+            existing = {**settings, "invocations": []}
+        existing.setdefault("invocations", [])
+        changed = [key for key in RUN_SETTINGS_KEYS
+                   if json.dumps(existing.get(key), sort_keys=True) != json.dumps(settings.get(key), sort_keys=True)]
+        existing["invocations"].append({**invocation, "settings": settings, "changed_settings": changed})
+        atomic_write_json(path, existing)
+    return changed
