@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from models.registry import RunModelError, get_run_model, run_model_names
+from models.registry import WAN_FAMILY, RunModelError, get_run_model, run_model_names, wan_guided_layers
 from prompt import DEFAULT_TEMPLATE_VERSION, PROMPT_TYPES, get_prompts
 from utils.cache import CacheFormatError, LayoutCache, cache_path, occurrence_indices, select_window
 from utils.cli import OutputDirError, ensure_writable_dir, float_in, int_in, run_cli
@@ -84,18 +84,31 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gligen_scheduled_sampling_beta", type=float_in(0.0, 1.0), default=None,
                         help="LVD-GLIGEN / LVD-plus: fraction of steps with the fusers on (1.0)")
 
+    wan = parser.add_argument_group("Wan 2.1 run-models (see README, 'Wan 2.1 (DiT backbone)')")
+    wan.add_argument("--guided-blocks", type=int_in(0), nargs="+", default=None,
+                     help="transformer blocks whose cross-attention (blocks.<i>.attn2) LVD guides (1.3B: 8 10 12 14 "
+                          "16 18; 14B: 11 13 16 19 21 24; a starting point, see scripts/probe_attention.py)")
+    wan.add_argument("--corrector-off-steps", type=int_in(0), default=None,
+                     help="UniPC without its corrector on the first K steps, so guided edits survive (default: "
+                          "max_index_step for lvd_wan*, 0 = stock WanPipeline for wan2.1-*; give both arms of a "
+                          "comparison the same K)")
+    wan.add_argument("--offload-text-encoder", action="store_true",
+                     help="keep umT5 (5.7B parameters) on the CPU between prompts; it visits the GPU to encode")
+
     parser.add_argument("--batch-size", type=int_in(1), default=1,
                         help="videos per forward pass (sweeps); each keeps its own seed and layout")
     parser.add_argument("--low-memory", action="store_true",
-                        help="keep the guided pass's activations in host memory (same result, slower; 24 GB cards)")
+                        help="less memory for the guided pass, same result, slower: its activations in host memory "
+                             "(UNet3D; 24 GB cards) or gradient checkpointing of its blocks (Wan)")
     parser.add_argument("--initial-noise", choices=("cpu", "reference"), default="cpu",
                         help="cpu: float32 noise from a CPU generator, the same on every machine; reference: "
                              "the original's draw (a generator on the GPU, in fp16), for bit-level comparisons")
     parser.add_argument("--model-path", default=None, help="local folder with the video model's weights")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: automatic)")
     parser.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
-                        help="default: fp16 on CUDA, fp32 on CPU")
-    parser.add_argument("--save-formats", nargs="+", default=["gif", "joblib"], choices=SAVE_FORMATS)
+                        help="default: fp16 on CUDA (bf16 for Wan), fp32 on CPU")
+    parser.add_argument("--save-formats", nargs="+", default=None, choices=SAVE_FORMATS,
+                        help="default: gif joblib (Wan: gif joblib mp4)")
     parser.add_argument("--save-latents", action="store_true", help="also save the final latents (.latents.pt)")
     parser.add_argument("--no-annotate", action="store_true", help="skip the annotated GIF with boxes and phrases")
     parser.add_argument("--visualize", action="store_true", help="save the layout box GIF of every prompt")
@@ -153,9 +166,31 @@ def build_configs(args, spec):
             raise RunModelError(f"run-model {spec.name!r} ({spec.method}) has no attention guidance; "
                                 f"remove {', '.join('--' + g for g in given)}")
         return sampling, None, execution
-    guidance = replace_config(GuidanceConfig(guided_layers=spec.guided_layers, stop_rule=args.guidance_stop),
+    guided_layers = spec.guided_layers
+    if args.guided_blocks is not None:
+        guided_layers = wan_guided_layers(args.guided_blocks)
+    guidance = replace_config(GuidanceConfig(guided_layers=guided_layers, stop_rule=args.guidance_stop),
                               **overrides)
     return sampling, guidance, execution
+
+
+def check_wan_flags(args, spec) -> None:
+    """The Wan-only flags apply to Wan run-models (and --guided-blocks to the guided ones); raises RunModelError."""
+    wan_flags = [flag for flag, value in (("--guided-blocks", args.guided_blocks),
+                                          ("--corrector-off-steps", args.corrector_off_steps),
+                                          ("--offload-text-encoder", args.offload_text_encoder or None))
+                 if value is not None]
+    if spec.family != WAN_FAMILY and wan_flags:
+        raise RunModelError(f"{', '.join(wan_flags)} apply to the Wan run-models only, not to {spec.name!r}")
+    if args.guided_blocks is not None and spec.method not in GUIDED_METHODS:
+        raise RunModelError(f"run-model {spec.name!r} ({spec.method}) has no attention guidance; remove --guided-blocks")
+
+
+def wan_solver_steps(args, guidance) -> int:
+    """UniPC corrector-off steps of a Wan run: the flag, else the guided steps (LVD) or 0 (stock baseline)."""
+    if args.corrector_off_steps is not None:
+        return args.corrector_off_steps
+    return guidance.max_index_step if guidance is not None else 0
 
 
 def build_gligen_config(args, spec):
@@ -199,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         spec = get_run_model(args.run_model)
+        check_wan_flags(args, spec)
         sampling, guidance, execution = build_configs(args, spec)
         gligen = build_gligen_config(args, spec)
     except (RunModelError, ValueError) as error:
@@ -255,12 +291,18 @@ def main(argv: list[str] | None = None) -> int:
     state.wait_for_everyone()  # every process picked the index before any creates it
     my_items = items[state.process_index::state.num_processes]
 
+    from generation.backbones import backbone_for
     from models.loading import load_video_model
 
     print(f"loading {spec.model_id or spec.name} ...", file=sys.stderr, flush=True)
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
     try:
         model = load_video_model(spec, model_path=args.model_path, device=device, dtype=args.dtype)
+        if spec.family == WAN_FAMILY:  # the sampler setting of this run, and where umT5 waits between prompts
+            model = model.with_corrector_off_steps(wan_solver_steps(args, guidance))
+            model = model.with_text_encoder_offload(args.offload_text_encoder)
+            if guidance is not None:  # e.g. --guided-blocks past the model's depth: say so before any video
+                backbone_for(model).check_guided_layers(guidance.guided_layers)
     except Exception as error:  # missing weights and the like: one clear line, no traceback, no run folder
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -334,6 +376,10 @@ def _record_invocation(run_dir: Path, args, spec, sampling, guidance, execution,
         "execution": dataclasses.asdict(execution),
         "gligen": dataclasses.asdict(gligen) if gligen is not None else None,
         "seed_rule": "prompt_index + 6789 * repeat_index + seed_offset",
+        # Wan: the sampler (UniPC, corrector off on the first K steps; 0 = stock) and text-encoder placement.
+        "solver": ({"name": "unipc", "corrector_off_steps": model.corrector_off_steps,
+                    "offload_text_encoder": model.offload_text_encoder,
+                    "scheduler": dict(model.scheduler.config)} if spec.family == WAN_FAMILY else None),
     }
     end = None if args.num_prompts is None else args.skip_first_prompts + args.num_prompts
     invocation = {
@@ -356,7 +402,8 @@ def _generate_all(items, args, spec, model, sampling, guidance, execution, glige
     from generation.runs import (OutputOptions, VideoJob, generate_and_save, is_video_done, remove_stale_temp_files,
                                  write_layout_record)
 
-    options = OutputOptions(formats=tuple(dict.fromkeys(args.save_formats)), fps=spec.fps,
+    formats = args.save_formats or (["gif", "joblib", "mp4"] if spec.family == WAN_FAMILY else ["gif", "joblib"])
+    options = OutputOptions(formats=tuple(dict.fromkeys(formats)), fps=spec.fps,
                             save_latents=args.save_latents, annotate=not args.no_annotate)
     backbone = backbone_for(model)
     counts = {"videos": 0, "already_done": 0, "missing_layout": 0, "failed": 0}

@@ -39,7 +39,8 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_FILE = "config.json"
 LAYOUT_FILE = "layout.json"
 # The settings that must match when a run is resumed (a change is recorded and warned about).
-RUN_SETTINGS_KEYS = ("run_model", "sampling", "guidance", "gligen", "prompt_type", "template_version", "llm_model")
+RUN_SETTINGS_KEYS = ("run_model", "sampling", "guidance", "gligen", "prompt_type", "template_version", "llm_model",
+                     "solver")
 # Temporary files of an atomic write (utils.io.atomic_path) that a killed process left behind.
 TEMP_FILE_GLOB = ".*.tmp*"
 
