@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
@@ -61,14 +61,19 @@ class WanRecordingState:
     def __init__(self):
         self.grid: tuple[int, int, int] | None = None   # (latent frames, h, w) of the transformer's tokens
         self.replaying = False
+        # Entered around every checkpoint recomputation besides the replay (torch function / dispatch modes are
+        # not active in the backward pass; tools such as scripts/count_wan_cost.py set theirs here).
+        self.recompute_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self._text: torch.Tensor | None = None          # the text embeddings the cached keys / values belong to
         self._text_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def use_text(self, text: torch.Tensor) -> None:
         """Drop the cached keys / values unless they were computed for ``text`` (B, 512, D)."""
-        if self._text is None or self._text.shape != text.shape or not torch.equal(self._text, text):
-            self._text = text.detach()
-            self._text_kv = {}
+        if self._text is not None and (text is self._text or (
+                text.device.type != "meta" and self._text.shape == text.shape and torch.equal(self._text, text))):
+            return
+        self._text = text  # (meta tensors cannot be compared: only the same tensor counts as the same text)
+        self._text_kv = {}
 
     def text_kv(self, layer_name: str, attn, encoder_hidden_states: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,7 +101,12 @@ class WanRecordingState:
 
     def checkpoint_contexts(self):
         """``context_fn`` of `torch.utils.checkpoint.checkpoint`: nothing in the forward, replay in the recompute."""
-        return contextlib.nullcontext(), self.replay()
+        return contextlib.nullcontext(), self._recomputing()
+
+    @contextlib.contextmanager
+    def _recomputing(self) -> Iterator[None]:
+        with self.replay(), (self.recompute_context() if self.recompute_context else contextlib.nullcontext()):
+            yield
 
 
 class WanRecordingAttnProcessor:
