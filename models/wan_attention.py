@@ -21,7 +21,8 @@ Memory and time, for the guided passes:
   them once per prompt and reuses them in every guided pass;
 - :func:`checkpointed_transformer_blocks` turns on diffusers' gradient checkpointing of the transformer blocks
   for one guided pass (``--low-memory``): a block keeps only its input, and is recomputed in the backward pass
-  with the recorder in replay mode (the same operations, nothing recorded), so energy and gradient are unchanged.
+  with the recorder in replay mode (the same operations, nothing recorded), so energy and gradient are unchanged;
+  the pass then stops before the block after the last guided one (a check in the checkpoint call, outside it).
 
 Not supported (a clear error): image-conditioned Wan (I2V: ``add_k_proj``), attention masks and rotary
 embeddings on the cross-attention. Fused projections (``fuse_qkv_projections``) are handled.
@@ -36,7 +37,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import AttentionRecorder
+from models.attention import AttentionRecorder, StopForward
 
 _BLOCK_CROSS_ATTENTION = re.compile(r"^blocks\.(\d+)\.attn2$")
 
@@ -205,21 +206,31 @@ def recording_wan_attention(transformer: torch.nn.Module, recorder: AttentionRec
 
 
 @contextlib.contextmanager
-def checkpointed_transformer_blocks(transformer: torch.nn.Module, state: WanRecordingState) -> Iterator[None]:
-    """Gradient checkpointing of every transformer block while a guided pass runs (diffusers' own switch, with
+def checkpointed_transformer_blocks(transformer: torch.nn.Module, state: WanRecordingState,
+                                    recorder: AttentionRecorder) -> Iterator[None]:
+    """Gradient checkpointing of the transformer blocks while a guided pass runs (diffusers' own switch, with
     non-reentrant `torch.utils.checkpoint` and the recorder in replay mode during recomputation); the previous
-    setting is restored on exit. Only blocks up to the last guided one ever run (the pass stops there)."""
+    setting is restored on exit.
+
+    The early stop moves to the block boundary: no `StopForward` is raised inside a checkpointed block (older
+    torch releases do not unwind a checkpoint's forward on an exception); the pass ends before the block after the
+    last guided one instead, so only the guided prefix runs and is recomputed.
+    """
     modules = [module for module in transformer.modules() if hasattr(module, "gradient_checkpointing")]
     previous = [(module, module.gradient_checkpointing, getattr(module, "_gradient_checkpointing_func", None))
                 for module in modules]
+    stop_when_complete, recorder.stop_when_complete = recorder.stop_when_complete, False
 
     def checkpoint_block(block, *args):
+        if stop_when_complete and recorder.enabled and len(recorder.maps) == len(recorder.layer_names):
+            raise StopForward  # outside the checkpoint: every guided layer is recorded
         return checkpoint(block.__call__, *args, use_reentrant=False, context_fn=state.checkpoint_contexts)
 
     transformer.enable_gradient_checkpointing(checkpoint_block)
     try:
         yield
     finally:
+        recorder.stop_when_complete = stop_when_complete
         for module, enabled, function in previous:
             module.gradient_checkpointing = enabled
             if function is not None:

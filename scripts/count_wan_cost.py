@@ -29,9 +29,9 @@ SIZES = ("480x832x81", "320x576x33")
 VARIANTS = (
     # (name, stop after the last guided layer, gradient checkpointing)
     ("full pass", False, False),
-    ("stop after the last guided block", True, False),
+    ("stop at the last guided layer (default)", True, False),
     ("full pass + checkpointing", False, True),
-    ("stop + checkpointing (--low-memory)", True, True),
+    ("stop after the last guided block + checkpointing (--low-memory)", True, True),
 )
 # The bench layout (scripts/bench_guidance.py): two objects.
 BENCH_PROMPT = "A realistic lively video of a scene with a brown dog chasing a red ball"

@@ -171,7 +171,8 @@ class WanBackbone(Backbone):
         state.grid = (frames // patch_t, height // patch_h, width // patch_w)
         state.use_text(cond)  # text keys / values are computed once per prompt
         # Low memory: gradient checkpointing of the blocks (the pass stops at the last guided one).
-        blocks = checkpointed_transformer_blocks(self.transformer, state) if low_memory else contextlib.nullcontext()
+        blocks = (checkpointed_transformer_blocks(self.transformer, state, recorder) if low_memory
+                  else contextlib.nullcontext())
         with blocks:
             return run_recorded_forward(self.transformer, recorder, hidden_states=latents.to(self.dtype),
                                         timestep=timestep.expand(latents.shape[0]), encoder_hidden_states=cond,

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The one command that measures every GPU row of docs/BENCHMARKS.md (Zeroscope weak preset, ModelScope-256
+# benchmark preset with all iterations, Wan 2.1 1.3B at 480x832x81 and 320x576x33; each with and without
+# --low-memory) with full-size random weights, on one H100 / H200 without internet, in about 5-8 minutes.
+#   bash scripts/prepare_gpu_bench.sh            # beforehand, where pip works: fills .gpu-bench/
+#   bash scripts/gpu_bench.sh OUT_DIR            # on the GPU machine, from the repo root (OUT_DIR: outputs/gpu_bench)
+#   bash scripts/gpu_bench.sh --tiny OUT_DIR     # CPU dry run on the tiny models (what tests/test_wan_gpu_bench.py runs)
+# It installs .gpu-bench/wheels into /tmp/lvd-site (no index, no dependencies: the machine has the rest), then runs
+# scripts/gpu_bench.py, which writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md after every row.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bench_dir=${GPU_BENCH_DIR:-.gpu-bench}
+python_bin=${PYTHON:-python3}
+tiny=
+out=outputs/gpu_bench
+for arg in "$@"; do
+  case "$arg" in
+    --tiny) tiny=--tiny ;;
+    *) out=$arg ;;
+  esac
+done
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -z "$tiny" ] && ls "$bench_dir"/wheels/*.whl >/dev/null 2>&1; then
+  "$python_bin" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lvd-site \
+    "$bench_dir"/wheels/*.whl
+  export PYTHONPATH="$PWD:/tmp/lvd-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+"$python_bin" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+exec "$python_bin" scripts/gpu_bench.py $tiny --model-configs "$bench_dir/model-configs" --out "$out"
