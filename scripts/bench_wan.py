@@ -169,21 +169,22 @@ def time_full_videos(model, sampling, condition, guidance, args) -> dict:
     from generation.config import ExecutionConfig
     from generation.sampling import generate_video
 
-    cases = {"baseline": None,
-             "weak": dataclasses.replace(guidance, max_iter=1),
-             "benchmark": dataclasses.replace(guidance, max_iter=5)}
+    weak, benchmark = dataclasses.replace(guidance, max_iter=1), dataclasses.replace(guidance, max_iter=5)
+    cases = {"baseline": (None, False), "weak": (weak, False), "weak --low-memory": (weak, True),
+             "benchmark": (benchmark, False), "benchmark --low-memory": (benchmark, True)}
     device = model.device
-    for case, config in cases.items():
+    for case, (config, low_memory) in cases.items():
         for _ in range(args.warmup):
-            generate_video(model, condition.prompt, sampling, 0, condition=condition, guidance=config)
+            generate_video(model, condition.prompt, sampling, 0, condition=condition, guidance=config,
+                           execution=ExecutionConfig(low_memory=low_memory))
     times = {case: [] for case in cases}
     iterations = {}
     for _ in range(args.repeats):
-        for case, config in cases.items():
+        for case, (config, low_memory) in cases.items():
             _synchronize(device)
             start = time.perf_counter()
             result = generate_video(model, condition.prompt, sampling, 0, condition=condition, guidance=config,
-                                    execution=ExecutionConfig())
+                                    execution=ExecutionConfig(low_memory=low_memory))
             _synchronize(device)
             times[case].append(time.perf_counter() - start)
             iterations[case] = len(result.guidance_log)

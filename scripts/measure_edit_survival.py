@@ -8,7 +8,8 @@ step), and reports the share of the edit still in the next latents:
     survival_i = <x'_{i+1} - x_{i+1}, d> / <d, d>        (1: the edit is kept; 0: it is erased)
 
 for the stock sampler (corrector on every step) and for UniPC with its corrector off on the guided steps
-(``corrector_off_steps = max_index_step``). The trajectory itself follows the edited latents, as LVD does.
+(``corrector_off_steps = max_index_step``). The trajectory itself follows the edited latents, as LVD does. Last, the
+whole effect: how far the guided video's final latents end from the same sampler's unguided ones.
 
     python scripts/measure_edit_survival.py --json-out docs/bench/wan_edit_survival_tiny_cpu.json
 """
@@ -69,8 +70,9 @@ def measure_edit_survival(model, sampling, condition, guidance, execution, seed:
 
 
 def run(args) -> dict:
-    from generation.config import ExecutionConfig, GuidanceConfig, sampling_config_for
     from generation.backbones import backbone_for
+    from generation.config import ExecutionConfig, GuidanceConfig, sampling_config_for
+    from generation.sampling import generate_video
     from models.loading import load_video_model
     from models.registry import get_run_model
     from utils.layout import parse_layout
@@ -88,9 +90,13 @@ def run(args) -> dict:
     results = {}
     for name, steps in (("stock UniPC (corrector on every step)", 0),
                         ("UniPC, corrector off on the guided steps", args.max_index_step)):
-        rows = measure_edit_survival(model.with_corrector_off_steps(steps), sampling, condition, guidance,
-                                     ExecutionConfig(), seed=args.seed)
-        results[name] = {"corrector_off_steps": steps, "steps": rows}
+        arm = model.with_corrector_off_steps(steps)
+        rows = measure_edit_survival(arm, sampling, condition, guidance, ExecutionConfig(), seed=args.seed)
+        # The whole effect: how far guidance moves the final latents from the same arm's unguided ones.
+        guided = generate_video(arm, condition.prompt, sampling, args.seed, condition=condition, guidance=guidance)
+        unguided = generate_video(arm, condition.prompt, sampling, args.seed)
+        change = float((guided.latents - unguided.latents).norm() / unguided.latents.norm())
+        results[name] = {"corrector_off_steps": steps, "steps": rows, "final_latent_change": change}
     return {"run_model": spec.name, "num_inference_steps": sampling.num_inference_steps,
             "guidance": dataclasses.asdict(guidance), "results": results}
 
@@ -103,6 +109,9 @@ def format_table(report: dict) -> str:
     for row_index, row in enumerate(first):
         values = [report["results"][n]["steps"][row_index]["survival"] for n in names]
         lines.append(f"| {row['step']} | {row['sigma']:.3f} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+    changes = [report["results"][n]["final_latent_change"] for n in names]
+    lines.append("| final latents, \\|guided - unguided\\| / \\|unguided\\| | | "
+                 + " | ".join(f"{v:.4f}" for v in changes) + " |")
     return "\n".join(lines)
 
 
