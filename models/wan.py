@@ -387,8 +387,7 @@ class WanVideoModel:
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
         """(n, 512, D) text embeddings of ``prompts`` in the transformer's dtype (see `encode_wan_prompts`)."""
         with self.text_encoder_on_device() as text_encoder:
-            states = encode_wan_prompts(self.tokenizer, text_encoder, prompts, self.device,
-                                        next(text_encoder.parameters()).dtype)
+            states = encode_wan_prompts(self.tokenizer, text_encoder, prompts, self.device, text_encoder.dtype)
         return states.to(self.dtype)
 
 

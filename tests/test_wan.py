@@ -274,6 +274,20 @@ def test_guided_run_logs_every_iteration_and_moves_the_latents(model, condition,
     assert not torch.equal(result.latents, baseline.latents)
 
 
+def test_a_batch_equals_its_videos_one_by_one(model, condition, layout):
+    from generation.sampling import VideoRequest, generate_videos
+
+    dog = ObjectTrack(0, "dog", (Box(0.5, 0.5, 0.9, 0.9),) * 6)
+    other = backbone_for(model).build_condition(SceneLayout("A blue cat next to a dog", "park", (dog,)), 9)
+    config = dataclasses.replace(ACTIVE, loss_scale=1000.0)
+    batch = generate_videos(model, [VideoRequest("a", 1, condition), VideoRequest("b", 2, other)], SAMPLING,
+                            guidance=config)
+    for result, (seed, video_condition) in zip(batch, ((1, condition), (2, other))):
+        alone = generate_video(model, "x", SAMPLING, seed, condition=video_condition, guidance=config)
+        assert torch.allclose(result.latents, alone.latents, atol=1e-5, rtol=0)
+        assert [r.energy for r in result.guidance_log] == pytest.approx([r.energy for r in alone.guidance_log])
+
+
 def energy_and_gradient(model, condition, execution):
     guidance = make_guidance(model, condition, ACTIVE, execution)
     energy_fn = make_energy_fn(guidance, torch.tensor(950))
