@@ -519,14 +519,15 @@ def wan_transformer_config(size: str = "1.3b") -> dict[str, Any]:
 
 def build_random_wan_model(device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
                            size: str = "1.3b", seed: int = 0, with_vae: bool = True, spec: RunModelSpec | None = None,
-                           tokenizer=None) -> WanVideoModel:
+                           tokenizer=None, transformer_overrides: Mapping[str, Any] | None = None) -> WanVideoModel:
     """A full-size random-weight Wan model (transformer and, with ``with_vae``, the VAE) for benchmarks: no text
     encoder (5.7B parameters; benchmarks pass text embeddings). Built directly on ``device``; ``"meta"`` builds the
-    architecture without memory (FLOP and activation counts). The transformer keeps diffusers' float32 modules."""
+    architecture without memory (FLOP and activation counts). The transformer keeps diffusers' float32 modules.
+    ``transformer_overrides`` change its config (e.g. fewer blocks for a quick count)."""
     device = torch.device(device) if str(device) == "meta" else resolve_device(device)
     dtype = resolve_dtype(dtype if dtype is not None else ("bf16" if device.type == "cuda" else None),
                           device if device.type != "meta" else "cpu")
-    config = wan_transformer_config(size)
+    config = {**wan_transformer_config(size), **(transformer_overrides or {})}
 
     def build_here(build):
         def build_on_device():

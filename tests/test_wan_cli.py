@@ -140,11 +140,20 @@ def test_box_agreement_scores_a_perfect_and_a_wrong_map():
 
 
 def test_meta_device_counts_show_what_the_stop_and_checkpointing_buy():
-    report = load_script("count_wan_cost").run(["64x96x17"])
-    rows = {row["case"]: row for row in report["sizes"]["64x96x17"]["rows"]}
-    cfg = rows["CFG step (2 passes, no gradient)"]
-    full, stop = rows["guided iteration: full pass"], rows["guided iteration: stop at the last guided layer (default)"]
-    low = rows["guided iteration: stop after the last guided block + checkpointing (--low-memory)"]
+    from generation.backbones.wan import WanBackbone
+    from models.wan import build_random_wan_model
+
+    count = load_script("count_wan_cost")
+    # Full width, 8 blocks (the counts' cost is per operator); guided blocks 2-4, as the 1.3B's 8-18 of 30.
+    backbone = WanBackbone(build_random_wan_model("meta", "bf16", size="1.3b", with_vae=False,
+                                                  transformer_overrides={"num_layers": 8}))
+    layers = ("blocks.2.attn2", "blocks.3.attn2", "blocks.4.attn2")
+    size = (64, 96, 17)
+    variants = {name: variant for variant in count.VARIANTS for name in [variant[0]]}
+    cfg = count.count_case(backbone, size, layers)
+    full = count.count_case(backbone, size, layers, variants["full pass"])
+    stop = count.count_case(backbone, size, layers, variants["stop at the last guided layer (default)"])
+    low = count.count_case(backbone, size, layers, variants["stop after the last guided block + checkpointing (--low-memory)"])
     assert cfg["tflops"] > 0 and cfg["saved_gib"] == 0
     assert stop["tflops"] < full["tflops"] and stop["saved_gib"] < full["saved_gib"]
     assert low["saved_gib"] < stop["saved_gib"] / 5 and low["tflops"] > stop["tflops"]
