@@ -141,7 +141,7 @@ def _resolve_prompt_type(run: Path, given: str | None) -> tuple[str, str]:
         return given, "--prompt-type"
     recorded = read_run_prompt_type(run) if run.is_dir() else None
     if recorded is None:
-        return DEFAULT_PROMPT_TYPE, "default: the run has no config.json"
+        return DEFAULT_PROMPT_TYPE, "default: the run records no prompt_type"
     return recorded, str(run / "config.json")
 
 

@@ -20,7 +20,7 @@ class MixedSettingsError(ValueError):
 def find_setting_differences(summaries: Sequence[EvalSummary]) -> dict[str, tuple[Any, ...]]:
     """Setting -> its value in each summary, for every setting that is not the same in all of them.
 
-    Compared: ``config.VERDICT_SETTINGS`` and the detector's identity. A summary that does not record
+    Compared: ``config.COMPARED_SETTINGS`` and the detector's identity. A summary that does not record
     its settings (the reference's eval.json) shows ``"not recorded"`` for each, so it only matches others
     that do not record them either.
     """

@@ -23,8 +23,9 @@ CACHE_DIR_NAME = ".detections"
 # which changes the frame count and so the evaluated frames (utils.video_io.write_gif).
 VIDEO_FORMATS = ("joblib", "mp4", "gif")
 DEFAULT_VIDEO_FORMATS = ("joblib", "mp4")
-# The settings whose differences make two evaluations incomparable (checked before averaging them).
-VERDICT_SETTINGS = ("prompt_type", "num_eval_frames", "detection_score_threshold", "nms_threshold",
+# The settings whose differences make two evaluations incomparable (checked before averaging them):
+# the verdict's, the adherence frames, and which videos were read.
+COMPARED_SETTINGS = ("prompt_type", "num_eval_frames", "detection_score_threshold", "nms_threshold",
                     "class_aware_nms", "video_variant", "adherence_all_frames")
 
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from utils.eval.config import VERDICT_SETTINGS, EvalConfig
+from utils.eval.config import COMPARED_SETTINGS, EvalConfig
 from utils.eval.metrics import VideoAdherence, summarize_adherence
 from utils.eval.runs import EvalItem, Skip
 from utils.eval.verdicts import FrameBoxes
@@ -133,10 +133,11 @@ class EvalStats:
     total_seconds: float = 0.0
 
     def describe(self) -> str:
-        rate = self.detected_frames / self.detector_seconds if self.detector_seconds > 0 else float("nan")
+        rate = (f"{self.detected_frames / self.detector_seconds:.1f} frames/s" if self.detector_seconds > 0
+                else "- frames/s")
         return (f"{self.videos} videos ({self.skipped} skipped) in {self.total_seconds:.1f} s; detector ran on "
                 f"{self.detected_videos} videos ({self.detected_frames} frames, {self.detector_seconds:.1f} s, "
-                f"{rate:.1f} frames/s); {self.cached_videos} videos from the detection cache")
+                f"{rate}); {self.cached_videos} videos from the detection cache")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "EvalStats":
@@ -237,10 +238,10 @@ class EvalSummary:
 
     @property
     def settings(self) -> dict[str, Any] | None:
-        """The settings that make evaluations comparable (config.VERDICT_SETTINGS and the detector)."""
+        """The settings that make evaluations comparable (config.COMPARED_SETTINGS and the detector)."""
         if self.config is None:
             return None
-        values = {name: getattr(self.config, name) for name in VERDICT_SETTINGS}
+        values = {name: getattr(self.config, name) for name in COMPARED_SETTINGS}
         values["detector"] = self.detector.identity if self.detector is not None else None
         return values
 
