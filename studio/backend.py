@@ -547,7 +547,10 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     spec = get_spec(request.run_model)
     if spec.method not in LAYOUT_METHODS:
         raise StudioError(f"run-model {spec.name!r} ({spec.method}) takes no layout; pick an LVD run-model")
-    validate_layout(request.layout)
+    try:
+        validate_layout(request.layout)
+    except LayoutError as error:
+        raise StudioError(str(error)) from None
     if request.num_inference_steps < 1:
         raise StudioError(f"steps must be at least 1, found {request.num_inference_steps}")
     flags = dict(request.guidance_flags) if spec.method in GUIDED_METHODS else {}
@@ -555,23 +558,24 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     if problem:
         raise StudioError(f"{spec.name}: {problem}")
 
-    run_root = allocate_run_root(settings.output_dir)
-    lvd_dir, layout_file = run_root / "lvd", run_root / "lvd" / "0" / "layout.json"
     shared = commands.CommandSettings(seed=request.seed, num_inference_steps=request.num_inference_steps,
                                       device=settings.device, dtype=settings.dtype,
                                       model_path=settings.model_paths.get(spec.name))
-    lvd_command = commands.build_lvd_command(spec.name, display_path(layout_file), shared, flags,
-                                             display_path(run_root / "reproduce" / "lvd"))
-    args = _parse_generate_args(lvd_command.config_argv, lvd_dir)
-    sampling, guidance, gligen = _build_configs(args, spec)
+    config_argv = commands.build_lvd_command(spec.name, "", shared, flags, "").config_argv
+    sampling, guidance, gligen = _build_configs(_parse_generate_args(config_argv, Path(settings.output_dir)), spec)
     seed = _derive_seed(request.seed)
 
     with pool.lock:
         model = pool.get(spec)
-        try:
+        try:  # the layout is checked against the tokenizer before any folder is made
             condition = build_condition(request.layout, sampling.num_frames, model.tokenizer)
         except LayoutError as error:
             raise StudioError(str(error)) from None
+        run_root = allocate_run_root(settings.output_dir)
+        lvd_dir, layout_file = run_root / "lvd", run_root / "lvd" / "0" / "layout.json"
+        lvd_command = commands.build_lvd_command(spec.name, display_path(layout_file), shared, flags,
+                                                 display_path(run_root / "reproduce" / "lvd"))
+        args = _parse_generate_args(lvd_command.config_argv, lvd_dir)
         write_layout_file(layout_file, request.layout, condition)
         baseline_spec = baseline_for(spec) if request.with_baseline else None
         if baseline_spec is not None and _weights_problem(baseline_spec, settings.model_paths.get(baseline_spec.name)):

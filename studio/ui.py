@@ -210,7 +210,7 @@ class Studio:
         if baseline is not None:
             saved.insert(2, f"- baseline: `{backend.display_path(baseline.video_joblib)}`")
         return ("\n".join(text), str(lvd.video_gif), str(baseline.video_gif) if baseline else None,
-                str(lvd.annotated_gif) if lvd.annotated_gif else None, energy, "\n".join(lines), "\n".join(saved))
+                str(lvd.annotated_gif) if lvd.annotated_gif else None, energy, _shell_block(lines), "\n".join(saved))
 
     @staticmethod
     def energy_frame(guidance_log):
@@ -220,6 +220,15 @@ class Studio:
         return pd.DataFrame({"iteration": list(range(1, len(guidance_log) + 1)),
                              "energy": [float(record["energy"]) for record in guidance_log],
                              "step": [f"step {record['step']}" for record in guidance_log]})
+
+
+def _shell_block(lines: list[str]) -> str:
+    """Command lines as a Markdown code block, fenced by more backticks than any run in them."""
+    import re
+
+    text = "\n".join(lines)
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
+    return f"{fence}shell\n{text}\n{fence}"
 
 
 def _as_int(value: Any, what: str) -> int:
@@ -238,6 +247,7 @@ PAGE_CSS = """
 .lvd-stage { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 12px; }
 .lvd-unavailable { opacity: 0.55; font-size: 13px; }
 .lvd-unavailable code { text-decoration: line-through; }
+.lvd-command pre, .lvd-command code { white-space: pre-wrap; word-break: break-all; }
 .lvd-video img, #layout-preview img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }
 """
 
@@ -261,7 +271,8 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
                 source = gr.Radio([SOURCE_CACHE, SOURCE_LLM], value=SOURCE_CACHE, label="Layout from",
                                   elem_id="source")
             with gr.Row(visible=True) as cache_row:
-                cache_file = gr.Dropdown(studio.cache_choices(), value=default_cache, label=f"Cache file ({settings.cache_dir}/)",
+                cache_file = gr.Dropdown(studio.cache_choices(), value=default_cache, label="Cache file",
+                                         info=f"cache_*.json in {backend.display_path(settings.cache_dir)}/",
                                          elem_id="cache-file")
                 cached = gr.Dropdown(choices=backend.list_cached_prompts(Path(settings.cache_dir) / default_cache)
                                      if default_cache else [], value=None, label="Cached prompts", elem_id="cached-prompts")
@@ -323,8 +334,8 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
             energy = gr.LinePlot(x="iteration", y="energy", tooltip=["iteration", "step", "energy"],
                                  label="Energy over guided iterations (box energy before each latent update)",
                                  x_title="guided iteration", y_title="energy", height=240, elem_id="energy-plot")
-            command = gr.Code(language="shell", label="Reproduce from the command line (repository root)",
-                              interactive=False, elem_id="repro-command")
+            gr.Markdown("**Reproduce from the command line** (in the repository root):")
+            command = gr.Markdown(elem_id="repro-command", elem_classes=["lvd-command"])
             saved = gr.Markdown(elem_id="saved-files")
 
         # ---- events ----
