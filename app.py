@@ -27,10 +27,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs internet)")
     parser.add_argument("--cache-dir", type=Path, default=Path("cache"),
-                        help="folder of the layout caches offered under 'Cache file' (the studio's own is written here)")
+                        help="folder of the layout caches offered under 'Cache file' (the studio writes its own there)")
     parser.add_argument("--output-dir", type=Path, default=Path("img_generations"),
                         help="results go to <output-dir>/studio/run<k>/")
-    parser.add_argument("--model", default="gpt-4-1106-preview", help="LLM name for 'LLM endpoint' (as prompt_batch.py)")
+    parser.add_argument("--model", default="gpt-4-1106-preview",
+                        help="LLM name for 'LLM endpoint' (as for prompt_batch.py)")
     parser.add_argument("--template_version", default=backend.DEFAULT_TEMPLATE_VERSION)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: automatic)")
     parser.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),

@@ -296,7 +296,8 @@ def _weights_problem(spec: RunModelSpec, model_path: str | None) -> str:
     except MissingWeightsError:
         revision = f" --revision {spec.revision}" if spec.revision else ""
         where = f" (looked in {model_path})" if model_path else ""
-        return f"weights not found locally{where}: `hf download {spec.model_id}{revision}`, or `--model-path {spec.name}=DIR`"
+        return (f"weights not found locally{where}: `hf download {spec.model_id}{revision}`, "
+                f"or `--model-path {spec.name}=DIR`")
     return ""
 
 
@@ -409,7 +410,7 @@ class GenerationResult:
     notes: tuple[str, ...] = ()
 
 
-ProgressFn = Callable[[str, int, int], None]  # (what, steps done, steps in all)
+ProgressFn = Callable[[str, int, int], None]  # (what, e.g. "lvd_tiny: denoising step 3/40"; steps done; in all)
 
 
 class ModelPool:
@@ -583,7 +584,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
         total = sampling.num_inference_steps * (2 if baseline_spec is not None else 1)
 
         def on_step(offset: int, what: str):
-            return None if progress is None else (lambda i, n: progress(what, offset + i + 1, total))
+            return None if progress is None else (lambda i, n: progress(f"{what} {i + 1}/{n}", offset + i + 1, total))
 
         started = time.perf_counter()
         result = _generate_one(model, request.layout.prompt, sampling, seed, condition, guidance, gligen,
@@ -619,7 +620,8 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     lines = ["#!/usr/bin/env bash", "# Reproduce this studio run from the repository root.",
              f"# LVD ({spec.name}):", commands.format_command(lvd.command)]
     if baseline is not None:
-        lines += [f"# Baseline ({baseline.run_model}), same prompt and seed:", commands.format_command(baseline.command)]
+        lines += [f"# Baseline ({baseline.run_model}), same prompt and seed:",
+                  commands.format_command(baseline.command)]
     atomic_write_text(commands_file, "\n".join(lines) + "\n")
     log = tuple(dataclasses.asdict(record) for record in result.guidance_log)
     return GenerationResult(run_root=run_root, layout_file=layout_file, lvd=lvd, baseline=baseline,

@@ -73,8 +73,8 @@ class Studio:
         missing = [s for s in self.run_models if not s.available]
         if not missing:
             return ""
-        rows = "".join(f"<li><code>{s.name}</code> ({s.width}x{s.height}, {s.num_frames} frames): {_escape(s.hint)}</li>"
-                       for s in missing)
+        rows = "".join(f"<li><code>{s.name}</code> ({s.width}x{s.height}, {s.num_frames} frames): "
+                       f"{_escape(s.hint)}</li>" for s in missing)
         return (f"<div class='lvd-unavailable'><p>Not available here (no weights found locally; nothing is "
                 f"downloaded):</p><ul>{rows}</ul></div>")
 
@@ -131,14 +131,18 @@ class Studio:
         lines += [f"- note: {warning}" for warning in warnings]
         return str(preview), "\n".join(lines), str(download)
 
-    def save_to_cache(self, state: Any) -> str:
+    def save_to_cache(self, state: Any):
+        """-> (edit status, cache file choices): the studio's cache file joins the choices."""
         try:
             layout = editor.state_to_layout(state)
             path, occurrence = backend.save_layout_to_cache(layout, self.settings)
         except (editor.EditorStateError, backend.LayoutError, StudioError) as error:
-            return _error("Not saved", error)
+            return _error("Not saved", error), gr.update()
         return (f"Saved as reply {occurrence} of {layout.prompt!r} in `{backend.display_path(path)}` "
-                f"(the studio's own cache; published caches are never written).")
+                f"(the studio's own cache; published caches are never written).", self.cache_file_choices())
+
+    def cache_file_choices(self) -> dict:
+        return gr.update(choices=self.cache_choices())
 
     def run_model_changed(self, run_model: str, state: Any, preset: str, *values):
         """-> (editor state, tiny note, preview, edit status, download, *guidance field updates)."""
@@ -179,7 +183,7 @@ class Studio:
                                                 guidance_flags=flags, with_baseline=bool(with_baseline))
 
             def report(what: str, done: int, total: int) -> None:
-                progress((done, total), desc=f"{what} {done}/{total}", unit="steps")
+                progress((done, total), desc=what, unit="steps")
 
             result = backend.run_generation(request, self.settings, self.pool, report)
         except (editor.EditorStateError, backend.LayoutError, StudioError) as error:
@@ -274,8 +278,8 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
                 cache_file = gr.Dropdown(studio.cache_choices(), value=default_cache, label="Cache file",
                                          info=f"cache_*.json in {backend.display_path(settings.cache_dir)}/",
                                          elem_id="cache-file")
-                cached = gr.Dropdown(choices=backend.list_cached_prompts(Path(settings.cache_dir) / default_cache)
-                                     if default_cache else [], value=None, label="Cached prompts", elem_id="cached-prompts")
+                cached = gr.Dropdown(choices=studio.cached_prompts(default_cache)["choices"], value=None,
+                                     label="Cached prompts", elem_id="cached-prompts")
                 reply_number = gr.Number(value=0, precision=0, minimum=0, label="Reply number", elem_id="reply-number")
             with gr.Row(visible=False) as llm_row:
                 llm_model = gr.Textbox(value=settings.llm.config.model if settings.llm else "", label="LLM model",
@@ -285,7 +289,8 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
             plan_button = gr.Button("Plan layout", variant="primary", elem_id="plan-button")
             plan_status = gr.Markdown(elem_id="plan-status")
             with gr.Accordion("LLM reply", open=False):
-                reply_text = gr.Textbox(lines=8, max_lines=20, show_label=False, interactive=False, elem_id="reply-text")
+                reply_text = gr.Textbox(lines=8, max_lines=20, show_label=False, interactive=False,
+                                        elem_id="reply-text")
 
         with gr.Column(elem_id="stage-edit", elem_classes=["lvd-stage"]):
             gr.Markdown("## 2. Edit")
@@ -348,7 +353,8 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
                           concurrency_limit=4)
         layout_editor.edit(studio.edited, inputs=[layout_editor, run_model], outputs=[preview, edit_status, download],
                            trigger_mode="always_last")
-        save_button.click(studio.save_to_cache, inputs=layout_editor, outputs=edit_status)
+        save_button.click(studio.save_to_cache, inputs=layout_editor, outputs=[edit_status, cache_file])
+        app.load(studio.cache_file_choices, outputs=cache_file)  # cache files added since the server started
         run_model.change(studio.run_model_changed, inputs=[run_model, layout_editor, preset, *fields],
                          outputs=[layout_editor, tiny_note, preview, edit_status, download, *fields])
         preset.change(studio.preset_values, inputs=[preset, run_model, *fields], outputs=fields)

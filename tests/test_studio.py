@@ -85,7 +85,8 @@ def _broken(change):
     (_broken(lambda s: s["objects"][0].update(phrase="")), "object 0: the phrase is empty"),
     (_broken(lambda s: s["objects"].append(dict(s["objects"][0]))), "object 0 \\('bear'\\): the id 0 is used"),
     (_broken(lambda s: s["objects"][0]["boxes"].pop()), "object 0 \\('bear'\\): expected 6 keyframe entries, found 5"),
-    (_broken(lambda s: s["objects"][0].update(boxes=[None] * 6)), "object 0 \\('bear'\\): the object is in no keyframe"),
+    (_broken(lambda s: s["objects"][0].update(boxes=[None] * 6)),
+     "object 0 \\('bear'\\): the object is in no keyframe"),
     (_broken(lambda s: s["objects"][0]["boxes"].__setitem__(3, [0.5, 0.5, 0.4, 0.9])),
      "object 0 \\('bear'\\), keyframe 4: the box is inverted .* xyxy \\[0.5, 0.5, 0.4, 0.9\\]"),
     (_broken(lambda s: s["objects"][0]["boxes"].__setitem__(1, [0.1, float("nan"), 0.4, 0.9])),
@@ -266,7 +267,9 @@ def test_generation_writes_what_generate_py_writes(studio_run):
     assert json.loads((result.baseline.run_dir / "config.json").read_text())["guidance"] is None
     meta = json.loads((result.lvd.run_dir / "0" / "video_0.json").read_text())
     assert meta["seed"] == SEED and len(result.guidance_log) == meta["guided_iterations"] == FAST_STEPS
-    assert studio_run["progress"][-1] == ("baseline_tiny: denoising step", 2 * FAST_STEPS, 2 * FAST_STEPS)
+    assert studio_run["progress"][0] == (f"lvd_tiny: denoising step 1/{FAST_STEPS}", 1, 2 * FAST_STEPS)
+    assert studio_run["progress"][-1] == (f"baseline_tiny: denoising step {FAST_STEPS}/{FAST_STEPS}",
+                                          2 * FAST_STEPS, 2 * FAST_STEPS)
     text = result.commands_file.read_text()
     assert commands.format_command(result.lvd.command) in text
     assert commands.format_command(result.baseline.command) in text

@@ -165,7 +165,8 @@ def test_plan_edit_generate_in_chromium(running_app, tmp_path):
             assert "Planned from cache_demo_v0.1_handwritten.json" in page.inner_text("#plan-status")
             assert page.locator("#layout-editor .lvd-box").count() == 6  # one bear in each keyframe
             page.get_by_text("LLM reply").click()  # show the reply the layout was parsed from
-            page.wait_for_function("document.querySelector('#reply-text textarea').value.includes('Frame 1:')")
+            page.wait_for_function("() => { const reply = document.querySelector('#reply-text textarea');"
+                                   " return reply !== null && reply.value.includes('Frame 1:'); }")
             shots["plan"] = artifacts / "plan.png"
             _stage(page, "plan").screenshot(path=shots["plan"])
 

@@ -49,15 +49,17 @@ def test_plan_and_edit_problems_are_messages(studio):
     state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
     state["objects"][0]["boxes"] = [None] * 6
     _, message, _ = studio.edited(state, "lvd_tiny")
-    assert message == "**Layout problem:** object 0 ('bear'): the object is in no keyframe; tick at least one or remove it"
-    assert studio.save_to_cache(state).startswith("**Not saved:** object 0 ('bear')")
+    assert message == ("**Layout problem:** object 0 ('bear'): the object is in no keyframe; tick at least one "
+                       "or remove it")
+    assert studio.save_to_cache(state)[0].startswith("**Not saved:** object 0 ('bear')")
 
 
 def test_save_to_cache_reports_the_file(studio):
     state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
-    message = studio.save_to_cache(state)
-    assert message.startswith(f"Saved as reply 0 of {DEMO_PROMPT!r} in `") and "cache_studio_v0.1_edited.json" in message
-    assert DEMO_CACHE.name in studio.cache_choices() and "cache_studio_v0.1_edited.json" in studio.cache_choices()
+    message, choices = studio.save_to_cache(state)
+    assert message.startswith(f"Saved as reply 0 of {DEMO_PROMPT!r} in `")
+    assert "cache_studio_v0.1_edited.json" in message
+    assert choices["choices"] == [DEMO_CACHE.name, "cache_studio_v0.1_edited.json"]
 
 
 def test_presets_and_run_model_change(studio):
