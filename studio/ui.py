@@ -310,7 +310,7 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
             with gr.Row():
                 run_model = gr.Dropdown(run_model_choices, value=default_run_model, label="Run-model",
                                         elem_id="run-model")
-                seed = gr.Number(value=0, precision=0, label="Seed", elem_id="seed")
+                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
                 steps = gr.Number(value=DEFAULT_STEPS, precision=0, minimum=1, maximum=1000, label="Steps",
                                   elem_id="steps")
                 with_baseline = gr.Checkbox(value=True, label="Baseline beside it (same prompt and seed)",

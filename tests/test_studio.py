@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -308,7 +309,12 @@ def test_reproduction_command_gives_the_same_video(studio_run, which, flag):
         pytest.xfail(f"needs generate.py {flag} (lead)")
     video = getattr(studio_run["result"], which)
     argv = [sys.executable, *video.command[1:]]
-    completed = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=600)
+    # CPU results are bit-identical across processes only with the same torch thread count (other tests
+    # change this process's), so the command runs with this process's.
+    import torch
+
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()))
+    completed = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-2000:]
     output_dir = REPO / argv[argv.index("--output-dir") + 1]
     reproduced = sorted(output_dir.rglob("video_0.joblib"))

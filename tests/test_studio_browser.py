@@ -65,6 +65,15 @@ def _require(module: str):
         pytest.skip(message)
 
 
+def _torch_threads() -> str:
+    """This process's torch thread count, for the app: CPU results are bit-identical across processes
+    only with the same count (other tests change it), and the test compares the app's video with one
+    computed here."""
+    import torch
+
+    return str(torch.get_num_threads())
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -103,7 +112,8 @@ def running_app(tmp_path):
     port = _free_port()
     log_path = tmp_path / "app.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
-               HF_HUB_CACHE=str(tmp_path / "empty-hub"), PYTHONUNBUFFERED="1")
+               HF_HUB_CACHE=str(tmp_path / "empty-hub"), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=_torch_threads())
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--cache-dir", str(cache_dir),
                                     "--output-dir", str(output_dir)], cwd=REPO, env=env, stdout=log,
