@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
+# generate.py's method groups (which run-models take a layout, which have attention guidance).
+from generate import GUIDED_METHODS, LAYOUT_METHODS
 from models.registry import RUN_MODELS, RunModelError, RunModelSpec, get_run_model
 from prompt import DEFAULT_TEMPLATE_VERSION
 from utils.cache import CacheFormatError, LayoutCache, cache_file_name
@@ -47,8 +49,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDIO_PROMPT_TYPE = "studio"            # cache files the studio writes: cache_studio_<template>_<name>.json
 STUDIO_CACHE_MODEL = "edited"
 STUDIO_RUNS_DIR = "studio"                # <output dir>/studio/run<k>/
-LAYOUT_METHODS = ("lvd", "lvd-plus", "lvd-gligen")  # the run-models that take a layout (generate.py's)
-GUIDED_METHODS = ("lvd", "lvd-plus")
 PREVIEW_LONG_SIDE_PX = 384                # the layout animation is drawn at this size, the video's aspect
 PREVIEW_BACKGROUND = 232                  # light grey canvas
 PALETTE_SIZE = 32                         # editor colours: track_color(0..31)
