@@ -40,3 +40,10 @@ def load_video_model(spec: RunModelSpec, model_path: str | os.PathLike | None = 
             cross_attention_dim=None if spec.tiny else GLIGEN_CROSS_ATTENTION_DIM)  # published adapters: 1024
         source = str(folder)
     return assemble_video_model(components, device, dtype, spec, source)
+
+
+def find_model_folder(spec: RunModelSpec, model_path: str | os.PathLike | None = None, *,
+                      local_files_only: bool = False, cache_dir: str | os.PathLike | None = None):
+    """The local folder with ``spec``'s weights, without loading them (`MissingWeightsError` otherwise);
+    with ``local_files_only`` nothing is downloaded (e.g. to list the run-models usable on this machine)."""
+    return resolve_video_model_folder(spec, model_path, local_files_only=local_files_only, cache_dir=cache_dir)
