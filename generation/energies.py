@@ -11,7 +11,6 @@ over an object's tokens, then over objects and layers; attention enters in float
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -98,12 +97,6 @@ def compute_latent_map_sizes(latent_height: int, latent_width: int,
     """The attention-map grids of a UNet at ``latent / factor`` for each downsampling factor (spec 4.1)."""
     return tuple((latent_height // f, latent_width // f) for f in factors
                  if latent_height // f and latent_width // f)
-
-
-def compute_map_size(num_positions: int, latent_height: int, latent_width: int) -> tuple[int, int]:
-    """Recover (h, w) of a flattened map from its length and the latent size (spec 4.1)."""
-    scale = int(math.sqrt(latent_height * latent_width / num_positions))
-    return latent_height // scale, latent_width // scale
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ videos, each with its own schedule.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import torch
@@ -104,9 +104,6 @@ class GuidanceSchedule:
 
     def _above_threshold(self) -> bool:
         return self.carried_energy > self.config.loss_threshold
-
-    def log_as_dicts(self) -> list[dict]:
-        return [asdict(record) for record in self.log]
 
 
 def guide_batch(schedules: Sequence[GuidanceSchedule | None], latents: torch.Tensor, step_index: int,

@@ -117,8 +117,9 @@ def _call_with_deadline(fn: Callable[[], _T], timeout_s: float) -> _T:
 
 
 def _missing_weights_message(model_id: str | None, tried: Sequence[str], reason: str,
-                             revision: str | None = None) -> str:
-    """What was looked for, where, why it failed, and the ways to fix it."""
+                             revision: str | None = None, path_flag: str = "--model-path") -> str:
+    """What was looked for, where, why it failed, and the ways to fix it; ``path_flag`` is the caller's
+    command-line flag for a local folder (``--model-path``, the detector's ``--detector-path``)."""
     name = model_id or "the model"
     fixes = []
     if model_id:
@@ -126,9 +127,9 @@ def _missing_weights_message(model_id: str | None, tried: Sequence[str], reason:
         fixes.append(f"download it on a machine with internet (`{download}`, the huggingface_hub "
                      "CLI) and copy the HF cache here or point HF_HUB_CACHE at the copy")
         fixes.append(f"or download it to a folder (`{download} --local-dir DIR`) and pass "
-                     "`--model-path DIR` (model_path=DIR)")
+                     f"`{path_flag} DIR` (model_path=DIR)")
     else:
-        fixes.append("pass `--model-path DIR` (model_path=DIR) pointing at a folder with the model files")
+        fixes.append(f"pass `{path_flag} DIR` (model_path=DIR) pointing at a folder with the model files")
     if model_id and is_hub_offline():
         fixes.append("or unset HF_HUB_OFFLINE to download it now")
     return (f"weights for {name} not found: {reason}. Tried: {'; '.join(tried)}. "
@@ -139,15 +140,16 @@ def resolve_model_folder(model_id: str | None, model_path: str | os.PathLike | N
                          revision: str | None = None, *, required_files: Sequence[str] = (),
                          weight_folders: Sequence[str] = ("",), local_files_only: bool = False,
                          cache_dir: str | os.PathLike | None = None,
-                         hub_timeout_s: float = HUB_PROBE_TIMEOUT_S) -> Path:
+                         hub_timeout_s: float = HUB_PROBE_TIMEOUT_S, path_flag: str = "--model-path") -> Path:
     """The local folder holding ``model_id``'s files; raises `MissingWeightsError` within seconds otherwise.
 
     Order: ``model_path`` if given (must contain the files, no fallback); the HF cache; a download,
     unless HF_HUB_OFFLINE is set or ``local_files_only``. Without network the hub probe fails within
     ``hub_timeout_s`` (+1 s). ``required_files`` are glob patterns that must exist in the folder;
     ``weight_folders`` are subfolders ("" = the top) that must each hold a .safetensors or .bin file.
+    ``path_flag`` is the caller's flag for a local folder, named in the error message.
     """
-    message = functools.partial(_missing_weights_message, revision=revision)
+    message = functools.partial(_missing_weights_message, revision=revision, path_flag=path_flag)
     if model_path is not None:
         folder = Path(model_path).expanduser()
         if not folder.is_dir():

@@ -9,7 +9,7 @@ import os
 import torch
 
 from models.devices import resolve_device, resolve_dtype
-from models.registry import GLIGEN_CROSS_ATTENTION_DIM, WAN_FAMILY, RunModelSpec
+from models.registry import GLIGEN_CROSS_ATTENTION_DIM, WAN_FAMILY, WAN_LVD_CORRECTOR_OFF_STEPS, RunModelSpec
 from models.tiny import build_tiny_components
 from models.video_model import VideoModel, assemble_video_model, load_components_from_folder, resolve_video_model_folder
 from models.wan import (WanVideoModel, assemble_wan_model, build_tiny_wan_components, cast_wan_transformer,
@@ -47,18 +47,30 @@ def load_video_model(spec: RunModelSpec, model_path: str | os.PathLike | None = 
     return assemble_video_model(components, device, dtype, spec, source)
 
 
+def find_model_folder(spec: RunModelSpec, model_path: str | os.PathLike | None = None, *,
+                      local_files_only: bool = False, cache_dir: str | os.PathLike | None = None):
+    """The local folder with ``spec``'s weights, without loading them (`MissingWeightsError` otherwise);
+    with ``local_files_only`` nothing is downloaded (e.g. to list the run-models usable on this machine)."""
+    if spec.family == WAN_FAMILY:
+        return resolve_wan_model_folder(spec, model_path, local_files_only=local_files_only, cache_dir=cache_dir)
+    return resolve_video_model_folder(spec, model_path, local_files_only=local_files_only, cache_dir=cache_dir)
+
+
 def load_wan_model(spec: RunModelSpec, model_path: str | os.PathLike | None = None,
                    device: str | torch.device | None = None, dtype: str | torch.dtype | None = None, *,
                    local_files_only: bool = False, cache_dir: str | os.PathLike | None = None, seed: int = 0,
                    vae_dtype: str | torch.dtype | None = "fp32", offload_text_encoder: bool = False,
-                   corrector_off_steps: int = 0) -> WanVideoModel:
+                   corrector_off_steps: int | None = None) -> WanVideoModel:
     """A Wan 2.1 model: tiny random weights (tiny specs without ``model_path``) or the weights of a folder / the
     HF cache / the hub (`MissingWeightsError` within seconds, naming the model id, otherwise).
 
     ``dtype`` (transformer and text encoder) defaults to bf16 on CUDA (Wan's training dtype; fp16 risks
     overflow) and fp32 on CPU; the VAE runs in fp32 unless ``vae_dtype`` says otherwise. The scheduler is the
-    model's UniPC, with its corrector off on the first ``corrector_off_steps`` steps (0: stock).
+    model's UniPC, with its corrector off on the first ``corrector_off_steps`` steps (0: stock; None: the guided
+    steps of the default schedule for LVD run-models, 0 for baselines).
     """
+    if corrector_off_steps is None:
+        corrector_off_steps = WAN_LVD_CORRECTOR_OFF_STEPS if spec.method == "lvd" else 0
     device = resolve_device(device)
     dtype = resolve_dtype(dtype if dtype is not None else ("bf16" if device.type == "cuda" else None), device)
     vae_dtype = resolve_dtype(vae_dtype, device) if vae_dtype is not None else dtype

@@ -61,6 +61,10 @@ WAN_GUIDANCE_SCALE = 5.0
 WAN_FPS = 16.0
 WAN_SIZE_MULTIPLE = 16      # VAE 8x, then 2x2 patches
 WAN_FRAMES_STEP = 4         # the VAE keeps frame 0 and folds each later group of 4 frames into one latent frame
+# UniPC's corrector is off on this many first steps when an LVD Wan run-model is loaded (the guided steps of the
+# default schedule, max_index_step 10, spec 4.8); baselines load the stock sampler (0). generate.py sets it from
+# --corrector-off-steps / --max_index_step (README, "Wan 2.1").
+WAN_LVD_CORRECTOR_OFF_STEPS = 10
 WAN_NUM_LAYERS_1_3B = 30
 WAN_NUM_LAYERS_14B = 40
 # Wan's own negative prompt (`sample_neg_prompt` of Wan2.1's shared config; diffusers' WanPipeline example uses an

@@ -25,7 +25,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from models.devices import build_seeded, cast_module, resolve_device, resolve_dtype
 from models.gligen import attach_gligen_modules, build_grounded_unet, fuser_modules
-from models.registry import TINY_HEIGHT, RunModelSpec, get_run_model
+from models.registry import TINY_HEIGHT, RunModelSpec
 from models.schedulers import MODELSCOPE_DDIM_SCHEDULER_CONFIG, build_dpm_scheduler
 from models.tokenizer import VOCAB_SIZE, build_clip_tokenizer, load_tokenizer
 from models.video_model import VideoModel, assemble_video_model
@@ -134,17 +134,6 @@ def build_tiny_components(seed: int = 0, *, grounded: bool = False) -> dict[str,
         "tokenizer": build_clip_tokenizer(),
         "scheduler": build_dpm_scheduler(),
     }
-
-
-def build_tiny_video_model(seed: int = 0, device: str | torch.device | None = "cpu",
-                           dtype: str | torch.dtype | None = None, spec: RunModelSpec | None = None) -> VideoModel:
-    """A tiny random-weight `VideoModel` (default: CPU, fp32). ``spec`` defaults to `lvd_tiny`; a
-    grounded spec (`lvd-gligen_tiny`, `lvd-plus_tiny`) gives the grounded UNet."""
-    device = resolve_device(device)
-    dtype = resolve_dtype(dtype, device)
-    spec = spec if spec is not None else get_run_model("lvd_tiny")
-    return assemble_video_model(build_tiny_components(seed, grounded=spec.grounded), device, dtype, spec,
-                                f"tiny random weights (seed {seed})")
 
 
 def save_tiny_model(folder: str | os.PathLike, seed: int = 0, *, overwrite: bool = False,

@@ -150,7 +150,7 @@ def _placement(device: torch.device, cpu_offload: bool) -> tuple[torch.device, b
 def load_zeroscope_xl(model_path: str | os.PathLike | None = None, device: str | torch.device | None = None,
                       dtype: str | torch.dtype | None = None, *, cpu_offload: bool = False,
                       vae_tiling: bool = False, local_files_only: bool = False,
-                      cache_dir: str | os.PathLike | None = None) -> VideoModel:
+                      cache_dir: str | os.PathLike | None = None, path_flag: str = "--zsxl-model-path") -> VideoModel:
     """Zeroscope v2 XL from ``model_path`` or the HF cache / hub (`MissingWeightsError` naming
     ``cerspense/zeroscope_v2_XL`` otherwise), with DPM-Solver++ from its own scheduler config.
 
@@ -160,7 +160,7 @@ def load_zeroscope_xl(model_path: str | os.PathLike | None = None, device: str |
     dtype = resolve_dtype(dtype, device)
     folder = resolve_model_folder(ZEROSCOPE_XL_ID, model_path, required_files=VIDEO_MODEL_CONFIG_FILES,
                                   weight_folders=VIDEO_MODEL_WEIGHT_FOLDERS, local_files_only=local_files_only,
-                                  cache_dir=cache_dir)
+                                  cache_dir=cache_dir, path_flag=path_flag)
     logger.info("loading %s from %s (%s, %s)", ZEROSCOPE_XL_ID, folder, device, dtype)
     components = load_components_from_folder(folder, dtype)  # scheduler: DPM from the XL folder's config
     load_device, cpu_offload = _placement(device, cpu_offload)
@@ -217,7 +217,7 @@ def _prepare_sdxl_pipeline(pipe: StableDiffusionXLImg2ImgPipeline, device: torch
 def load_sdxl_refiner(model_path: str | os.PathLike | None = None, device: str | torch.device | None = None,
                       dtype: str | torch.dtype | None = None, *, cpu_offload: bool = False,
                       vae_tiling: bool = False, local_files_only: bool = False,
-                      cache_dir: str | os.PathLike | None = None) -> StableDiffusionXLImg2ImgPipeline:
+                      cache_dir: str | os.PathLike | None = None, path_flag: str = "--sdxl-model-path") -> StableDiffusionXLImg2ImgPipeline:
     """The SDXL refiner img2img pipeline from ``model_path`` or the HF cache / hub
     (`MissingWeightsError` naming ``stabilityai/stable-diffusion-xl-refiner-1.0`` otherwise).
 
@@ -228,7 +228,7 @@ def load_sdxl_refiner(model_path: str | os.PathLike | None = None, device: str |
     dtype = resolve_dtype(dtype, device)
     folder = resolve_model_folder(SDXL_REFINER_ID, model_path, required_files=SDXL_REFINER_CONFIG_FILES,
                                   weight_folders=SDXL_REFINER_WEIGHT_FOLDERS, local_files_only=local_files_only,
-                                  cache_dir=cache_dir)
+                                  cache_dir=cache_dir, path_flag=path_flag)
     variant = "fp16" if dtype == torch.float16 and _has_variant(folder, "fp16") else None
     logger.info("loading %s from %s (%s, %s, variant %s)", SDXL_REFINER_ID, folder, device, dtype, variant)
     try:

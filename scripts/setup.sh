@@ -1,8 +1,19 @@
 #!/usr/bin/env bash
-# Create .venv and install the project. `--dev` also installs the test tools.
+# Create .venv and install the project. `--app` also installs the studio's dependencies
+# (requirements-app.txt); `--dev` everything the tests need: the test tools, the studio's dependencies
+# and its browser-test tools (requirements-app-dev.txt).
 # TORCH_SPEC overrides the torch requirement (e.g. a CUDA build); the default is the CPU wheel CI uses.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+dev=0
+app=0
+for flag in "$@"; do
+  case "$flag" in
+    --dev) dev=1; app=1 ;;
+    --app) app=1 ;;
+    *) echo "usage: bash scripts/setup.sh [--dev] [--app]" >&2; exit 2 ;;
+  esac
+done
 python_bin=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python_bin" -m venv .venv
 . .venv/bin/activate
@@ -12,6 +23,12 @@ pip install -q -r requirements.txt -c <(echo "torch==$torch_version")
 # Only for its CLIP BPE vocabulary file (open_clip itself needs torchvision, which we avoid).
 pip install -q --no-deps "open-clip-torch>=2.24"
 pip install -q --no-deps --no-build-isolation -e . 2>/dev/null || pip install -q --no-deps -e .
-if [ "${1:-}" = "--dev" ]; then
+if [ "$dev" = 1 ]; then
   pip install -q -r requirements-dev.txt -c <(echo "torch==$torch_version")
+fi
+if [ "$app" = 1 ]; then
+  pip install -q -r requirements-app.txt -c <(echo "torch==$torch_version")
+  if [ "$dev" = 1 ]; then
+    pip install -q -r requirements-app-dev.txt -c <(echo "torch==$torch_version")
+  fi
 fi

@@ -281,9 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             model = load_upsampler(upsampler, args)
         except Exception as error:  # missing weights and the like: one clear line, no traceback
-            # The shared loader names generate.py's flag; this script has one per model.
-            flag = "--zsxl-model-path" if upsampler == ZEROSCOPE_XL else "--sdxl-model-path"
-            print(f"error: {str(error).replace('`--model-path DIR`', f'`{flag} DIR`')}", file=sys.stderr)
+            print(f"error: {error}", file=sys.stderr)
             return 2
         for job in pending:
             try:

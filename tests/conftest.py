@@ -5,12 +5,18 @@
   must not change their weights (processors are installed by context managers that restore them).
 - ``@pytest.mark.slow`` tests (subprocess launches, multi-process runs, long equivalence runs) are
   skipped, with that reason, unless ``--run-slow`` is given; ``.ci/run`` runs them in a second pass.
-- ``torch.set_num_threads`` never leaks from one test into the next.
+- Torch runs on one thread in the test process (``LVD_TEST_THREADS`` overrides): tiny models gain
+  nothing from a second thread, and on a busy 2-core machine two threads spin. A test that changes the
+  thread count gets it restored after it, so nothing leaks into the next test.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+
+TEST_THREADS = int(os.environ.get("LVD_TEST_THREADS", "1"))
 
 
 def pytest_addoption(parser):
@@ -27,29 +33,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_configure(config):
+    torch.set_num_threads(TEST_THREADS)
+
+
 @pytest.fixture(autouse=True)
 def _restore_torch_threads():
-    threads = torch.get_num_threads()
     yield
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
+    if torch.get_num_threads() != TEST_THREADS:
+        torch.set_num_threads(TEST_THREADS)
 
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    """The `lvd_tiny` model (seed 0, CPU, fp32)."""
-    from models.tiny import build_tiny_video_model
+    """The `lvd_tiny` model (seed 0, CPU, fp32), loaded as generate.py loads it."""
+    from models.loading import load_video_model
+    from models.registry import get_run_model
 
-    return build_tiny_video_model(seed=0)
+    return load_video_model(get_run_model("lvd_tiny"), device="cpu")
 
 
 @pytest.fixture(scope="session")
 def tiny_grounded_model():
     """The `lvd-gligen_tiny` model: the tiny UNet plus GLIGEN fusers and a position net (seed 0)."""
+    from models.loading import load_video_model
     from models.registry import get_run_model
-    from models.tiny import build_tiny_video_model
 
-    return build_tiny_video_model(seed=0, spec=get_run_model("lvd-gligen_tiny"))
+    return load_video_model(get_run_model("lvd-gligen_tiny"), device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -12,14 +12,13 @@ import torch
 from models.attention import (AttentionRecorder, RecordingAttnProcessor, StopForward, check_guided_layers,
                               recording_attention, run_recorded_forward)
 from models.registry import LVD_GUIDED_LAYERS
-from models.tiny import build_tiny_video_model
 
 NUM_FRAMES = 3
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_tiny_video_model(seed=0)
+def model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ import torch
 from generation.config import GuidanceConfig, SamplingConfig
 from generation.sampling import VideoRequest, generate_video, generate_videos
 from models.gligen import GligenConfig
-from models.registry import get_run_model
-from models.tiny import build_tiny_video_model
 from utils.layout import build_condition, parse_layout
 
 SAMPLING = SamplingConfig(height=128, width=128, num_frames=4, num_inference_steps=4)
@@ -26,9 +24,8 @@ def _reply(name: str, start_px: int, second: str | None = None) -> str:
 
 
 @pytest.fixture(scope="module")
-def model():
-    torch.set_num_threads(1)
-    return build_tiny_video_model(seed=0)
+def model(tiny_model):
+    return tiny_model
 
 
 def _requests(tokenizer):
@@ -80,9 +77,8 @@ def test_batched_unguided_and_mixed_layouts(model):
     assert all(len(result.guidance_log) == 4 for result in batched[:-1])
 
 
-def test_batched_gligen_equals_batch_one():
-    torch.set_num_threads(1)
-    grounded = build_tiny_video_model(seed=0, spec=get_run_model("lvd-gligen_tiny"))
+def test_batched_gligen_equals_batch_one(tiny_grounded_model):
+    grounded = tiny_grounded_model
     requests = _requests(grounded.tokenizer)[:2]
     gligen = GligenConfig(scheduled_sampling_beta=0.5)
     batched = generate_videos(grounded, requests, SAMPLING, gligen=gligen)

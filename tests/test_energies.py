@@ -15,7 +15,7 @@ import torch
 
 from generation.energies import (BoxMasks, EnergyWeights, compute_box_corners, compute_box_masks, compute_boxdiff_energy,
                                  compute_com_energy, compute_fg_bg_energy, compute_guidance_energy,
-                                 compute_latent_map_sizes, compute_layer_energy, compute_map_size, compute_ratio_energy,
+                                 compute_latent_map_sizes, compute_layer_energy, compute_ratio_energy,
                                  compute_sync_energy, compute_topk_sizes, prepare_guidance_targets)
 
 DEFAULT_WEIGHTS = {"fg_top_p": 0.75, "bg_top_p": 0.75, "fg_weight": 1.0, "bg_weight": 4.0}
@@ -116,7 +116,7 @@ def spec_energy(layer_maps, boxes_xyxy, token_positions, latent_height, latent_w
     """L of spec 4.4: ``layer_maps`` is a list of (F, H, h*w, 77) maps, ``boxes_xyxy`` (objects, F, 4)."""
     total = torch.zeros(())
     for attention in layer_maps:
-        height, width = compute_map_size(attention.shape[2], latent_height, latent_width)
+        height, width = spec_map_size(attention.shape[2], latent_height, latent_width)
         layer = torch.zeros(())
         for obj, positions in enumerate(token_positions):
             per_object = torch.zeros(())
@@ -200,11 +200,20 @@ def test_absent_frames_give_all_zero_masks():
     assert masks[0, 0].sum() > 0 and masks[0, 1].sum() == 0
 
 
-def test_map_size_recovery():
-    assert compute_map_size(720, 40, 72) == (20, 36)   # Zeroscope 40x72 latents, the level-1 maps
-    assert compute_map_size(180, 40, 72) == (10, 18)
-    assert compute_map_size(256, 32, 32) == (16, 16)   # ModelScope-256
-    assert compute_map_size(24, 8, 12) == (4, 6)
+def spec_map_size(num_positions: int, latent_height: int, latent_width: int) -> tuple[int, int]:
+    """Spec 4.1: s = int(sqrt(base_h * base_w / N)), the map is (base_h // s, base_w // s)."""
+    scale = int(math.sqrt(latent_height * latent_width / num_positions))
+    return latent_height // scale, latent_width // scale
+
+
+def test_map_size_recovery_and_the_latent_map_grids():
+    assert spec_map_size(720, 40, 72) == (20, 36)   # Zeroscope 40x72 latents, the level-1 maps
+    assert spec_map_size(180, 40, 72) == (10, 18)
+    assert spec_map_size(256, 32, 32) == (16, 16)   # ModelScope-256
+    assert spec_map_size(24, 8, 12) == (4, 6)
+    # The UNet backbone prepares masks at every grid the spec's recovery can give.
+    assert compute_latent_map_sizes(40, 72) == ((40, 72), (20, 36), (10, 18), (5, 9))
+    assert all(spec_map_size(h * w, 40, 72) == (h, w) for h, w in compute_latent_map_sizes(40, 72))
 
 
 def test_targets_weights_and_mask_sizes():

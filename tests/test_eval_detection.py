@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from utils.eval.detection import (OWL_MAX_TOKENS, DetectionRequest, DetectorConfig, DetectorLoadError,
-                                  build_cache_key, build_tiny_detector, cache_file_path, load_cached_detections,
-                                  load_detector, make_detections, run_detector, save_cached_detections)
+from eval_run_fixtures import make_detections
+from utils.eval.config import DetectorConfig
+from utils.eval.detection_cache import build_cache_key, cache_file_path, load_cached_detections, save_cached_detections
+from utils.eval.detector import (OWL_MAX_TOKENS, DetectionRequest, DetectorLoadError, build_tiny_detector,
+                                 load_detector, run_detector)
 
 QUERIES = ("a photo of a cat", "a photo of a dog")
 

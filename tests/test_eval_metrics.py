@@ -4,7 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from utils.eval.evaluation import average_summaries, build_adherence_queries, format_summary_table
+from utils.eval.averaging import average_summaries
+from utils.eval.evaluation import build_adherence_queries
+from utils.eval.results import EvalSummary
+from utils.eval.tables import format_summary_table
 from utils.eval.metrics import (APRecords, collect_ap_records, compute_average_precision, compute_iou_matrix,
                                 score_adherence, summarize_adherence)
 
@@ -97,21 +100,38 @@ def test_adherence_queries_from_layout_phrases():
 
 def _summary(numeracy, attribution, skipped=0):
     tasks = {"numeracy": {"correct": numeracy, "total": 100}, "attribution": {"correct": attribution, "total": 100}}
-    return {"tasks": tasks, "overall": {"correct": numeracy + attribution, "total": 200},
-            "skipped": {"total": skipped, "tasks": {"numeracy": skipped} if skipped else {}},
-            "adherence": {"tasks": {"numeracy": {"videos": 100, "miou": 0.4, "coverage": 0.8,
-                                                 "centroid_distance": 0.1, "ap50": 0.3}},
-                          "overall": {"videos": 100, "miou": 0.4, "coverage": 0.8, "centroid_distance": 0.1,
-                                      "ap50": 0.3}}}
+    return EvalSummary.from_dict({
+        "tasks": tasks, "overall": {"correct": numeracy + attribution, "total": 200},
+        "skipped": {"total": skipped, "tasks": {"numeracy": skipped} if skipped else {}},
+        "adherence": {"tasks": {"numeracy": {"videos": 100, "miou": 0.4, "coverage": 0.8,
+                                             "centroid_distance": 0.1, "ap50": 0.3}},
+                      "overall": {"videos": 100, "miou": 0.4, "coverage": 0.8, "centroid_distance": 0.1,
+                                  "ap50": 0.3}}})
 
 
 def test_average_of_two_runs_is_the_readme_number():
-    combined = average_summaries([_summary(40, 90), _summary(51, 80, skipped=2)], ["run0", "run1"])
+    combined = average_summaries([_summary(40, 90), _summary(51, 80, skipped=2)], ["run0", "run1"]).to_dict()
     assert combined["tasks"]["numeracy"] == {"correct": 91, "total": 200}
     assert combined["overall"] == {"correct": 261, "total": 400}
     assert combined["rates_mean"]["tasks"]["numeracy"] == pytest.approx(0.455)
     assert combined["rates_mean"]["overall"] == pytest.approx(0.6525)
     assert combined["skipped"]["total"] == 2 and combined["runs"] == ["run0", "run1"]
     assert combined["adherence"]["tasks"]["numeracy"]["videos"] == 200
-    table = format_summary_table(combined)
+    table = format_summary_table(EvalSummary.from_dict(combined))
     assert "run-mean %" in table and "45.50" in table and "65.25" in table
+
+
+def test_a_matched_detection_that_does_not_overlap_does_not_cover_the_frame():
+    # One cat, one cat detection per frame: frame 0 overlaps (IoU 0.5), frame 1 is elsewhere (IoU 0).
+    layout = np.array([[[0, 0, 0.5, 0.5], [0, 0, 0.5, 0.5]]])
+    detections = [_frame([[0, 0, 0.5, 0.25]], [0.9], [0]), _frame([[0.6, 0.6, 0.9, 0.9]], [0.9], [0])]
+    (obj,) = score_adherence(layout, [0], ["cat"], [0], ["a photo of a cat"], detections).objects
+    assert (obj.matched_frames, obj.covered_frames) == (2, 1)
+    assert obj.coverage == pytest.approx(0.5) and obj.miou == pytest.approx(0.25)
+    assert obj.centroid_distance == pytest.approx((0.125 + np.hypot(0.5, 0.5)) / 2)  # over matched frames
+    far = [_frame([[0.6, 0.6, 0.9, 0.9]], [0.9], [0])] * 2  # never overlaps: coverage 0 next to mIoU 0
+    (obj,) = score_adherence(layout, [0], ["cat"], [0], ["a photo of a cat"], far).objects
+    assert (obj.coverage, obj.miou) == (0.0, 0.0)
+    (obj,) = score_adherence(layout, [0], ["cat"], [0], ["a photo of a cat"], detections,
+                             coverage_min_iou=0.6).objects  # a stated threshold
+    assert obj.coverage == 0.0

@@ -2,38 +2,28 @@
 detection cache, injected detections, bad input, the HTML report and run averaging."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
 
-from eval_run_fixtures import draw_video, write_prompt_folder, write_run
-from prompt import get_benchmark
-from utils.eval.detection import (CACHE_DIR_NAME, EvalConfig, build_cache_key, build_tiny_detector,
-                                  cache_file_path, compute_file_digest, make_detections,
-                                  save_cached_detections)
-from prompt import get_prompt_entries
-from utils.eval.evaluation import CacheSettings, collect_eval_items, evaluate_items, summarize_results
+from eval_run_fixtures import draw_video, inject_detections, load_script, write_prompt_folder, write_run
+from prompt import get_benchmark, get_prompt_entries
+from utils.eval.config import CACHE_DIR_NAME, CacheSettings, EvalConfig, RunSelection
+from utils.eval.detector import build_tiny_detector
+from utils.eval.evaluation import evaluate_items
+from utils.eval.results import summarize_results
+from utils.eval.runs import collect_eval_items
 
-REPO = Path(__file__).resolve().parents[1]
 # One entry per task family (benchmark indices of the `lvd` list).
 FAMILY_INDICES = [0, 100, 200, 300, 400]
 README_FLAGS = ["--detection_score_threshold", "0.1", "--nms_threshold", "0.1", "--class-aware-nms"]
 
 
-def _load_script(name):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def cli():
-    return _load_script("eval_owl_vit")
+    return load_script("eval_owl_vit")
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +51,9 @@ def test_end_to_end_tiny_owlvit_then_cached_rerun(tmp_path, cli, capsys):
     assert not any(v["from_cache"] for v in evaluated)
     assert saved["timing"]["detected_videos"] == 5
     page = (tmp_path / "report" / "index.html").read_text()
-    assert page.count("data:image/jpeg;base64,") == 5 * 6 and "random weights" in page
+    assert "random weights" in page and "base64" not in page  # images are files next to the page
+    assert page.count('src="media/') == 5 * 6 + 5  # 6 frames and a playable video per evaluated video
+    assert len(list((tmp_path / "report" / "media").rglob("frame_*.jpg"))) == 5 * 6
 
     # Other thresholds: every detection comes from the cache, the detector does not run.
     assert cli.main(["--run_base_path", str(run), "--detector", "tiny", "--detection_score_threshold", "0.5",
@@ -83,23 +75,14 @@ def test_end_to_end_tiny_owlv2_non_square(tmp_path, cli, capsys):
     assert not (run / "0" / CACHE_DIR_NAME).exists()
 
 
-def _inject(run, index, tiny, frames):
-    """Write cached detections for the benchmark queries of entry ``index``."""
-    item = get_benchmark("lvd")[index]
-    video = run / str(index) / "video_0.joblib"
-    key = build_cache_key(compute_file_digest(video), tiny.identity, "eval6", item.check.queries)
-    detections = make_detections(item.check.queries, (0, 3, 6, 9, 12, 15), 64, 64, frames, num_frames=16)
-    save_cached_detections(cache_file_path(run / str(index) / CACHE_DIR_NAME, video, key), key, detections)
-
-
 def test_injected_detections_give_the_expected_verdicts(tmp_path, cli, tiny, capsys):
     """Detections written straight into the cache (no model) go through the whole CLI."""
     run = write_run(tmp_path / "run0", [300, 305])   # "... a car moving from the left to the right" and back
     checks = {i: get_benchmark("lvd")[i].check for i in (300, 305)}
     assert checks[300].direction == "left_to_right" and checks[305].direction == "right_to_left"
     left_to_right = [[([4 + 8 * k, 20, 20 + 8 * k, 36], 0.9, 0)] for k in range(6)]
-    _inject(run, 300, tiny, left_to_right)   # passes
-    _inject(run, 305, tiny, left_to_right)   # moves the wrong way: fails
+    inject_detections(run, 300, tiny.identity, left_to_right)   # passes
+    inject_detections(run, 305, tiny.identity, left_to_right)   # moves the wrong way: fails
     assert cli.main(["--run_base_path", str(run), "--detector", "tiny", *README_FLAGS, "--no-adherence",
                      "--skip_first_prompts", "300", "--num_prompts", "10", "--save-eval"]) == 0
     saved = json.loads((run / "eval.json").read_text())
@@ -120,11 +103,11 @@ def test_bad_inputs_are_skipped_with_a_reason(tmp_path, tiny):
     joblib.dump(draw_video(seed=9), folder / "video_1.joblib")
     write_prompt_folder(run, 5, draw_video().astype(np.float32), benchmark[5].prompt)      # not uint8
     write_prompt_folder(run, 6, draw_video(), benchmark[200].prompt)                       # another prompt
-    items = collect_eval_items(run, "lvd", get_prompt_entries("lvd"), num_prompts=8)
+    items = collect_eval_items(run, "lvd", get_prompt_entries("lvd"), RunSelection(num_prompts=8))
     results, stats = evaluate_items(items, tiny, EvalConfig())
     reasons = {r.item.index: r.skipped for r in results}
     assert reasons[0] is None
-    assert "no video_*.joblib" in reasons[1]
+    assert "no video_<k>.joblib or .mp4" in reasons[1]
     assert "could not read" in reasons[2]
     assert "4 frames" in reasons[3] and "at least 6" in reasons[3]
     assert "2 videos" in reasons[4] and "--all-repeats" in reasons[4]
@@ -132,16 +115,22 @@ def test_bad_inputs_are_skipped_with_a_reason(tmp_path, tiny):
     assert "was generated for" in reasons[6]
     assert "no folder" in reasons[7]
     assert not any(r.error for r in results)  # expected problems, not crashes
-    summary = summarize_results(results, EvalConfig())
-    assert summary["tasks"]["numeracy"]["total"] == 1 and summary["skipped"] == {"total": 7, "tasks": {"numeracy": 7}}
-    both = collect_eval_items(run, "lvd", get_prompt_entries("lvd"), skip_first_prompts=4, num_prompts=1, all_repeats=True)
+    summary = summarize_results(results, EvalConfig()).to_dict()
+    assert summary["tasks"]["numeracy"]["total"] == 1
+    assert {k: summary["skipped"][k] for k in ("total", "tasks")} == {"total": 7, "tasks": {"numeracy": 7}}
+    both = collect_eval_items(run, "lvd", get_prompt_entries("lvd"),
+                              RunSelection(skip_first_prompts=4, num_prompts=1, all_repeats=True))
     assert [i.video_path.name for i in both] == ["video_0.joblib", "video_1.joblib"]
 
 
 def test_a_run_of_another_prompt_type_is_skipped(tmp_path, cli, capsys):
     run = write_run(tmp_path / "run0", [0, 1], prompt_type="lvd_visibility")
-    assert cli.main(["--run_base_path", str(run), "--detector", "tiny", "--num_prompts", "2", "--save-eval"]) == 0
-    assert capsys.readouterr().out.count("'lvd_visibility', not 'lvd' (pass --prompt-type lvd_visibility)") == 2
+    args = ["--run_base_path", str(run), "--detector", "tiny", "--num_prompts", "2", "--save-eval"]
+    assert cli.main(args + ["--prompt-type", "lvd"]) == 1  # nothing evaluated: not a success
+    captured = capsys.readouterr()
+    assert captured.out.count("'lvd_visibility', not 'lvd' (pass --prompt-type lvd_visibility") == 2
+    assert f"error: nothing was evaluated in {run}: evaluated 0 videos; skipped 2: 2 run of another prompt type" \
+        in captured.err
     saved = json.loads((run / "eval.json").read_text())
     assert saved["overall"] == {"correct": 0, "total": 0} and saved["skipped"]["total"] == 2
 
@@ -149,15 +138,16 @@ def test_a_run_of_another_prompt_type_is_skipped(tmp_path, cli, capsys):
 def test_a_reference_run_without_layouts_is_judged_without_adherence(tmp_path, tiny):
     run = write_run(tmp_path / "run0", [0], with_layout=False)
     (run / "config.json").unlink()
-    results, _ = evaluate_items(collect_eval_items(run, "lvd", get_prompt_entries("lvd"), num_prompts=1), tiny, EvalConfig())
+    results, _ = evaluate_items(collect_eval_items(run, "lvd", get_prompt_entries("lvd"), RunSelection(num_prompts=1)),
+                                tiny, EvalConfig())
     assert results[0].skipped is None and results[0].success is not None and results[0].adherence is None
 
 
 def test_adherence_on_all_frames(tmp_path, tiny):
     run = write_run(tmp_path / "run0", [0])
     config = EvalConfig(adherence_all_frames=True)
-    results, _ = evaluate_items(collect_eval_items(run, "lvd", get_prompt_entries("lvd"), num_prompts=1), tiny, config,
-                                cache=CacheSettings(directory=str(tmp_path / "cache")))
+    results, _ = evaluate_items(collect_eval_items(run, "lvd", get_prompt_entries("lvd"), RunSelection(num_prompts=1)),
+                                tiny, config, cache=CacheSettings(directory=str(tmp_path / "cache")))
     assert results[0].adherence_frame_indices == tuple(range(16)) and results[0].frame_indices == (0, 3, 6, 9, 12, 15)
     assert len(results[0].frame_boxes) == 6
     assert len(list((tmp_path / "cache").rglob("*.npz"))) == 2
@@ -172,7 +162,7 @@ def test_runs_are_averaged(tmp_path, cli, capsys):
     assert combined["overall"]["total"] == 4 and combined["runs"] == [str(r) for r in runs]
     assert set(combined["rates_mean"]["tasks"]) == {"numeracy", "attribution"}
     assert "Average over 2 runs" in capsys.readouterr().out
-    averaged = _load_script("average_runs")
+    averaged = load_script("average_runs")
     assert averaged.main([str(r) for r in runs]) == 0
     assert "run-mean %" in capsys.readouterr().out
 
@@ -194,7 +184,7 @@ def test_demo_prompts_get_adherence_only(tmp_path, tiny):
     assert result.skipped is None and result.success is None and result.item.task == "demo"
     assert result.frame_indices == (0, 1, 3, 4, 6, 7) and result.adherence is not None
     summary = summarize_results(results, EvalConfig())
-    assert summary["tasks"] == {} and summary["adherence"]["tasks"]["demo"]["videos"] == 1
+    assert summary.tasks == {} and summary.adherence.tasks["demo"].videos == 1
 
 
 def test_a_detector_failure_costs_only_its_video(tmp_path, cli, monkeypatch, capsys):
@@ -216,6 +206,7 @@ def test_a_detector_failure_costs_only_its_video(tmp_path, cli, monkeypatch, cap
     assert "simulated CUDA out of memory" in saved["videos"][1]["skipped"]
     failures = [json.loads(line) for line in (run / "eval_failures.jsonl").read_text().splitlines()]
     assert [f["index"] for f in failures] == [1] and "RuntimeError" in failures[0]["error"]
+    assert failures[0]["stage"] == "detection" and "Traceback" in failures[0]["traceback"]  # utils.failures
     assert "1 unexpected failure(s)" in capsys.readouterr().out
     with pytest.raises(RuntimeError):
         cli.main(["--run_base_path", str(run), "--detector", "tiny", "--num_prompts", "2", "--fail-fast",

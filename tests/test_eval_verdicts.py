@@ -5,13 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-import utils.eval.detection as detection
+import utils.eval.verdicts as verdicts
 import utils.predicates as predicates
+from eval_run_fixtures import make_detections
 from prompt import get_benchmark
-from utils.eval.detection import (EvalConfig, FrameBoxes, FrameSelectionError, build_pseudo_layout,
-                                  compute_class_aware_nms_keep, compute_nms_keep, judge_detections,
-                                  make_detections, postprocess_frame, select_frame_indices,
-                                  select_top_box_per_label)
+from utils.eval.config import EvalConfig
+from utils.eval.verdicts import (FrameBoxes, FrameSelectionError, build_pseudo_layout, compute_class_aware_nms_keep,
+                                 compute_nms_keep, judge_detections, postprocess_frame, select_frame_indices,
+                                 select_top_box_per_label)
 from utils.predicates import (AttributionCheck, DynamicSpatialCheck, NumeracyCheck, SequentialCheck,
                               VisibilityCheck)
 
@@ -121,7 +122,7 @@ def test_pseudo_layout_ids_names_and_half_even_pixel_boxes():
 
 
 def test_verdicts_go_through_the_stage_one_predicates():
-    assert detection.score_layout is predicates.score_layout
+    assert verdicts.score_layout is predicates.score_layout
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,3 +224,13 @@ def test_queries_must_match_the_check():
     detections = make_detections(("a photo of a cat",), EVAL_FRAMES, W, H, [[]] * 6)
     with pytest.raises(ValueError, match="queries"):
         judge_detections(item.check, detections, item.prompt, README)
+
+
+@pytest.mark.parametrize("num_frames", [6, 7, 16, 24, 49, 81, 121, 300])
+def test_frame_selection_for_any_length_from_six(num_frames):
+    """Every video length >= 6 (Wan's 81 frames included) gets six distinct frames, first and last included."""
+    indices = select_frame_indices(num_frames, 6)
+    assert len(set(indices)) == 6 and indices[0] == 0 and indices[-1] == num_frames - 1
+    assert list(indices) == sorted(indices)
+    if num_frames == 81:
+        assert indices == (0, 16, 32, 48, 64, 80)

@@ -48,13 +48,13 @@ FUSER_KEY = re.compile(r"^(down_blocks\.\d+|up_blocks\.\d+|mid_block)\.attention
 
 
 @pytest.fixture(scope="module")
-def stock_model():
-    return tiny.build_tiny_video_model(seed=0, spec=get_run_model("lvd_tiny"))
+def stock_model(tiny_model):
+    return tiny_model
 
 
 @pytest.fixture(scope="module")
-def grounded_model():
-    return tiny.build_tiny_video_model(seed=0, spec=get_run_model("lvd-gligen_tiny"))
+def grounded_model(tiny_grounded_model):
+    return tiny_grounded_model
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +272,7 @@ def test_fusers_on_for_the_first_beta_steps_then_restored(grounded_model, condit
 
 
 def test_lvd_plus_records_attention_and_guidance_lowers_the_energy(condition):
-    model = tiny.build_tiny_video_model(seed=0, spec=get_run_model("lvd-plus_tiny"))
+    model = load_video_model(get_run_model("lvd-plus_tiny"), device="cpu")
     assert is_grounded(model.unet) and model.spec.guided_layers == LVD_GUIDED_LAYERS
     config = GuidanceConfig()
     scheduler = model.make_scheduler()
@@ -301,7 +301,7 @@ def test_lvd_plus_records_attention_and_guidance_lowers_the_energy(condition):
 
 
 def test_lvd_plus_guided_passes_give_the_fusers_no_objects(condition):
-    model = tiny.build_tiny_video_model(seed=0, spec=get_run_model("lvd-plus_tiny"))
+    model = load_video_model(get_run_model("lvd-plus_tiny"), device="cpu")
     guidance = GuidanceConfig(loss_threshold=0.0, max_iter=2, max_index_step=2)
     calls = []
     fuser = next(iter(fuser_modules(model.unet).values()))

@@ -15,7 +15,6 @@ from models import tiny
 from models.devices import resolve_device, resolve_dtype
 from models.hub import MissingWeightsError, resolve_model_folder, select_hub_files
 from models.loading import load_video_model
-from models.video_model import VideoModel
 from models.registry import (LVD_GUIDED_LAYERS, RUN_MODELS, RunModelError, get_run_model, run_model_names,
                              validate_num_frames)
 from models.tokenizer import TokenizerFilesError, build_clip_tokenizer, find_clip_bpe_file
@@ -31,11 +30,6 @@ PROMPT_IDS = [49406, 320, 16157, 19663, 1455, 539, 320, 3562, 593, 320, 736, 161
 # Spatial cross-attention in stock diffusers UNet3D: (down|up)_blocks.<i>.attentions.<j>...attn2. A bare
 # substring match on "attentions" would also hit temp_attentions (temporal self-attention).
 SPATIAL_CROSS_ATTN = re.compile(r"^(down_blocks|up_blocks)\.\d+\.attentions\.\d+\.transformer_blocks\.0\.attn2$")
-
-
-@pytest.fixture(scope="module")
-def tiny_model() -> VideoModel:
-    return load_video_model(get_run_model("lvd_tiny"), device="cpu")
 
 
 def _state_dicts_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:

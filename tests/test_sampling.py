@@ -18,7 +18,6 @@ from generation.guidance import compute_step_sizes
 from generation.backbones.unet3d import decode_latents, frames_to_uint8, prepare_latents
 from generation.sampling import generate_video
 from models.schedulers import build_dpm_scheduler
-from models.tiny import build_tiny_video_model
 from utils.layout import Box, LayoutCondition, ObjectTrack, SceneLayout, build_condition
 
 SAMPLING = SamplingConfig(height=64, width=64, num_frames=4, num_inference_steps=8)
@@ -27,8 +26,8 @@ SEED = 3
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_tiny_video_model(seed=0)
+def model(tiny_model):
+    return tiny_model
 
 
 def make_condition(tokenizer, num_frames: int) -> LayoutCondition:

@@ -42,16 +42,6 @@ def load_script():
     return module
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and two threads on a busy 2-core machine spin
-    (tens of seconds per UNet call measured here); restore the setting for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def script():
     return load_script()

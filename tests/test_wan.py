@@ -482,7 +482,8 @@ def test_a_saved_tiny_folder_loads_as_the_same_model(tmp_path, model):
         for (name, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
             assert torch.equal(a, b), name
     assert loaded.tokenizer(PROMPT).input_ids == model.tokenizer(PROMPT).input_ids
-    assert loaded.scheduler.config.flow_shift == 3.0 and loaded.corrector_off_steps == 0
+    assert loaded.scheduler.config.flow_shift == 3.0 and loaded.corrector_off_steps == 10   # LVD: guided steps
+    assert load_video_model(get_run_model("wan_tiny"), model_path=folder, device="cpu").corrector_off_steps == 0
 
 
 def test_full_size_architectures_build_on_the_meta_device():

@@ -40,17 +40,3 @@ def record_failure(path: str | os.PathLike, error: BaseException, *, secrets: It
         os.close(fd)
     return record
 
-
-def read_failures(path: str | os.PathLike) -> list[dict]:
-    """The records of a failures log (an absent file has none; an unreadable line is skipped)."""
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records

@@ -7,10 +7,13 @@ of the benchmark predicates: x_max != 0 and y_max != 0):
 
 - the detections of that object's query are matched to the tracks sharing the query, one to one,
   maximising the summed IoU (Hungarian; a single track gets its best-overlapping detection);
-- **coverage** = matched expected frames / expected frames;
+- **coverage** = covered expected frames / expected frames, a frame being *covered* when its matched
+  detection overlaps the layout box (IoU > ``COVERAGE_MIN_IOU`` = 0): a detection elsewhere in the
+  frame is not the object, even when the one-to-one matching pairs it with the object;
 - **mIoU** = mean IoU over the expected frames, a frame without a match counting 0;
 - **centroid distance** = mean Euclidean distance between box centres, in units of the frame's width
-  and height (so 0 .. sqrt(2)), over the matched frames only (None if never matched);
+  and height (so 0 .. sqrt(2)), over the matched frames only, overlapping or not (None if never
+  matched);
 - **AP50** = average precision at IoU >= 0.5 (VOC all-points interpolation): every detection of the
   object queries is a candidate, in descending score order, and is a true positive if it overlaps an
   unmatched layout box of the same query in the same frame by IoU >= 0.5. Pooled over videos for the
@@ -27,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 AP_IOU_THRESHOLD = 0.5
+COVERAGE_MIN_IOU = 0.0  # a frame is covered when the matched detection's IoU is above this
 
 
 # --------------------------------------------------------------------------------------------
@@ -165,7 +169,8 @@ class ObjectAdherence:
     phrase: str
     query: str
     expected_frames: int
-    matched_frames: int
+    matched_frames: int              # expected frames with a matched detection (any IoU)
+    covered_frames: int              # ... whose IoU with the layout box is > the coverage threshold
     miou: float | None              # None if the layout never places the object in the frames
     coverage: float | None
     centroid_distance: float | None  # None if never matched
@@ -173,6 +178,7 @@ class ObjectAdherence:
     def to_dict(self) -> dict:
         return {"id": self.track_id, "phrase": self.phrase, "query": self.query,
                 "expected_frames": self.expected_frames, "matched_frames": self.matched_frames,
+                "covered_frames": self.covered_frames,
                 "miou": self.miou, "coverage": self.coverage, "centroid_distance": self.centroid_distance}
 
 
@@ -212,7 +218,8 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 def score_adherence(layout_boxes_xyxy: np.ndarray, track_ids: Sequence[int], phrases: Sequence[str],
                     track_labels: Sequence[int], queries: Sequence[str],
-                    frame_detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> VideoAdherence:
+                    frame_detections: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]], *,
+                    coverage_min_iou: float = COVERAGE_MIN_IOU) -> VideoAdherence:
     """Adherence of one video (see the module docstring for the definitions).
 
     ``layout_boxes_xyxy``: (tracks, frames, 4) normalised layout boxes at the evaluated frames (zeros
@@ -254,11 +261,12 @@ def score_adherence(layout_boxes_xyxy: np.ndarray, track_ids: Sequence[int], phr
     for track in range(num_tracks):
         expected = int(valid[track].sum())
         hits = int((matched[track] & valid[track]).sum())
+        covered = int((matched[track] & valid[track] & (iou[track] > coverage_min_iou)).sum())
         objects.append(ObjectAdherence(
             track_id=int(track_ids[track]), phrase=phrases[track], query=queries[track_labels[track]],
-            expected_frames=expected, matched_frames=hits,
+            expected_frames=expected, matched_frames=hits, covered_frames=covered,
             miou=float(iou[track][valid[track]].mean()) if expected else None,
-            coverage=hits / expected if expected else None,
+            coverage=covered / expected if expected else None,
             centroid_distance=float(np.nanmean(distance[track][valid[track]])) if hits else None))
     records = collect_ap_records(layout_boxes_xyxy, track_labels, frame_detections)
     return VideoAdherence(tuple(objects), records, matched_boxes, matched_scores)

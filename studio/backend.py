@@ -1,0 +1,655 @@
+"""The studio's one door into the project: every call into layouts, caches, the LLM client, the
+run-model registry, model loading, sampling and generate.py's output writers is made here.
+
+The rest of ``studio/`` (the editor state, the command lines, the Gradio page) talks to this module
+only, so when stage 2 is refactored only this file has to follow. Nothing here re-implements the
+library: layouts are parsed and validated by ``utils.layout``, configs are built by generate.py's own
+``build_configs`` from the very command line the page shows, videos come from
+``generation.sampling.generate_video`` and are written by generate.py's writers.
+
+Heavy imports (torch, diffusers, openai) happen inside the functions that need them, so importing
+this module for the layout types costs no more than ``utils.layout``.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+# generate.py's method groups (which run-models take a layout, which have attention guidance).
+from generate import GUIDED_METHODS, LAYOUT_METHODS
+from models.registry import RUN_MODELS, RunModelError, RunModelSpec, get_run_model
+from prompt import DEFAULT_TEMPLATE_VERSION
+from utils.cache import CacheFormatError, LayoutCache, cache_file_name
+from utils.io import atomic_write_json, atomic_write_text
+from utils.layout import (CANVAS_SIZE, NUM_KEYFRAMES, Box, LayoutError, LayoutValidationError, ObjectTrack,
+                          SceneLayout, format_layout_text, layout_from_dict, layout_to_dict,
+                          normalize_prompt, parse_layout, resample_boxes, validate_layout)
+from utils.visualize import track_color
+
+from studio import commands
+
+logger = logging.getLogger(__name__)
+
+# Re-exported for the rest of the studio (it imports project names from here only).
+__all__ = [
+    "Box", "CANVAS_SIZE", "LayoutError", "LayoutValidationError", "NUM_KEYFRAMES", "ObjectTrack", "SceneLayout",
+    "layout_from_dict", "layout_to_dict", "normalize_prompt", "validate_layout", "track_color",
+]
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+STUDIO_PROMPT_TYPE = "studio"            # cache files the studio writes: cache_studio_<template>_<name>.json
+STUDIO_CACHE_MODEL = "edited"
+STUDIO_RUNS_DIR = "studio"                # <output dir>/studio/run<k>/
+PREVIEW_LONG_SIDE_PX = 384                # the layout animation is drawn at this size, the video's aspect
+PREVIEW_BACKGROUND = 232                  # light grey canvas
+PALETTE_SIZE = 32                         # editor colours: track_color(0..31)
+MAX_LOADED_MODELS = 2                     # an LVD run-model and its baseline can need two weight sets
+
+PRESET_PAPER = "paper"
+PRESET_WEAK = "README weak"
+PRESET_CUSTOM = "custom"
+GUIDANCE_PRESETS = (PRESET_PAPER, PRESET_WEAK, PRESET_CUSTOM)
+# The guidance flags the page exposes (generate.py flag names = GuidanceConfig fields).
+GUIDANCE_FIELDS = ("loss_scale", "loss_threshold", "max_iter", "max_index_step", "fg_top_p", "bg_top_p",
+                   "fg_weight", "bg_weight", "com_loss_scale")
+INT_GUIDANCE_FIELDS = ("max_iter", "max_index_step")
+
+
+class StudioError(Exception):
+    """A problem to show in the page: the message is complete and meant for the user."""
+
+
+# --------------------------------------------------------------------------------------------
+# Settings
+
+
+@dataclass(frozen=True)
+class LLMSettings:
+    """The OpenAI-compatible endpoint, resolved from prompt_batch.py's flags (``utils.llm``)."""
+
+    config: Any                      # utils.llm.LLMConfig
+    api_key_file: str | None = None
+    max_parse_attempts: int = 2
+    parse_retry_delay_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class StudioSettings:
+    """Everything the studio's server needs; built once by app.py."""
+
+    cache_dir: Path = Path("cache")
+    output_dir: Path = Path("img_generations")
+    template_version: str = DEFAULT_TEMPLATE_VERSION
+    llm: LLMSettings | None = None
+    device: str | None = None
+    dtype: str | None = None
+    model_paths: Mapping[str, str] = field(default_factory=dict)  # run-model name -> local folder
+
+    @property
+    def studio_cache_path(self) -> Path:
+        """The studio's own cache file (edited layouts); never a published one."""
+        return Path(self.cache_dir) / cache_file_name(STUDIO_PROMPT_TYPE, self.template_version, STUDIO_CACHE_MODEL)
+
+
+def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
+    """prompt_batch.py's LLM flags (``--llm-base-url``, ``--llm-api-key-file``, ...)."""
+    from utils.llm import add_llm_arguments as add
+
+    add(parser)
+
+
+def build_llm_settings(args: argparse.Namespace) -> LLMSettings:
+    """LLM settings from app.py's flags (``args.model`` is the LLM name, as for prompt_batch.py)."""
+    from utils.llm import llm_config_from_args
+
+    return LLMSettings(config=llm_config_from_args(args), api_key_file=args.llm_api_key_file,
+                       max_parse_attempts=args.parse_attempts, parse_retry_delay_s=args.parse_retry_delay)
+
+
+# --------------------------------------------------------------------------------------------
+# Plan: layouts from a cache file or the LLM
+
+
+@dataclass(frozen=True)
+class Plan:
+    layout: SceneLayout
+    reply_text: str
+    source: str                      # where the reply came from, for the page
+
+
+def list_cache_files(cache_dir: str | os.PathLike) -> list[Path]:
+    """The cache files of ``cache_dir`` (the demo cache, published benchmark caches, the studio's own)."""
+    return sorted(Path(cache_dir).glob("cache_*.json"))
+
+
+def load_cache(path: str | os.PathLike) -> LayoutCache:
+    if not Path(path).is_file():
+        raise StudioError(f"no cache file at {path}")
+    try:
+        return LayoutCache.load(path)
+    except CacheFormatError as error:
+        raise StudioError(str(error)) from None
+    except OSError as error:
+        raise StudioError(f"cannot read the cache file {path}: {error.strerror or error}") from None
+
+
+def list_cached_prompts(path: str | os.PathLike) -> list[str]:
+    return list(load_cache(path).entries)
+
+
+def plan_from_cache(path: str | os.PathLike, prompt: str, occurrence: int = 0) -> Plan:
+    """Reply ``occurrence`` of ``prompt`` in the cache file, parsed by ``utils.layout.parse_layout``."""
+    cache = load_cache(path)
+    key = prompt if prompt in cache.entries else next(
+        (k for k in cache.entries if normalize_prompt(k) == normalize_prompt(prompt)), None)
+    if key is None:
+        raise StudioError(f"no reply for {normalize_prompt(prompt)!r} in {path} ({len(cache.entries)} prompts); "
+                          "pick a cached prompt, or plan with the LLM endpoint")
+    reply = cache.get(key, occurrence)
+    if reply is None:
+        raise StudioError(f"{path} has {cache.num_replies(key)} reply(s) for {key!r}; reply number {occurrence} "
+                          f"does not exist (the first is 0)")
+    try:
+        layout = parse_layout(reply, key)
+    except LayoutError as error:
+        raise StudioError(str(error)) from None
+    return Plan(layout=layout, reply_text=reply, source=f"{Path(path).name}, reply {occurrence}")
+
+
+def plan_from_llm(settings: LLMSettings | None, prompt: str, model: str | None = None,
+                  template_version: str = DEFAULT_TEMPLATE_VERSION) -> Plan:
+    """Ask the configured endpoint (``utils.llm.query_layout``: retries, parse retries) for a layout."""
+    from prompt import build_messages, load_template
+    from utils.llm import LLMError, build_client, resolve_model_name
+
+    if settings is None:
+        raise StudioError("no LLM endpoint is configured; start the app with --llm-base-url / OPENAI_API_KEY")
+    if not normalize_prompt(prompt):
+        raise StudioError("the prompt is empty")
+    config = settings.config
+    if model and resolve_model_name(model) != config.model:
+        config = dataclasses.replace(config, model=resolve_model_name(model))
+    try:
+        template = load_template(template_version)
+        client = build_client(config, settings.api_key_file)
+        reply = _query_layout(client, build_messages(template, prompt), prompt, settings)
+    except (LLMError, FileNotFoundError, ValueError) as error:
+        raise StudioError(str(error)) from None
+    where = config.base_url or "the OpenAI API"
+    return Plan(layout=reply.layout, reply_text=reply.text,
+                source=f"{config.model} at {where} (template {template_version})")
+
+
+def _query_layout(client, messages, prompt: str, settings: LLMSettings):
+    from utils.llm import query_layout
+
+    return query_layout(client, messages, normalize_prompt(prompt), max_parse_attempts=settings.max_parse_attempts,
+                        parse_retry_delay_s=settings.parse_retry_delay_s)
+
+
+def save_layout_to_cache(layout: SceneLayout, settings: StudioSettings) -> tuple[Path, int]:
+    """Append the layout, in the reply grammar, to the studio's own cache file; (path, reply number).
+
+    The file is always ``cache_studio_<template>_edited.json``: a published cache is never written.
+    """
+    path = settings.studio_cache_path
+    reply = format_layout_text(layout)
+    # The grammar is the one every stage parses; a layout that does not survive it is not saved.
+    try:
+        parse_layout(reply, layout.prompt)
+    except LayoutError as error:
+        raise StudioError(f"the edited layout does not read back as a reply: {error}") from None
+    return path, LayoutCache(path).append(layout.prompt, reply)
+
+
+def write_layout_file(path: str | os.PathLike, layout: SceneLayout, condition=None) -> Path:
+    """A ``layout.json`` that ``generate.py --layout-file`` reads: generate.py's own record
+    (``generation.runs.write_layout_record``) with a condition, else just the prompt and the layout."""
+    from generation.runs import LAYOUT_FILE, write_layout_record
+
+    path = Path(path)
+    if condition is None:
+        atomic_write_json(path, {"prompt": layout.prompt, "layout": layout_to_dict(layout)})
+        return path
+    if path.name != LAYOUT_FILE:
+        raise StudioError(f"a layout file with its condition is called {LAYOUT_FILE}, found {path.name}")
+    return write_layout_record(path.parent, prompt=layout.prompt, index=0, occurrence=0, layout=layout,
+                               condition=condition, source="studio (app.py)")
+
+
+def read_layout_file(path: str | os.PathLike) -> SceneLayout:
+    """A layout from a ``layout.json`` (generate.py's, or a bare ``layout_to_dict`` dict)."""
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    return layout_from_dict(data["layout"] if isinstance(data, dict) and "layout" in data else data)
+
+
+def editor_palette() -> list[str]:
+    """The stable track colours of ``utils.visualize`` (track i is drawn in colour i) as #rrggbb."""
+    return ["#%02x%02x%02x" % track_color(index) for index in range(PALETTE_SIZE)]
+
+
+def preview_size(spec: RunModelSpec) -> tuple[int, int]:
+    """(width, height) of the layout animation: the video's aspect, long side PREVIEW_LONG_SIDE_PX."""
+    scale = PREVIEW_LONG_SIDE_PX / max(spec.width, spec.height)
+    return max(1, round(spec.width * scale)), max(1, round(spec.height * scale))
+
+
+def render_layout_preview(layout: SceneLayout, spec: RunModelSpec, path: str | os.PathLike) -> Path:
+    """The layout resampled to the run-model's frames and drawn on a canvas of the video's aspect (GIF)."""
+    import numpy as np
+
+    from utils.video_io import write_gif
+    from utils.visualize import annotate_video
+
+    width, height = preview_size(spec)
+    num_frames = spec.default_num_frames
+    boxes_xyxy = resample_boxes(layout, num_frames)  # (tracks, frames, 4)
+    canvas = np.full((num_frames, height, width, 3), PREVIEW_BACKGROUND, dtype=np.uint8)
+    frames = annotate_video(canvas, boxes_xyxy, layout.phrases) if layout.tracks else canvas
+    return write_gif(frames, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Run-models
+
+
+@dataclass(frozen=True)
+class RunModelStatus:
+    name: str
+    method: str
+    width: int
+    height: int
+    num_frames: int
+    tiny: bool
+    guided: bool
+    available: bool
+    baseline: str | None             # the baseline run-model the page generates beside it
+    hint: str = ""                    # why it is not available and how to get it
+
+
+def baseline_for(spec: RunModelSpec) -> RunModelSpec | None:
+    """The unguided run-model of the same video model: same size and kind, same weights if possible."""
+    candidates = [s for s in RUN_MODELS if s.method == "baseline" and s.tiny == spec.tiny
+                  and s.family == spec.family and (s.height, s.width) == (spec.height, spec.width)]
+    same_weights = [s for s in candidates if s.model_id == spec.model_id]
+    return (same_weights or candidates or [None])[0]
+
+
+def _weights_problem(spec: RunModelSpec, model_path: str | None) -> str:
+    """'' when the weights of ``spec`` are on this machine, else the download hint (nothing is downloaded)."""
+    if spec.tiny and model_path is None:
+        return ""
+    from models.hub import MissingWeightsError
+    from models.loading import find_model_folder
+
+    try:
+        find_model_folder(spec, model_path, local_files_only=True)
+    except MissingWeightsError:
+        revision = f" --revision {spec.revision}" if spec.revision else ""
+        where = f" (looked in {model_path})" if model_path else ""
+        return (f"weights not found locally{where}: `hf download {spec.model_id}{revision}`, "
+                f"or `--model-path {spec.name}=DIR`")
+    return ""
+
+
+def list_run_models(settings: StudioSettings) -> list[RunModelStatus]:
+    """Every layout run-model of the registry, with whether its weights are here (checked offline)."""
+    statuses = []
+    for spec in RUN_MODELS:
+        if spec.method not in LAYOUT_METHODS:
+            continue
+        problem = _weights_problem(spec, settings.model_paths.get(spec.name))
+        baseline = baseline_for(spec)
+        if baseline is not None and not problem and _weights_problem(baseline, settings.model_paths.get(baseline.name)):
+            baseline = None  # its weights are missing: the LVD video alone
+        statuses.append(RunModelStatus(
+            name=spec.name, method=spec.method, width=spec.width, height=spec.height,
+            num_frames=spec.default_num_frames, tiny=spec.tiny, guided=spec.method in GUIDED_METHODS,
+            available=not problem, baseline=baseline.name if baseline else None, hint=problem))
+    return statuses
+
+
+def get_spec(name: str) -> RunModelSpec:
+    try:
+        return get_run_model(name)
+    except RunModelError as error:
+        raise StudioError(str(error)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Guidance presets
+
+
+def guidance_defaults() -> dict[str, float | int]:
+    """The paper's values of the exposed guidance fields (``GuidanceConfig`` defaults, section 4)."""
+    from generation.config import GuidanceConfig
+
+    defaults = GuidanceConfig()
+    return {name: getattr(defaults, name) for name in GUIDANCE_FIELDS}
+
+
+def guidance_preset_values(preset: str, run_model: str) -> dict[str, float | int]:
+    """All exposed guidance fields under ``preset`` (custom starts from the paper's values)."""
+    from generation.config import weak_guidance_preset
+
+    values = guidance_defaults()
+    if preset == PRESET_WEAK:
+        spec = get_spec(run_model)
+        # README: threshold 350 on Zeroscope (576x320), 250 on ModelScope; the tiny models take ModelScope's.
+        base = "zeroscope" if (spec.width, spec.height) == (576, 320) else "modelscope"
+        weak = weak_guidance_preset(base)
+        values.update({name: getattr(weak, name) for name in GUIDANCE_FIELDS})
+    elif preset not in (PRESET_PAPER, PRESET_CUSTOM):
+        raise StudioError(f"unknown guidance preset {preset!r}; expected one of {GUIDANCE_PRESETS}")
+    return {name: values[name] for name in GUIDANCE_FIELDS}
+
+
+def guidance_flags(values: Mapping[str, float | int | None]) -> dict[str, float | int]:
+    """The guidance flags to pass: the fields whose value differs from the paper's default.
+
+    Raises StudioError for a missing or non-numeric value, naming the field.
+    """
+    defaults = guidance_defaults()
+    flags = {}
+    for name in GUIDANCE_FIELDS:
+        value = values.get(name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise StudioError(f"guidance value {name} must be a number, found {value!r}")
+        if name in INT_GUIDANCE_FIELDS:
+            if float(value) != int(value):
+                raise StudioError(f"guidance value {name} must be a whole number, found {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+        if value != defaults[name]:
+            flags[name] = value
+    return flags
+
+
+# --------------------------------------------------------------------------------------------
+# Generate
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    layout: SceneLayout
+    run_model: str
+    seed: int
+    num_inference_steps: int
+    guidance_flags: Mapping[str, float | int] = field(default_factory=dict)
+    with_baseline: bool = True
+
+
+@dataclass(frozen=True)
+class VideoOutput:
+    run_model: str
+    run_dir: Path                    # generate.py's run<k> layout: config.json, 0/video_0.*
+    video_gif: Path
+    video_joblib: Path
+    annotated_gif: Path | None
+    command: tuple[str, ...]         # the generate.py command that reproduces it
+    elapsed_s: float
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    run_root: Path
+    layout_file: Path
+    lvd: VideoOutput
+    baseline: VideoOutput | None
+    guidance_log: tuple[dict, ...]   # (step, iteration, timestep, energy, loss) of every guided iteration
+    commands_file: Path
+    notes: tuple[str, ...] = ()
+
+
+ProgressFn = Callable[[str, int, int], None]  # (what, e.g. "lvd_tiny: denoising step 3/40"; steps done; in all)
+
+
+class ModelPool:
+    """Loaded video models, shared by run-models that use the same weights (an LVD run-model and its
+    baseline), at most ``capacity`` weight sets at once. One generation at a time holds its lock."""
+
+    def __init__(self, settings: StudioSettings, capacity: int = MAX_LOADED_MODELS):
+        self.settings = settings
+        self.capacity = capacity
+        self.lock = threading.Lock()
+        self._models: OrderedDict[tuple, Any] = OrderedDict()
+
+    def _key(self, spec: RunModelSpec) -> tuple:
+        return (spec.family, spec.tiny, spec.model_id, spec.revision, spec.grounded,
+                self.settings.model_paths.get(spec.name))
+
+    def get(self, spec: RunModelSpec):
+        """The model of ``spec`` (``models.loading.load_video_model``), loaded once per weight set."""
+        from models.loading import load_video_model
+
+        key = self._key(spec)
+        if key not in self._models:
+            while len(self._models) >= self.capacity:
+                self._models.popitem(last=False)
+                _release_device_memory()
+            logger.info("loading %s", spec.name)
+            self._models[key] = load_video_model(spec, model_path=self.settings.model_paths.get(spec.name),
+                                                 device=self.settings.device, dtype=self.settings.dtype)
+        self._models.move_to_end(key)
+        # Same weights, this spec (the model records which run-model it serves).
+        return dataclasses.replace(self._models[key], spec=spec)
+
+
+def _release_device_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as the reproduction command shows it: relative to the repository root when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(REPO_ROOT))
+    except ValueError:
+        return str(path)
+
+
+def allocate_run_root(output_dir: str | os.PathLike) -> Path:
+    """A new ``<output_dir>/studio/run<k>`` (the first free k, created atomically)."""
+    base = Path(output_dir) / STUDIO_RUNS_DIR
+    base.mkdir(parents=True, exist_ok=True)
+    index = 0
+    while True:
+        candidate = base / f"run{index}"
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            index += 1
+
+
+def _parse_generate_args(config_argv: Sequence[str], output_dir: Path) -> argparse.Namespace:
+    """generate.py's own parser on the command's configuration flags, so that the configs below are
+    built exactly as the command line builds them.
+
+    The layout/prompt flags (--layout-file, --prompts) are left out: they select what to generate, not
+    how, and older generate.py versions lack them.
+    """
+    import generate
+
+    try:
+        return generate.build_parser().parse_args([*config_argv, "--output-dir", str(output_dir)])
+    except SystemExit as exit_:  # argparse already printed why
+        raise StudioError(f"generate.py rejects the settings {' '.join(config_argv)} (exit {exit_.code})") from None
+
+
+@dataclass(frozen=True)
+class _Configs:
+    """What generate.py's ``build_configs`` / ``build_gligen_config`` make of a command line."""
+
+    sampling: Any
+    guidance: Any
+    execution: Any
+    gligen: Any
+
+
+def _build_configs(args: argparse.Namespace, spec: RunModelSpec) -> _Configs:
+    import generate
+
+    try:
+        sampling, guidance, execution = generate.build_configs(args, spec)
+    except ValueError as error:  # RunModelError is a ValueError
+        raise StudioError(str(error)) from None
+    return _Configs(sampling, guidance, execution, generate.build_gligen_config(args, spec))
+
+
+def _save_run(run_dir: Path, args: argparse.Namespace, spec: RunModelSpec, model, configs: _Configs,
+              result, condition, elapsed_s: float, command: Sequence[str]) -> None:
+    """config.json and ``0/video_0.*`` as generate.py writes them (``generation.runs``); the config's
+    "command" is the reproduction command, not the app's own argv."""
+    from generation.runs import (OutputOptions, describe_environment, record_invocation,
+                                 save_video_outputs)
+
+    settings = {"run_model": dataclasses.asdict(spec), "prompt_type": "custom", "template_version": None,
+                "llm_model": None, "sampling": dataclasses.asdict(configs.sampling),
+                "guidance": dataclasses.asdict(configs.guidance) if configs.guidance is not None else None,
+                "execution": dataclasses.asdict(configs.execution),
+                "gligen": dataclasses.asdict(configs.gligen) if configs.gligen is not None else None,
+                "seed_rule": "prompt_index + 6789 * repeat_index + seed_offset"}
+    invocation = {"command": list(command), "written_by": "studio (app.py)", "args": vars(args), "rank": 0,
+                  "num_processes": 1, "window": [0, 1], "device": str(model.device), "dtype": str(model.dtype),
+                  "model_source": model.source, **describe_environment(str(model.device))}
+    record_invocation(run_dir, settings, invocation)
+    options = OutputOptions(formats=tuple(dict.fromkeys(args.save_formats)), fps=spec.fps,
+                            save_latents=args.save_latents, annotate=not args.no_annotate)
+    save_video_outputs(result, run_dir / "0", 0, condition, options, elapsed_s)
+
+
+def _video_output(spec_name: str, run_dir: Path, command: Sequence[str], elapsed_s: float) -> VideoOutput:
+    prompt_dir = run_dir / "0"
+    annotated = prompt_dir / "video_0_annotated.gif"
+    return VideoOutput(run_model=spec_name, run_dir=run_dir, video_gif=prompt_dir / "video_0.gif",
+                       video_joblib=prompt_dir / "video_0.joblib",
+                       annotated_gif=annotated if annotated.is_file() else None,
+                       command=tuple(command), elapsed_s=elapsed_s)
+
+
+def _generate_one(model, prompt: str, configs: _Configs, seed: int, condition,
+                  on_step: Callable[[int, int], None] | None):
+    from generation.sampling import generate_video
+
+    return generate_video(model, prompt, configs.sampling, seed, condition=condition, guidance=configs.guidance,
+                          gligen=configs.gligen, execution=configs.execution, step_callback=on_step)
+
+
+def run_generation(request: GenerationRequest, settings: StudioSettings, pool: ModelPool,
+                   progress: ProgressFn | None = None) -> GenerationResult:
+    """The LVD video of the layout and, beside it, the baseline video of the same prompt and seed.
+
+    Writes ``<output>/studio/run<k>/lvd`` and ``.../baseline`` as generate.py writes a run, the
+    layout file, and ``commands.sh`` with the generate.py commands that reproduce both videos.
+    Raises StudioError for settings or layouts the library rejects; other errors propagate.
+    """
+    spec = get_spec(request.run_model)
+    if spec.method not in LAYOUT_METHODS:
+        raise StudioError(f"run-model {spec.name!r} ({spec.method}) takes no layout; pick an LVD run-model")
+    try:
+        validate_layout(request.layout)
+    except LayoutError as error:
+        raise StudioError(str(error)) from None
+    if request.num_inference_steps < 1:
+        raise StudioError(f"steps must be at least 1, found {request.num_inference_steps}")
+    flags = dict(request.guidance_flags) if spec.method in GUIDED_METHODS else {}
+    problem = _weights_problem(spec, settings.model_paths.get(spec.name))
+    if problem:
+        raise StudioError(f"{spec.name}: {problem}")
+
+    shared = commands.CommandSettings(seed=request.seed, num_inference_steps=request.num_inference_steps,
+                                      device=settings.device, dtype=settings.dtype,
+                                      model_path=settings.model_paths.get(spec.name))
+    config_argv = commands.build_lvd_command(spec.name, "", shared, flags, "").config_argv
+    configs = _build_configs(_parse_generate_args(config_argv, Path(settings.output_dir)), spec)
+    sampling = configs.sampling
+    seed = _derive_seed(request.seed)
+
+    with pool.lock:
+        model = pool.get(spec)
+        try:  # the layout is checked against the tokenizer before any folder is made
+            from generation.backbones import backbone_for
+
+            condition = backbone_for(model).build_condition(request.layout, sampling.num_frames)
+        except LayoutError as error:
+            raise StudioError(str(error)) from None
+        run_root = allocate_run_root(settings.output_dir)
+        lvd_dir, layout_file = run_root / "lvd", run_root / "lvd" / "0" / "layout.json"
+        lvd_command = commands.build_lvd_command(spec.name, display_path(layout_file), shared, flags,
+                                                 display_path(run_root / "reproduce" / "lvd"))
+        args = _parse_generate_args(lvd_command.config_argv, lvd_dir)
+        write_layout_file(layout_file, request.layout, condition)
+        baseline_spec = baseline_for(spec) if request.with_baseline else None
+        if baseline_spec is not None and _weights_problem(baseline_spec, settings.model_paths.get(baseline_spec.name)):
+            baseline_spec = None
+        total = sampling.num_inference_steps * (2 if baseline_spec is not None else 1)
+
+        def on_step(offset: int, what: str):
+            return None if progress is None else (lambda i, n: progress(f"{what} {i + 1}/{n}", offset + i + 1, total))
+
+        started = time.perf_counter()
+        result = _generate_one(model, request.layout.prompt, configs, seed, condition,
+                               on_step(0, f"{spec.name}: denoising step"))
+        elapsed = time.perf_counter() - started
+        _save_run(lvd_dir, args, spec, model, configs, result, condition, elapsed, lvd_command.argv)
+        lvd = _video_output(spec.name, lvd_dir, lvd_command.argv, elapsed)
+
+        baseline = None
+        notes = []
+        if baseline_spec is None and request.with_baseline:
+            notes.append(f"no baseline: no unguided run-model with the weights of {spec.name} is available")
+        if baseline_spec is not None:
+            base_dir = run_root / "baseline"
+            base_shared = dataclasses.replace(shared, model_path=settings.model_paths.get(baseline_spec.name))
+            base_command = commands.build_baseline_command(baseline_spec.name, request.layout.prompt, base_shared,
+                                                           display_path(run_root / "reproduce" / "baseline"))
+            base_args = _parse_generate_args(base_command.config_argv, base_dir)
+            base_configs = _build_configs(base_args, baseline_spec)
+            base_model = pool.get(baseline_spec)
+            started = time.perf_counter()
+            # Baselines see the prompt as it is (generate.py's baselines take no layout).
+            base_result = _generate_one(base_model, request.layout.prompt, base_configs, seed, None,
+                                        on_step(sampling.num_inference_steps, f"{baseline_spec.name}: denoising step"))
+            base_elapsed = time.perf_counter() - started
+            _save_run(base_dir, base_args, baseline_spec, base_model, base_configs, base_result, None, base_elapsed,
+                      base_command.argv)
+            baseline = _video_output(baseline_spec.name, base_dir, base_command.argv, base_elapsed)
+
+    commands_file = run_root / "commands.sh"
+    lines = ["#!/usr/bin/env bash", "# Reproduce this studio run from the repository root.",
+             f"# LVD ({spec.name}):", commands.format_command(lvd.command)]
+    if baseline is not None:
+        lines += [f"# Baseline ({baseline.run_model}), same prompt and seed:",
+                  commands.format_command(baseline.command)]
+    atomic_write_text(commands_file, "\n".join(lines) + "\n")
+    log = tuple(dataclasses.asdict(record) for record in result.guidance_log)
+    return GenerationResult(run_root=run_root, layout_file=layout_file, lvd=lvd, baseline=baseline,
+                            guidance_log=log, commands_file=commands_file, notes=tuple(notes))
+
+
+def _derive_seed(seed_offset: int) -> int:
+    """The seed generate.py gives prompt 0, repeat 0 with ``--seed_offset seed_offset``."""
+    from generation.config import derive_seed
+
+    return derive_seed(0, 0, seed_offset)
+
+
+def scratch_path(directory: str | os.PathLike, name: str) -> Path:
+    """``<directory>/<fresh folder>/<name>``: a file for the page (preview GIF, layout download)."""
+    import tempfile
+
+    return Path(tempfile.mkdtemp(dir=directory)) / name

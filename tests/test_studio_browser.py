@@ -1,0 +1,263 @@
+"""The studio in a real browser: `python app.py` in a subprocess, headless Chromium through Playwright.
+
+Loads the page, plans from the demo cache, drags a box, generates with lvd_tiny at a few steps, and
+checks that the videos, the energy plot and the reproduction command appear, that the files exist,
+that the saved layout has the moved box, and that the video equals the library's bit for bit. The
+page must make no request outside 127.0.0.1 (it works offline).
+
+Screenshots of the three stages go to ``$LVD_TEST_ARTIFACTS/studio`` (default: the test's tmp folder).
+``LVD_STUDIO_DOCS=1`` also copies them to ``docs/studio-{plan,edit,result}.png`` (the README's).
+
+Skipped only when no Chromium binary exists (``apt-get install chromium``; .ci/run installs it). Under
+CI (``CI=true``) a missing app extra (Gradio, Playwright) is a failure, not a skip.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import joblib
+import numpy as np
+import pytest
+
+from studio_fixtures import DEMO_CACHE, DEMO_PROMPT, FAST_STEPS, REPO, copy_demo_cache, direct_library_video
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM_CANDIDATES = ("chromium", "chromium-browser", "/usr/bin/chromium")
+# Debian's Chromium in a sandbox-less container without network: no GPU, no QUIC, no background
+# traffic (update checks, sync, component downloads stall or fail on a closed network).
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+APP_START_TIMEOUT_S = 120
+GENERATE_TIMEOUT_MS = 180_000
+SEED = 5
+# Custom guidance: a threshold never reached and one iteration per step, so every step is guided
+# (a curve of FAST_STEPS points) at the cost of FAST_STEPS backward passes.
+LOSS_THRESHOLD = 0
+MAX_ITER = 1
+DRAG_PX = (45, -35)
+DOCS_NAMES = {"plan": "studio-plan.png", "edit": "studio-edit.png", "result": "studio-result.png"}
+
+
+def _chromium() -> str | None:
+    for name in CHROMIUM_CANDIDATES:
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _require(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        message = f"{module} is not installed: install the app extra with `bash scripts/setup.sh --dev --app`"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _torch_threads() -> str:
+    """This process's torch thread count, for the app: CPU results are bit-identical across processes
+    only with the same count (other tests change it), and the test compares the app's video with one
+    computed here."""
+    import torch
+
+    return str(torch.get_num_threads())
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _wait_for(url: str, process: subprocess.Popen, log_path: Path) -> None:
+    deadline = time.monotonic() + APP_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"app.py exited with {process.returncode}:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"app.py did not answer on {url} within {APP_START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
+
+
+@pytest.fixture()
+def running_app(tmp_path):
+    """``python app.py`` (the README command) on a free port, with private cache and output folders."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium binary (apt-get install chromium; .ci/run installs it)")
+    _require("gradio")
+    _require("playwright")
+    if _docs_mode():
+        # Screenshots for the README: the repository's folders, so the page shows the paths a user sees
+        # (the flow only reads cache/; outputs go to the git-ignored img_generations/).
+        cache_dir, output_dir = REPO / "cache", REPO / "img_generations"
+    else:
+        cache_dir, output_dir = tmp_path / "cache", tmp_path / "img_generations"
+        copy_demo_cache(cache_dir)
+    port = _free_port()
+    log_path = tmp_path / "app.log"
+    env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
+               HF_HUB_CACHE=str(tmp_path / "empty-hub"), PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS=_torch_threads())
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--cache-dir", str(cache_dir),
+                                    "--output-dir", str(output_dir)], cwd=REPO, env=env, stdout=log,
+                                   stderr=subprocess.STDOUT)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        _wait_for(url, process, log_path)
+        yield {"url": url, "chromium": chromium, "output_dir": output_dir, "cache_dir": cache_dir, "log": log_path}
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _docs_mode() -> bool:
+    return os.environ.get("LVD_STUDIO_DOCS") == "1"
+
+
+def _artifacts_dir(tmp_path: Path) -> Path:
+    root = os.environ.get("LVD_TEST_ARTIFACTS")
+    folder = (Path(root) if root else tmp_path) / "studio"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _stage(page, name: str):
+    # Gradio puts a column's elem_id on two nested elements; the outer one frames the stage.
+    return page.locator(f"#stage-{name}").first
+
+
+def test_plan_edit_generate_in_chromium(running_app, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    artifacts = _artifacts_dir(tmp_path)
+    shots = {}
+    outside_requests = []
+    console_errors = []
+    with sync_playwright() as playwright:
+        # A fresh profile folder (Playwright passes it as --user-data-dir; it adds --headless itself).
+        browser = playwright.chromium.launch_persistent_context(
+            tmp_path / "chromium-profile", executable_path=running_app["chromium"], headless=True,
+            args=[arg for arg in CHROMIUM_ARGS if arg != "--headless"], viewport={"width": 1360, "height": 1000})
+        try:
+            page = browser.new_page()
+            page.on("request", lambda r: outside_requests.append(r.url)
+                    if not r.url.startswith(("http://127.0.0.1", "data:", "blob:")) else None)
+            page.on("console", lambda m: console_errors.append(m.text) if m.type == "error" else None)
+            page.goto(running_app["url"], wait_until="networkidle")
+            assert "Tiny random-weight model" in page.inner_text("#tiny-note")
+            assert page.input_value("#prompt textarea") == DEMO_PROMPT
+
+            # 1. Plan from the demo cache.
+            page.click("#plan-button")
+            page.wait_for_selector("#layout-editor .lvd-box", timeout=60_000)
+            page.wait_for_function("document.querySelector('#edit-status').innerText.includes('Layout OK')")
+            assert "Planned from cache_demo_v0.1_handwritten.json" in page.inner_text("#plan-status")
+            assert page.locator("#layout-editor .lvd-box").count() == 6  # one bear in each keyframe
+            page.get_by_text("LLM reply").click()  # show the reply the layout was parsed from
+            page.wait_for_function("() => { const reply = document.querySelector('#reply-text textarea');"
+                                   " return reply !== null && reply.value.includes('Frame 1:'); }")
+            shots["plan"] = artifacts / "plan.png"
+            _stage(page, "plan").screenshot(path=shots["plan"])
+
+            # 2. Drag the bear of keyframe 4 up and to the right.
+            preview_before = page.get_attribute("#layout-preview img", "src")
+            rect = page.locator("#layout-editor .lvd-box[data-frame='3'] .lvd-rect")
+            rect.scroll_into_view_if_needed()
+            page.wait_for_timeout(500)  # the accordion above has finished opening: the box stays put
+            box = rect.bounding_box()
+            start = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.move(*start)
+            page.mouse.down()
+            page.mouse.move(start[0] + DRAG_PX[0], start[1] + DRAG_PX[1], steps=10)
+            page.mouse.up()
+            page.wait_for_function("(before) => { const img = document.querySelector('#layout-preview img');"
+                                   " return img && img.getAttribute('src') !== before; }", arg=preview_before,
+                                   timeout=30_000)
+            moved = page.locator("#layout-editor .lvd-box[data-frame='3'] .lvd-rect").bounding_box()
+            assert moved["x"] > box["x"] + 20 and moved["y"] < box["y"] - 15
+            shots["edit"] = artifacts / "edit.png"
+            _stage(page, "edit").screenshot(path=shots["edit"])
+
+            # 3. Generate with lvd_tiny at a few steps, custom guidance.
+            page.fill("#seed input", str(SEED))
+            page.fill("#steps input", str(FAST_STEPS))
+            page.fill("#guidance-loss_threshold input", str(LOSS_THRESHOLD))
+            page.keyboard.press("Tab")
+            page.fill("#guidance-max_iter input", str(MAX_ITER))
+            page.keyboard.press("Tab")
+            page.wait_for_function("document.querySelector('#preset input[value=\"custom\"]').checked")
+            page.click("#generate-button")
+            page.wait_for_function("document.querySelector('#generate-status').innerText.includes('Done')",
+                                   timeout=GENERATE_TIMEOUT_MS)
+            for element in ("#video-lvd img", "#video-baseline img", "#video-annotated img",
+                            "#energy-plot svg.marks .mark-line path"):
+                page.wait_for_selector(element, timeout=30_000)
+            command_text = page.inner_text("#repro-command")
+            page.wait_for_timeout(500)  # let the plot finish its transition before the screenshot
+            shots["result"] = artifacts / "result.png"
+            _stage(page, "result").screenshot(path=shots["result"])
+            page.screenshot(path=artifacts / "page.png", full_page=True)
+        finally:
+            browser.close()
+
+    assert outside_requests == [], f"the page asked for assets outside 127.0.0.1: {outside_requests}"
+    assert not console_errors, console_errors
+    lines = [line for line in command_text.splitlines() if line.startswith("python generate.py")]
+    assert len(lines) == 2, command_text
+    lvd_line, baseline_line = lines
+    assert f"--run-model lvd_tiny --seed_offset {SEED} --num_inference_steps {FAST_STEPS} " \
+           f"--loss_threshold {float(LOSS_THRESHOLD)!r} --max_iter {MAX_ITER} --layout-file " in lvd_line
+    assert "--run-model baseline_tiny" in baseline_line and f"--prompts '{DEMO_PROMPT}'" in baseline_line
+
+    # The files the page names are on disk, as generate.py writes them.
+    from studio import commands
+
+    argv = commands.parse_command(lvd_line)
+    layout_file = REPO / argv[argv.index("--layout-file") + 1]
+    run_root = layout_file.parents[2]
+    assert run_root.parent == running_app["output_dir"] / "studio"
+    for path in ("lvd/config.json", "lvd/0/video_0.gif", "lvd/0/video_0.joblib", "lvd/0/video_0_annotated.gif",
+                 "lvd/0/video_0.json", "baseline/config.json", "baseline/0/video_0.joblib", "commands.sh"):
+        assert (run_root / path).is_file(), path
+    assert json.loads((run_root / "lvd" / "config.json").read_text())["invocations"][-1]["command"] == argv
+
+    # The saved layout has the moved box (and only that change); the video is the library's.
+    saved = json.loads(layout_file.read_text())["layout"]["objects"][0]["keyframes_xyxy"]
+    original = json.loads(_demo_layout_json())["objects"][0]["keyframes_xyxy"]
+    changed = [k for k in range(6) if saved[k] != original[k]]
+    assert changed == [3], (saved, original)
+    assert saved[3][0] > original[3][0] and saved[3][1] < original[3][1]
+    frames = joblib.load(run_root / "lvd" / "0" / "video_0.joblib")
+    flags = {"loss_threshold": float(LOSS_THRESHOLD), "max_iter": MAX_ITER}
+    assert np.array_equal(frames, direct_library_video(layout_file, "lvd_tiny", SEED, FAST_STEPS, flags))
+
+    if _docs_mode():
+        for stage, name in DOCS_NAMES.items():
+            shutil.copyfile(shots[stage], REPO / "docs" / name)
+
+
+def _demo_layout_json() -> str:
+    from studio import backend
+
+    return json.dumps(backend.layout_to_dict(backend.plan_from_cache(DEMO_CACHE, DEMO_PROMPT).layout))

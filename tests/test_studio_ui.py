@@ -1,0 +1,101 @@
+"""The studio page's handlers, called without a browser: messages instead of tracebacks, a failed
+generation that leaves the app serving, the preset and run-model wiring. Needs the app extra."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+gr = pytest.importorskip("gradio", reason="the app extra is not installed (bash scripts/setup.sh --app)")
+
+from studio import backend, editor, ui  # noqa: E402
+from studio_fixtures import DEMO_CACHE, DEMO_PROMPT, studio_settings  # noqa: E402
+
+
+@pytest.fixture()
+def studio(tmp_path):
+    return ui.Studio(studio_settings(tmp_path))
+
+
+def test_the_page_builds_offline_with_the_tiny_models_first(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    app = ui.build_app(studio_settings(tmp_path))
+    assert app.analytics_enabled is False
+    assert app.studio.default_run_model() == "lvd_tiny"
+    assert app.studio.available_run_models() == ["lvd_tiny", "lvd-gligen_tiny", "lvd-plus_tiny"]
+    assert "<code>lvd_zeroscope</code>" in app.studio.unavailable_html()
+    assert app.studio.default_cache() == DEMO_CACHE.name
+
+
+def test_plan_then_edit(studio):
+    state, status, reply, preview, edit_status, download = studio.plan(
+        ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")
+    assert status.startswith("Planned from cache_demo_v0.1_handwritten.json, reply 0: 1 object(s) (bear)")
+    assert "Frame 1:" in reply and preview.endswith(".gif") and edit_status.startswith("Layout OK")
+    assert json.loads(open(download).read())["layout"]["objects"][0]["phrase"] == "bear"
+    assert (state["width"], state["height"]) == (128, 128) and state["palette"][0] == backend.editor_palette()[0]
+    moved = editor.move_box(state, 0, 0, 0.25, 0)
+    _, _, download = studio.edited(moved, "lvd_tiny")
+    saved = backend.read_layout_file(download)
+    assert saved == editor.state_to_layout(moved)
+
+
+def test_plan_and_edit_problems_are_messages(studio):
+    outputs = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, "A cat that is not cached", 0, "", "lvd_tiny")
+    assert outputs[1].startswith("**Plan failed:** no reply for 'A cat that is not cached'")
+    outputs = studio.plan(ui.SOURCE_LLM, None, DEMO_PROMPT, 0, "gpt-4", "lvd_tiny")
+    assert outputs[1] == ("**Plan failed:** no LLM endpoint is configured; start the app with --llm-base-url / "
+                          "OPENAI_API_KEY")
+    state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
+    state["objects"][0]["boxes"] = [None] * 6
+    _, message, _ = studio.edited(state, "lvd_tiny")
+    assert message == ("**Layout problem:** object 0 ('bear'): the object is in no keyframe; tick at least one "
+                       "or remove it")
+    assert studio.save_to_cache(state)[0].startswith("**Not saved:** object 0 ('bear')")
+
+
+def test_save_to_cache_reports_the_file(studio):
+    state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
+    message, choices = studio.save_to_cache(state)
+    assert message.startswith(f"Saved as reply 0 of {DEMO_PROMPT!r} in `")
+    assert "cache_studio_v0.1_edited.json" in message
+    assert choices["choices"] == [DEMO_CACHE.name, "cache_studio_v0.1_edited.json"]
+
+
+def test_presets_and_run_model_change(studio):
+    weak = studio.preset_values(backend.PRESET_WEAK, "lvd_tiny")
+    assert [u["value"] for u in weak] == [2.5, 250.0, 1, 10, 0.25, 0.25, 1.0, 2.0, 0.0]
+    assert all(u == gr.update() for u in studio.preset_values(backend.PRESET_CUSTOM, "lvd_tiny"))
+    state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
+    new_state, note, preview, status, download, *fields = studio.run_model_changed(
+        "lvd-gligen_tiny", state, backend.PRESET_PAPER)
+    assert note["visible"] is True and all(f["interactive"] is False for f in fields)  # no attention guidance
+    assert new_state["objects"] == state["objects"]
+
+
+def test_a_failed_generation_is_a_message_and_the_next_one_works(studio, monkeypatch):
+    state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
+    values = list(backend.guidance_preset_values(backend.PRESET_PAPER, "lvd_tiny").values())
+    real_run = backend.run_generation
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("CUDA error: device-side assert triggered")
+
+    monkeypatch.setattr(backend, "run_generation", failing)
+    outputs = studio.generate(state, "lvd_tiny", 0, 2, True, *values, progress=lambda *a, **k: None)
+    assert outputs[0] == "**Generation failed:** RuntimeError: CUDA error: device-side assert triggered"
+    assert outputs[1:] == (None, None, None, None, "", "")
+    monkeypatch.setattr(backend, "run_generation", real_run)
+    bad = dict(state, prompt=" ".join(["very"] * 80) + " long bear")
+    outputs = studio.generate(bad, "lvd_tiny", 0, 2, True, *values, progress=lambda *a, **k: None)
+    assert outputs[0].startswith("**Cannot generate:**") and "77-token limit" in outputs[0]
+    outputs = studio.generate(state, "lvd_tiny", 0.5, 2, True, *values, progress=lambda *a, **k: None)
+    assert outputs[0] == "**Cannot generate:** the seed must be a whole number, found 0.5"
+    status, lvd, baseline, annotated, energy, command, saved = studio.generate(
+        state, "lvd_tiny", 3, 2, True, *values, progress=lambda *a, **k: None)
+    assert status.startswith("Done: lvd_tiny in") and "These videos are noise" in status
+    assert lvd.endswith("lvd/0/video_0.gif") and baseline.endswith("baseline/0/video_0.gif")
+    assert annotated.endswith("video_0_annotated.gif") and list(energy.columns) == ["iteration", "energy", "step"]
+    assert command.startswith("```shell\npython generate.py --run-model lvd_tiny --seed_offset 3 "
+                              "--num_inference_steps 2 --layout-file ") and command.endswith("\n```")
+    assert "--run-model baseline_tiny" in command.splitlines()[2] and "commands.sh" in saved
