@@ -30,6 +30,8 @@ logger = logging.getLogger("generate")
 LAYOUT_METHODS = ("lvd", "lvd-plus", "lvd-gligen")
 GUIDED_METHODS = ("lvd", "lvd-plus")
 SAVE_FORMATS = ("gif", "joblib", "mp4")
+# --save-formats when the flag is not given (this list object: Wan run-models then add mp4, at their 16 fps).
+DEFAULT_SAVE_FORMATS = ["gif", "joblib"]
 PUBLISHED_CACHES_HINT = ("the authors' published GPT-4 / GPT-3.5 caches of the LVD benchmark come with their "
                          "release (see cache/README.md): pass --cache-dir DIR or copy them into cache/")
 
@@ -107,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: automatic)")
     parser.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
                         help="default: fp16 on CUDA (bf16 for Wan), fp32 on CPU")
-    parser.add_argument("--save-formats", nargs="+", default=None, choices=SAVE_FORMATS,
-                        help="default: gif joblib (Wan: gif joblib mp4)")
+    parser.add_argument("--save-formats", nargs="+", default=DEFAULT_SAVE_FORMATS, choices=SAVE_FORMATS,
+                        help="default: gif joblib (Wan run-models add mp4)")
     parser.add_argument("--save-latents", action="store_true", help="also save the final latents (.latents.pt)")
     parser.add_argument("--no-annotate", action="store_true", help="skip the annotated GIF with boxes and phrases")
     parser.add_argument("--visualize", action="store_true", help="save the layout box GIF of every prompt")
@@ -402,7 +404,9 @@ def _generate_all(items, args, spec, model, sampling, guidance, execution, glige
     from generation.runs import (OutputOptions, VideoJob, generate_and_save, is_video_done, remove_stale_temp_files,
                                  write_layout_record)
 
-    formats = args.save_formats or (["gif", "joblib", "mp4"] if spec.family == WAN_FAMILY else ["gif", "joblib"])
+    formats = list(args.save_formats)
+    if args.save_formats is DEFAULT_SAVE_FORMATS and spec.family == WAN_FAMILY:  # not given: Wan also writes mp4
+        formats.append("mp4")
     options = OutputOptions(formats=tuple(dict.fromkeys(formats)), fps=spec.fps,
                             save_latents=args.save_latents, annotate=not args.no_annotate)
     backbone = backbone_for(model)

@@ -369,11 +369,12 @@ class WanVideoModel:
 
     @contextlib.contextmanager
     def text_encoder_on_device(self) -> Iterator[UMT5EncoderModel]:
-        """The text encoder on ``device`` for the duration (moved back to the CPU afterwards when offloaded)."""
+        """The text encoder on ``device`` for the duration (moved back to the CPU afterwards when offloaded; a
+        nested use inside another leaves the move to the outer one)."""
         if self.text_encoder is None:
             raise ValueError(f"{self.source}: this Wan model was built without a text encoder; pass text "
                              "embeddings instead of prompts")
-        if not self.offload_text_encoder:
+        if not self.offload_text_encoder or next(self.text_encoder.parameters()).device == self.device:
             yield self.text_encoder
             return
         self.text_encoder.to(self.device)

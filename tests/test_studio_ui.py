@@ -22,7 +22,7 @@ def test_the_page_builds_offline_with_the_tiny_models_first(tmp_path, monkeypatc
     app = ui.build_app(studio_settings(tmp_path))
     assert app.analytics_enabled is False
     assert app.studio.default_run_model() == "lvd_tiny"
-    assert app.studio.available_run_models() == ["lvd_tiny", "lvd-gligen_tiny", "lvd-plus_tiny"]
+    assert app.studio.available_run_models() == ["lvd_tiny", "lvd-gligen_tiny", "lvd-plus_tiny", "lvd_wan_tiny"]
     assert "<code>lvd_zeroscope</code>" in app.studio.unavailable_html()
     assert app.studio.default_cache() == DEMO_CACHE.name
 

@@ -445,6 +445,21 @@ def test_corrector_setting_is_a_scheduler_config_and_zero_is_stock(model):
 # Run-models, loading, configs
 
 
+def test_an_offloaded_text_encoder_waits_on_the_cpu_and_encodes_the_same(model):
+    offloaded = model.with_text_encoder_offload(True)
+    try:
+        moves = []
+        handle = offloaded.text_encoder.register_forward_pre_hook(
+            lambda module, args: moves.append(next(module.parameters()).device.type))
+        text = backbone_for(offloaded).encode_text([PROMPT], WAN_NEGATIVE_PROMPT)
+        handle.remove()
+        assert moves == ["cpu", "cpu"]     # the model's device here is the CPU too: the path, not the transfer
+        assert torch.equal(text.cond, model.encode([PROMPT]))
+        assert offloaded.offload_text_encoder and not model.offload_text_encoder
+    finally:
+        model.with_text_encoder_offload(False)
+
+
 def test_run_models_carry_wans_defaults():
     for name in ("wan2.1-1.3b", "lvd_wan2.1-1.3b", "wan2.1-14b", "lvd_wan2.1-14b"):
         spec = get_run_model(name)

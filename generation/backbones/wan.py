@@ -93,10 +93,11 @@ class WanBackbone(Backbone):
     # -- text ------------------------------------------------------------------------------------
 
     def encode_text(self, prompts: Sequence[str], negative_prompt: str | None) -> TextConditioning:
-        cond = self.model.encode(list(prompts))
-        if negative_prompt is None:
-            return TextConditioning(cond=cond)
-        return TextConditioning(cond=cond, uncond=self.model.encode([negative_prompt] * len(prompts)))
+        with self.model.text_encoder_on_device():  # one visit of an offloaded encoder for both encodings
+            cond = self.model.encode(list(prompts))
+            if negative_prompt is None:
+                return TextConditioning(cond=cond)
+            return TextConditioning(cond=cond, uncond=self.model.encode([negative_prompt] * len(prompts)))
 
     def build_condition(self, layout: SceneLayout, num_frames: int) -> LayoutCondition:
         """The UNets' condition (same diffusion prompt, boxes for ``num_frames`` frames), with umT5 token
