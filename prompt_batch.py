@@ -44,7 +44,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from prompt import (ALL_PROMPT_TYPES, CUSTOM_PROMPT_TYPE, DEFAULT_TEMPLATE_VERSION, PromptListError, Template,
                     build_messages, format_messages, get_prompts, load_template, resolve_prompts)
-from utils.cache import DEFAULT_CACHE_DIR, CacheFormatError, LayoutCache, cache_path, occurrence_indices, select_window
+from utils.cache import (DEFAULT_CACHE_DIR, CacheFormatError, LayoutCache, cache_path, describe_missing_cache,
+                         occurrence_indices, select_window)
 from utils.cli import ensure_writable_dir, int_in, run_cli
 from utils.io import atomic_path
 from utils.layout import (BACKGROUND_LABEL, LayoutError, SceneLayout, parse_layout, validate_layout,
@@ -61,11 +62,6 @@ MAX_CONCURRENCY = 64
 DEFAULT_CONCURRENCY = 4
 DEFAULT_IMG_ROOT = Path("img_generations")
 INTERRUPT_HINT = "the replies saved so far are kept; rerun the same command to resume"
-# Where the authors' published caches come from (README, Stage 1).
-PUBLISHED_CACHES_HINT = ("the authors' published GPT-4 / GPT-3.5 caches are in the cache/ folder of "
-                         "github.com/TonyLianLong/LLM-groundedVideoDiffusion: pass --cache-dir DIR or copy them "
-                         "into cache/")
-
 
 @dataclass(frozen=True)
 class BatchConfig:
@@ -264,9 +260,8 @@ def run_batch(config: BatchConfig, client_factory: Callable[[], LLMClient] | Non
     logger.info("%s: %d prompts in the window, %d cached, %d to query", config.cache_path, len(window),
                 len(window) - len(misses), len(misses))
     if misses and not config.cache_path.exists():
-        logger.warning("no layout cache at %s yet: %d prompts need a reply (%s)", config.cache_path, len(misses),
-                       PUBLISHED_CACHES_HINT if config.prompt_type.startswith("lvd") else
-                       "pass --cache-dir DIR to use caches from elsewhere")
+        logger.warning("%s; %d prompt(s) need a reply, saved to a new cache there",
+                       describe_missing_cache(config.cache_path, how_to_make=False), len(misses))
     if misses:
         ensure_writable_dir(config.cache_path.parent, "--cache-dir")
     if (config.visualize and misses) or (config.visualize_cache_hit and len(misses) < len(window)):

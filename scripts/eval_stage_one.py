@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Callable, Sequence, TextIO
 
 from prompt import BENCHMARK_PROMPT_TYPES, BenchmarkPrompt, build_messages, get_benchmark, load_template
-from utils.cache import DEFAULT_CACHE_DIR, CacheFormatError, LayoutCache, cache_path, occurrence_indices, select_window
+from utils.cache import (DEFAULT_CACHE_DIR, CacheFormatError, LayoutCache, cache_path, describe_missing_cache,
+                         occurrence_indices, select_window)
 from utils.cli import ensure_writable_dir, int_in, run_cli
 from utils.io import atomic_write_json
 from utils.layout import LayoutError, normalize_prompt, validate_layout_for_generation
@@ -40,11 +41,6 @@ logger = logging.getLogger("eval_stage_one")
 
 # NOT SCORED lines printed before the rest are summed up in one line (all are in --json-out).
 MAX_LISTED_UNSCORED = 10
-PUBLISHED_CACHES = ("cache_lvd_v0.1_gpt-4-1106-preview.json", "cache_lvd_v0.1_gpt-3.5-turbo.json")
-PUBLISHED_CACHES_HINT = (f"the authors' published caches ({', '.join(PUBLISHED_CACHES)}) are in the cache/ folder "
-                         "of github.com/TonyLianLong/LLM-groundedVideoDiffusion: download them and pass --cache-dir "
-                         "DIR (or --cache-path FILE), or copy them into cache/; to make a cache of your own, run "
-                         "prompt_batch.py --auto-query")
 
 
 @dataclass
@@ -181,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     path = args.cache_path or cache_path(args.prompt_type, args.template_version, model, args.cache_dir)
     flag = "--cache-path" if args.cache_path else "--cache-dir"
     if not path.is_file():
-        print(f"error: no layout cache at {path} ({flag}); {PUBLISHED_CACHES_HINT}", file=sys.stderr)
+        print(f"error: {describe_missing_cache(path, flag)}", file=sys.stderr)
         return 2
     secrets: list[str] = []
     try:

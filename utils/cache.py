@@ -35,8 +35,21 @@ DEFAULT_CACHE_DIR = Path("cache")
 JSON_INDENT = 4  # the published format
 
 
+# Where the authors' published caches are (LVD release): named by every "no cache" message.
+PUBLISHED_CACHE_FILES = ("cache_lvd_v0.1_gpt-4-1106-preview.json", "cache_lvd_v0.1_gpt-3.5-turbo.json")
+PUBLISHED_CACHE_SOURCE = "the cache/ folder of github.com/TonyLianLong/LLM-groundedVideoDiffusion"
+
+
 class CacheFormatError(ValueError):
     """A cache file is not a JSON object of prompt -> list of reply strings."""
+
+
+def describe_missing_cache(path: str | os.PathLike, flag: str = "--cache-dir", *, how_to_make: bool = True) -> str:
+    """One line for a cache file that does not exist: the path, the flag to point elsewhere, where the
+    authors' published caches come from and (``how_to_make``) how to make one."""
+    text = (f"no layout cache at {path} ({flag}); the authors' published caches ({', '.join(PUBLISHED_CACHE_FILES)}) "
+            f"are in {PUBLISHED_CACHE_SOURCE}: download them and pass --cache-dir DIR, or copy them into cache/")
+    return text + ("; to make a cache of your own, run prompt_batch.py --auto-query" if how_to_make else "")
 
 
 def sanitize_model_name(model: str) -> str:

@@ -24,6 +24,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -283,7 +284,8 @@ def classify_request_error(error: Exception) -> tuple[str, int | None, str]:
         return TRANSIENT, None, f"connection error: {description}"
     if isinstance(error, openai.APIStatusError):
         status = error.status_code
-        description = f"HTTP {status}: {_one_line(error.message, 300)}"
+        message = re.sub(r"^Error code: \d+ - ", "", _one_line(error.message))  # the library's prefix
+        description = f"HTTP {status}: {_one_line(message, 300)}"
         if status in RETRYABLE_STATUSES or status >= 500:
             return TRANSIENT, status, description
         if status in (401, 403):
@@ -396,7 +398,7 @@ class LLMClient:
                 if self._closed.is_set():
                     kind = CANCELLED
                 if kind != TRANSIENT or attempt == max_tries:
-                    reason = f"gave up after {attempt} tries" if kind == TRANSIENT else f"{kind}, not retried"
+                    reason = {TRANSIENT: f"gave up after {attempt} tries", CANCELLED: "cancelled"}.get(kind, "not retried")
                     # from None: the library's exception holds the unredacted server answer.
                     raise LLMRequestError(f"chat request to {where} failed ({reason}): {description}",
                                           attempts=attempt, status=status, kind=kind, cause=description,
