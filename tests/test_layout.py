@@ -445,7 +445,10 @@ PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lvd-
 PUBLISHED_FILES = sorted(PUBLISHED.glob("cache_*.json")) if PUBLISHED.is_dir() else []
 
 
-def _reply_with(obj_text: str, frame: int = 3, other: str = "{'id': 0, 'name': 'dog', 'box': [100, 200, 80, 60]}") -> str:
+DOG = "{'id': 0, 'name': 'dog', 'box': [100, 200, 80, 60]}"
+
+
+def _reply_with(obj_text: str, frame: int = 3, other: str = DOG) -> str:
     frames = [f"Frame {k}: [{obj_text if k == frame else other}]" for k in range(1, 7)]
     return "Reasoning: r.\n\n" + "\n".join(frames) + "\nBackground keyword: park"
 
@@ -520,8 +523,8 @@ def test_odd_replies_rejected_are_those_stage_2_cannot_use(tokenizer):
 
 
 def test_literal_errors_say_why():
-    with pytest.raises(LayoutParseError, match=r"Frame 3 is not a Python list of dicts: ValueError: 'str\(1\)' is not a "
-                                               r"literal"):
+    with pytest.raises(LayoutParseError, match=r"Frame 3 is not a Python list of dicts: ValueError: 'str\(1\)' is "
+                                               r"not a literal"):
         parse_layout(_reply_with(ODD_OBJECTS["call"]), "A dog")
     with pytest.raises(LayoutParseError, match=re.escape("SyntaxError: closing parenthesis ']' does not match opening "
                                                          "parenthesis '{' at line 1, column 46")):
@@ -597,3 +600,23 @@ def test_every_published_reply_still_parses_and_validates_for_stage_2(path, toke
             assert layout_from_json(layout_to_json(layout)) == layout
             count += 1
     assert count == sum(len(replies) for replies in entries.values()) and count > 0
+
+
+def test_odd_replies_stage_1_accepts_generate_with_the_tiny_model(tiny_model):
+    # The fixed point end to end: what stage 1 would save runs through stage 2's guided sampling loop.
+    from generation.config import GuidanceConfig, SamplingConfig
+    from generation.sampling import generate_video
+    from models.registry import get_run_model
+    from utils.layout import validate_layout_for_generation
+    from utils.visualize import annotate_video
+
+    spec = get_run_model("lvd_tiny")
+    sampling = SamplingConfig(height=spec.height, width=spec.width, num_frames=8, num_inference_steps=3)
+    guidance = GuidanceConfig(guided_layers=spec.guided_layers, max_index_step=1, max_iter=1)
+    for name in ("slightly_out", "zero_size", "apostrophe_name", "non_ascii_name", "big_id"):
+        layout = parse_layout(_reply_with(ODD_OBJECTS[name]), "A dog chases a cat")
+        validate_layout_for_generation(layout, tiny_model.tokenizer)
+        condition = build_condition(layout, sampling.num_frames, tiny_model.tokenizer)
+        result = generate_video(tiny_model, condition.prompt, sampling, seed=0, condition=condition, guidance=guidance)
+        assert result.frames.shape == (8, spec.height, spec.width, 3) and len(result.guidance_log) == 1, name
+        assert annotate_video(result.frames, condition.boxes_xyxy, condition.phrases).shape == result.frames.shape

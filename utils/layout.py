@@ -641,8 +641,8 @@ def layout_from_dict(data: Mapping[str, Any]) -> SceneLayout:
     for position, obj in enumerate(data["objects"]):
         where = f"object #{position}"
         if not isinstance(obj, Mapping) or any(key not in obj for key in ("id", "phrase", "keyframes_xyxy")):
-            raise fail("expected {'id', 'phrase', 'keyframes_xyxy'}, found " + _snippet(json.dumps(obj, default=str), 80),
-                       where)
+            found = _snippet(json.dumps(obj, default=str), 80)
+            raise fail("expected {'id', 'phrase', 'keyframes_xyxy'}, found " + found, where)
         object_id, phrase, boxes = obj["id"], obj["phrase"], obj["keyframes_xyxy"]
         if isinstance(object_id, bool) or not isinstance(object_id, int):
             raise fail(f"'id' must be an integer, found {object_id!r}", where)

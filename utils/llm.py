@@ -398,7 +398,8 @@ class LLMClient:
                 if self._closed.is_set():
                     kind = CANCELLED
                 if kind != TRANSIENT or attempt == max_tries:
-                    reason = {TRANSIENT: f"gave up after {attempt} tries", CANCELLED: "cancelled"}.get(kind, "not retried")
+                    reason = {TRANSIENT: f"gave up after {attempt} tries", CANCELLED: "cancelled"}.get(
+                        kind, "not retried")
                     # from None: the library's exception holds the unredacted server answer.
                     raise LLMRequestError(f"chat request to {where} failed ({reason}): {description}",
                                           attempts=attempt, status=status, kind=kind, cause=description,
