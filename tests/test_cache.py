@@ -130,7 +130,7 @@ def test_store_adds_a_reply_once_per_occurrence(tmp_path):
 
 def _run_shard(path: str, barrier, replies: list[str]) -> None:
     cache = LayoutCache.load(path)
-    barrier.wait()
+    barrier.wait(timeout=30)
     for occurrence, reply in enumerate(replies):
         cache.store("repeated prompt", occurrence, reply)
         cache.store(f"prompt {occurrence}", 0, reply)
@@ -140,7 +140,7 @@ def test_the_same_shard_run_twice_at_once_stores_each_reply_once(tmp_path):
     path = str(tmp_path / "c.json")
     context = multiprocessing.get_context("fork")
     barrier = context.Barrier(2)
-    workers = [context.Process(target=_run_shard, args=(path, barrier, [f"{tag}{i}" for i in range(25)]))
+    workers = [context.Process(target=_run_shard, args=(path, barrier, [f"{tag}{i}" for i in range(25)]), daemon=True)
                for tag in ("a", "b")]
     for worker in workers:
         worker.start()
