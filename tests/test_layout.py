@@ -620,3 +620,12 @@ def test_odd_replies_stage_1_accepts_generate_with_the_tiny_model(tiny_model):
         result = generate_video(tiny_model, condition.prompt, sampling, seed=0, condition=condition, guidance=guidance)
         assert result.frames.shape == (8, spec.height, spec.width, 3) and len(result.guidance_log) == 1, name
         assert annotate_video(result.frames, condition.boxes_xyxy, condition.phrases).shape == result.frames.shape
+
+
+def test_detections_have_no_box_bound_but_llm_replies_do():
+    # OWLv2 boxes are relative to the padded square image: a pseudo-layout may reach far outside the frame.
+    frames = [[{"id": 0, "name": "a photo of a car", "box": [-48, 48, 96, 96]}]]
+    layout = build_layout_from_frames(frames, prompt="A car", background=None, canvas_size=(96, 48))
+    assert layout.tracks[0].keyframes[0] == Box(-0.5, 1.0, 0.5, 3.0)
+    with pytest.raises(LayoutValidationError, match="too far outside the canvas"):
+        build_layout_from_frames(frames, prompt="A car", canvas_size=(96, 48), max_box_overhang=1.0)

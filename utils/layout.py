@@ -263,7 +263,8 @@ def parse_layout(text: str, prompt: str, *, frame_labels: Sequence[str] = FRAME_
         # The reference also reads a reply without the first label (spec 2.3, step 1); when
         # that fails, the missing label is the error worth reporting.
         raise LayoutParseError(f"no '{first}' label found", prompt=prompt, text=text) from None
-    return build_layout_from_frames(frames, prompt=prompt, background=background, reasoning=leading)
+    return build_layout_from_frames(frames, prompt=prompt, background=background, reasoning=leading,
+                                    max_box_overhang=MAX_BOX_OVERHANG)
 
 
 def _check_number(value: Any, *, what: str, prompt: str, where: str, text: str) -> float:
@@ -281,18 +282,20 @@ def _check_number(value: Any, *, what: str, prompt: str, where: str, text: str) 
     return number
 
 
-def _check_box_extent(box: Box, *, prompt: str | None, where: str, text: str | None = None,
-                      canvas_size: int | tuple[int, int] = CANVAS_SIZE) -> None:
-    """Reject a box that reaches more than :data:`MAX_BOX_OVERHANG` canvases beyond the canvas."""
-    low, high = -MAX_BOX_OVERHANG, 1.0 + MAX_BOX_OVERHANG
+def _check_box_extent(box: Box, max_overhang: float | None, *, prompt: str | None, where: str,
+                      text: str | None = None, canvas_size: int | tuple[int, int] = CANVAS_SIZE) -> None:
+    """Reject a box that reaches more than ``max_overhang`` canvases beyond the canvas (None: no limit)."""
+    if max_overhang is None:
+        return
+    low, high = -max_overhang, 1.0 + max_overhang
     if all(low <= value <= high for value in box.as_tuple()):
         return
     width, height = (canvas_size, canvas_size) if isinstance(canvas_size, int) else canvas_size
     xyxy = ", ".join(f"{v:.6g}" for v in box.as_tuple())
     raise LayoutValidationError(
-        f"box reaches too far outside the canvas: normalised xyxy ({xyxy}); each edge must lie within one "
-        f"canvas of it ([{low * width:g}, {high * width:g}] px across, [{low * height:g}, {high * height:g}] "
-        f"px down on the {width}x{height} canvas)", prompt=prompt, where=where, text=text)
+        f"box reaches too far outside the canvas: normalised xyxy ({xyxy}); each edge must lie within "
+        f"{max_overhang:g} canvas size(s) of it ([{low * width:g}, {high * width:g}] px across, [{low * height:g}, "
+        f"{high * height:g}] px down on the {width}x{height} canvas)", prompt=prompt, where=where, text=text)
 
 
 def _check_phrase(phrase: Any, *, prompt: str | None, where: str, text: str | None = None) -> None:
@@ -312,13 +315,15 @@ def _check_phrase(phrase: Any, *, prompt: str | None, where: str, text: str | No
 
 
 def build_layout_from_frames(frames: Sequence[Any], *, prompt: str, background: str | None = "",
-                             reasoning: str = "",
-                             canvas_size: int | tuple[int, int] = CANVAS_SIZE) -> SceneLayout:
+                             reasoning: str = "", canvas_size: int | tuple[int, int] = CANVAS_SIZE,
+                             max_box_overhang: float | None = None) -> SceneLayout:
     """Frames of ``{id, name, box}`` dicts (pixel xywh) -> a validated :class:`SceneLayout`.
 
     Shared by the LLM parser and the detector's pseudo-layouts (stage 2), so both stages build
     tracks the same way: by id in order of first appearance, the phrase of the first appearance
     (``keyword`` if ``name`` is missing), the later box when an id repeats within a frame (spec 2.5).
+    ``max_box_overhang`` bounds how far a box may reach outside the canvas, in canvas sizes: LLM
+    replies use :data:`MAX_BOX_OVERHANG`; detections (boxes of a padded image) have no bound.
     """
     num_keyframes = len(frames)
     phrases: dict[int, str] = {}
@@ -367,24 +372,26 @@ def build_layout_from_frames(frames: Sequence[Any], *, prompt: str, background: 
                                prompt, where, object_id)
             seen_in_frame.add(object_id)
             box_xyxy = Box.from_xywh_px((x, y, w, h), canvas_size)
-            _check_box_extent(box_xyxy, prompt=prompt, where=obj_where, text=repr(obj), canvas_size=canvas_size)
+            _check_box_extent(box_xyxy, max_box_overhang, prompt=prompt, where=obj_where, text=repr(obj),
+                              canvas_size=canvas_size)
             keyframes[object_id][frame_index] = box_xyxy
     tracks = tuple(ObjectTrack(object_id, phrases[object_id], tuple(keyframes[object_id]))
                    for object_id in phrases)
     layout = SceneLayout(prompt=prompt, background=background or "",
                          tracks=tracks, num_keyframes=num_keyframes, reasoning=reasoning)
-    validate_layout(layout)
+    validate_layout(layout, max_box_overhang=max_box_overhang)
     return layout
 
 
-def validate_layout(layout: SceneLayout) -> None:
+def validate_layout(layout: SceneLayout, *, max_box_overhang: float | None = MAX_BOX_OVERHANG) -> None:
     """Raise :class:`LayoutValidationError` if the layout is not usable.
 
     Boxes partly outside the canvas and zero-size boxes are accepted, as in the reference: the
     published caches contain them and rasterisation clips them (spec 4.3). Rejected, beyond the
-    reference (which crashed later or drew garbage): non-finite boxes, boxes reaching more than one
-    canvas beyond the canvas, names longer than :data:`MAX_PHRASE_CHARS` or with invisible/control
-    characters. Every reply of the published caches passes.
+    reference (which crashed later or drew garbage): non-finite boxes, boxes reaching more than
+    ``max_box_overhang`` canvases beyond the canvas (None: no bound, for detections), names longer
+    than :data:`MAX_PHRASE_CHARS` or with invisible/control characters. Every reply of the published
+    caches passes.
     """
     if not isinstance(layout.prompt, str) or not layout.prompt.strip():
         raise LayoutValidationError(f"a layout needs a non-empty prompt, found {layout.prompt!r}")
@@ -415,7 +422,7 @@ def validate_layout(layout: SceneLayout) -> None:
             if box.x_max < box.x_min or box.y_max < box.y_min:
                 raise LayoutValidationError(f"box has a negative size: xyxy {values}",
                                             prompt=layout.prompt, where=f"frame {frame_index + 1}, {where}")
-            _check_box_extent(box, prompt=layout.prompt, where=f"frame {frame_index + 1}, {where}")
+            _check_box_extent(box, max_box_overhang, prompt=layout.prompt, where=f"frame {frame_index + 1}, {where}")
 
 
 def validate_layout_for_generation(layout: SceneLayout, tokenizer) -> None:
