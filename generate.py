@@ -19,11 +19,14 @@ import sys
 from pathlib import Path
 
 from models.registry import WAN_FAMILY, RunModelError, get_run_model, run_model_names, wan_guided_layers
-from prompt import DEFAULT_TEMPLATE_VERSION, PROMPT_TYPES, get_prompts
-from utils.cache import CacheFormatError, LayoutCache, cache_path, occurrence_indices, select_window
+from prompt import (CUSTOM_PROMPT_TYPE, DEFAULT_TEMPLATE_VERSION, PromptList, PromptListError, add_prompt_arguments,
+                    prompts_from_args)
+from utils.cache import (CacheFormatError, LayoutCache, cache_path, describe_missing_cache, occurrence_indices,
+                         select_window)
 from utils.cli import OutputDirError, ensure_writable_dir, float_in, int_in, run_cli
 from utils.failures import FAILURES_FILE, describe_error, record_failure
-from utils.layout import LayoutError, parse_layout
+from utils.layout import LayoutError, SceneLayout, parse_layout_file
+from utils.planner import CacheMissError, load_or_query_layout
 
 logger = logging.getLogger("generate")
 
@@ -32,8 +35,6 @@ GUIDED_METHODS = ("lvd", "lvd-plus")
 SAVE_FORMATS = ("gif", "joblib", "mp4")
 # --save-formats when the flag is not given (this list object: Wan run-models then add mp4, at their 16 fps).
 DEFAULT_SAVE_FORMATS = ["gif", "joblib"]
-PUBLISHED_CACHES_HINT = ("the authors' published GPT-4 / GPT-3.5 caches of the LVD benchmark come with their "
-                         "release (see cache/README.md): pass --cache-dir DIR or copy them into cache/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +45,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=None,
                         help="LLM whose layout cache to read, e.g. gpt-4-1106-preview (the demo cache: handwritten)")
     parser.add_argument("--template_version", default=DEFAULT_TEMPLATE_VERSION)
-    parser.add_argument("--prompt-type", default="demo", choices=PROMPT_TYPES)
+    add_prompt_arguments(parser)
+    parser.add_argument("--layout-file", nargs="+", default=None, metavar="FILE",
+                        help="generate the layouts of these JSON files (a layout.json generate.py wrote, or a bare "
+                             "serialised layout) instead of reading an LLM cache; prompt type custom")
     parser.add_argument("--cache-dir", default="cache", help="folder of the layout caches")
     parser.add_argument("--output-dir", default="img_generations", help="root of the run directories")
     parser.add_argument("--save-suffix", default=None, help="appended as _<suffix> to the run directory name")
@@ -132,12 +136,12 @@ def resolve_llm_model(model: str | None) -> str | None:
     return resolve_model_name(model) if model else model
 
 
-def run_base_dir(args, spec) -> Path:
+def run_base_dir(args, spec, prompt_type: str) -> Path:
     """``<output>/imgs_<type>_template<ver><M>_<run-model><S>`` (spec 8.1)."""
     model = resolve_llm_model(args.model)
     model_part = "" if model in (None, "gpt-4") else f"_{model.replace('/', '__')}"
     suffix = f"_{args.save_suffix}" if args.save_suffix else ""
-    return Path(args.output_dir) / f"imgs_{args.prompt_type}_template{args.template_version}{model_part}_{spec.name}{suffix}"
+    return Path(args.output_dir) / f"imgs_{prompt_type}_template{args.template_version}{model_part}_{spec.name}{suffix}"
 
 
 def first_unused_run_index(base: Path) -> int:
@@ -209,18 +213,60 @@ def plan_items(prompts: list[str], args) -> list[tuple[int, str, int]]:
     """(running index, prompt, occurrence) of the window, over all ``--regenerate`` passes (spec 5.4: the
     index counts on across passes and gives the seed and the folder)."""
     occurrences = occurrence_indices(prompts)
-    window = select_window(len(prompts) * args.regenerate, args.skip_first_prompts, args.num_prompts)
+    window = select_window(len(prompts), args.skip_first_prompts, args.num_prompts, passes=args.regenerate)
     return [(index, prompts[index % len(prompts)], occurrences[index % len(prompts)]) for index in window]
 
 
-def load_layout_cache(path: Path) -> LayoutCache:
-    """The cache file (raises CacheFormatError or OSError with the path in the message)."""
-    try:
-        return LayoutCache.load(path)
-    except CacheFormatError:
-        raise
-    except (OSError, UnicodeDecodeError) as error:
-        raise CacheFormatError(f"{path}: cannot read the layout cache ({describe_error(error)})") from None
+class LayoutSource:
+    """Where a prompt's layout comes from: the LLM cache (by prompt and occurrence) or ``--layout-file``s
+    (the k-th prompt of the list is the k-th file's layout). Raises CacheMissError or LayoutError."""
+
+    def __init__(self, cache: LayoutCache | None = None, layouts: list[SceneLayout] | None = None,
+                 files: list[str] | None = None):
+        self.cache = cache
+        self.layouts = layouts
+        self.files = files
+
+    def layout(self, index: int, prompt: str, occurrence: int) -> SceneLayout:
+        if self.layouts is not None:
+            return self.layouts[index % len(self.layouts)]
+        return load_or_query_layout(self.cache, prompt, occurrence).layout
+
+    def describe(self) -> dict:
+        """What config.json records about it: the cache or the files, each with its SHA-256."""
+        from generation.runs import file_sha256
+
+        if self.layouts is not None:
+            return {"layout_files": [{"path": str(path), "sha256": file_sha256(path)} for path in self.files]}
+        return {"layout_cache": {"path": str(self.cache.path), "sha256": file_sha256(self.cache.path)}}
+
+
+def resolve_prompt_list(args, uses_layout: bool, llm_model: str | None) -> tuple[PromptList, LayoutSource | None]:
+    """The prompts of the run and, for layout methods, where their layouts come from.
+
+    Raises PromptListError, LayoutError (a bad layout file) or CacheFormatError, each one line.
+    """
+    if args.layout_file:
+        if args.prompts is not None or args.prompts_file is not None or args.prompt_type not in (None,
+                                                                                                 CUSTOM_PROMPT_TYPE):
+            raise PromptListError("--layout-file takes its prompts from the files: drop --prompts / --prompts-file "
+                                  "/ --prompt-type")
+        if args.model:
+            raise PromptListError("--layout-file reads the layouts from the files, not from an LLM cache: drop --model")
+        layouts = [parse_layout_file(path) for path in args.layout_file]
+        prompts = PromptList(CUSTOM_PROMPT_TYPE, tuple(layout.prompt for layout in layouts), "--layout-file")
+        return prompts, LayoutSource(layouts=layouts, files=list(args.layout_file)) if uses_layout else None
+    prompts = prompts_from_args(args)
+    if not uses_layout:
+        return prompts, None
+    if not llm_model:
+        raise PromptListError("--model is required for layout methods: it names the layout cache to read "
+                              "(e.g. --model gpt-4-1106-preview, or --model handwritten for the demo), or pass "
+                              "--layout-file FILE")
+    path = cache_path(prompts.prompt_type, args.template_version, llm_model, cache_dir=args.cache_dir)
+    if not path.is_file():
+        raise CacheFormatError(describe_missing_cache(path))
+    return prompts, LayoutSource(cache=LayoutCache.load(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -253,29 +299,15 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --visualize needs a layout method (baselines have no layout)", file=sys.stderr)
         return 2
     llm_model = resolve_llm_model(args.model)
-    prompts = get_prompts(args.prompt_type)
-    items = plan_items(prompts, args)
-
-    cache = None
-    if uses_layout:
-        if not llm_model:
-            print("error: --model is required for layout methods: it names the layout cache to read "
-                  "(e.g. --model gpt-4-1106-preview, or --model handwritten for the demo)", file=sys.stderr)
-            return 2
-        path = cache_path(args.prompt_type, args.template_version, llm_model, cache_dir=args.cache_dir)
-        if not path.is_file():
-            print(f"error: no layout cache at {path} (--cache-dir {args.cache_dir}); make one with prompt_batch.py "
-                  f"--prompt-type {args.prompt_type} --model {llm_model} --auto-query, or point --cache-dir at a "
-                  f"folder that has it ({PUBLISHED_CACHES_HINT})", file=sys.stderr)
-            return 2
-        try:
-            cache = load_layout_cache(path)
-        except CacheFormatError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    try:
+        prompt_list, source = resolve_prompt_list(args, uses_layout, llm_model)
+    except (PromptListError, LayoutError, CacheFormatError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    items = plan_items(list(prompt_list.prompts), args)
 
     if args.dry_run:
-        return _dry_run(items, cache, uses_layout, sampling.num_frames)
+        return _dry_run(items, source, sampling.num_frames)
     try:
         ensure_writable_dir(args.output_dir, "--output-dir")
     except OutputDirError as error:
@@ -288,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     # Without CUDA, processes started by a multi-process launcher (accelerate launch --multi_gpu, torchrun)
     # join a CPU (gloo) group; accelerate's own `--cpu` launcher starts one process unless MPI is set up.
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    base = run_base_dir(args, spec)
+    base = run_base_dir(args, spec, prompt_list.prompt_type)
     run_index = args.force_run_ind if args.force_run_ind is not None else first_unused_run_index(base)
     state.wait_for_everyone()  # every process picked the index before any creates it
     my_items = items[state.process_index::state.num_processes]
@@ -311,31 +343,26 @@ def main(argv: list[str] | None = None) -> int:
     if spec.tiny:
         print(f"note: {spec.name} is a tiny random-weight model; its videos are noise (it exercises the code paths)")
     run = _RunFolder(base / f"run{run_index}", args, spec, sampling, guidance, execution, gligen, llm_model, model,
-                     state, cache)
+                     state, source, prompt_list.prompt_type)
     try:
-        return _generate_all(my_items, args, spec, model, sampling, guidance, execution, gligen, cache, run, state)
+        return _generate_all(my_items, args, spec, model, sampling, guidance, execution, gligen, source, run, state)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished videos are kept in {run.path}; rerun the same command with "
               f"--force_run_ind {run_index} to resume", file=sys.stderr)
         return 130
 
 
-def _dry_run(items, cache, uses_layout, num_frames: int) -> int:
+def _dry_run(items, source: LayoutSource | None, num_frames: int) -> int:
     from utils.layout import build_condition
 
     missing = 0
     for index, prompt, occurrence in items:
-        if not uses_layout:
+        if source is None:
             print(f"[{index}] {prompt}")
             continue
-        reply = cache.get(prompt, occurrence)
-        if reply is None:
-            missing += 1
-            print(f"[{index}] no cached layout for {prompt!r} (occurrence {occurrence})")
-            continue
         try:
-            layout = parse_layout(reply, prompt)
-        except LayoutError as error:
+            layout = source.layout(index, prompt, occurrence)
+        except (CacheMissError, LayoutError) as error:
             missing += 1
             print(f"[{index}] {error}")
             continue
@@ -347,9 +374,11 @@ def _dry_run(items, cache, uses_layout, num_frames: int) -> int:
 class _RunFolder:
     """``run<k>``: created, with this process's record in config.json, when the first output is written."""
 
-    def __init__(self, path: Path, args, spec, sampling, guidance, execution, gligen, llm_model, model, state, cache):
+    def __init__(self, path: Path, args, spec, sampling, guidance, execution, gligen, llm_model, model, state, source,
+                 prompt_type):
         self.path = path
-        self._record = (args, spec, sampling, guidance, execution, gligen, llm_model, model, state, cache)
+        self._record = (args, spec, sampling, guidance, execution, gligen, llm_model, model, state, source,
+                        prompt_type)
         self._ready = False
 
     def ensure(self) -> Path:
@@ -367,11 +396,11 @@ class _RunFolder:
 
 
 def _record_invocation(run_dir: Path, args, spec, sampling, guidance, execution, gligen, llm_model, model, state,
-                       cache) -> list[str]:
-    from generation.runs import describe_environment, file_sha256, record_invocation
+                       source, prompt_type) -> list[str]:
+    from generation.runs import describe_environment, record_invocation
 
     settings = {
-        "run_model": dataclasses.asdict(spec), "prompt_type": args.prompt_type,
+        "run_model": dataclasses.asdict(spec), "prompt_type": prompt_type,
         "template_version": args.template_version, "llm_model": llm_model,
         "sampling": dataclasses.asdict(sampling),
         "guidance": dataclasses.asdict(guidance) if guidance is not None else None,
@@ -387,15 +416,14 @@ def _record_invocation(run_dir: Path, args, spec, sampling, guidance, execution,
     invocation = {
         "command": sys.argv, "args": vars(args), "rank": state.process_index, "num_processes": state.num_processes,
         "window": [args.skip_first_prompts, end], "device": str(model.device), "dtype": str(model.dtype),
-        "model_source": model.source,
-        "layout_cache": None if cache is None else {"path": str(cache.path), "sha256": file_sha256(cache.path)},
+        "model_source": model.source, **({} if source is None else source.describe()),
         **describe_environment(str(model.device)),
     }
     return record_invocation(run_dir, settings, invocation)
 
 
-def _generate_all(items, args, spec, model, sampling, guidance, execution, gligen, cache, run: _RunFolder,
-                  state) -> int:
+def _generate_all(items, args, spec, model, sampling, guidance, execution, gligen, source: LayoutSource | None,
+                  run: _RunFolder, state) -> int:
     import torch
     from tqdm import tqdm
 
@@ -432,14 +460,19 @@ def _generate_all(items, args, spec, model, sampling, guidance, execution, glige
         if not todo:
             continue
         condition = None
-        if cache is not None:
-            reply = cache.get(prompt, occurrence)
-            if reply is None:
+        if source is not None:
+            try:
+                layout = source.layout(index, prompt, occurrence)
+            except CacheMissError:
                 tqdm.write(f"[{index}] no cached layout for {prompt!r} (occurrence {occurrence}); skipped")
                 counts["missing_layout"] += 1
                 continue
+            except LayoutError as error:  # a bad cached reply never stops the batch (unless --fail-fast)
+                fail(index, prompt, error)
+                if args.fail_fast:
+                    return 1
+                continue
             try:
-                layout = parse_layout(reply, prompt)
                 condition = backbone.build_condition(layout, sampling.num_frames)
                 write_layout_record(run.prompt_folder(index), prompt=prompt, index=index, occurrence=occurrence,
                                     layout=layout, condition=condition)

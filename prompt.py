@@ -10,6 +10,7 @@ import functools
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -207,3 +208,109 @@ def get_prompt_entries(prompt_type: str) -> list[tuple[str, Check | None]]:
     if prompt_type in BENCHMARK_PROMPT_TYPES:
         return [(normalize_prompt(item.prompt), item.check) for item in get_benchmark(prompt_type)]
     return [(prompt, None) for prompt in get_prompts(prompt_type)]
+
+
+# --------------------------------------------------------------------------------------------
+# Free-text prompts: --prompts "A cat ..." "A dog ..." / --prompts-file FILE
+
+CUSTOM_PROMPT_TYPE = "custom"  # the prompt type of free text: cache_custom_<version>_<model>.json
+# Every prompt type a CLI can take: the sets above plus free text.
+ALL_PROMPT_TYPES = (*PROMPT_TYPES, CUSTOM_PROMPT_TYPE)
+
+
+class PromptListError(ValueError):
+    """The prompt list cannot be built: conflicting flags, an unreadable file, no prompts."""
+
+
+@dataclass(frozen=True)
+class PromptList:
+    """The prompts of a run and the prompt type that names its cache and output folders."""
+
+    prompt_type: str
+    prompts: tuple[str, ...]
+    source: str  # where they came from, for messages: "--prompt-type lvd", "--prompts", "--prompts-file F"
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+
+def read_prompts_file(path: str | Path) -> list[str]:
+    """One prompt per line, normalised; empty lines and lines starting with ``#`` are skipped.
+
+    Raises :class:`PromptListError` naming the file (and the line) for an unreadable file, a line
+    that is empty once normalised (e.g. ``...``) and a file without prompts.
+    """
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise PromptListError(f"--prompts-file {path}: cannot read it ({reason})") from None
+    prompts = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        prompt = normalize_prompt(line)
+        if not prompt:
+            raise PromptListError(f"--prompts-file {path}, line {number}: {line.strip()!r} is no prompt once "
+                                  "trailing periods are removed")
+        prompts.append(prompt)
+    if not prompts:
+        raise PromptListError(f"--prompts-file {path}: no prompts in it (one per line; empty lines and "
+                              "# comments are skipped)")
+    return prompts
+
+
+def resolve_prompts(prompt_type: str | None = None, prompts: Sequence[str] | None = None,
+                    prompts_file: str | Path | None = None, *, default_prompt_type: str = "demo") -> PromptList:
+    """The prompt list from exactly one source: a prompt type, ``--prompts`` or ``--prompts-file``.
+
+    Free text gets the prompt type ``custom`` (``prompt_type`` may be None or ``custom`` then);
+    without any source, ``default_prompt_type``. Prompts are normalised (stripped, trailing periods
+    removed), repeats kept. Raises :class:`PromptListError` for conflicting sources, an empty list
+    or an empty prompt, and for ``custom`` without free text.
+    """
+    if prompts is not None and prompts_file is not None:
+        raise PromptListError("give --prompts or --prompts-file, not both")
+    free_text = prompts is not None or prompts_file is not None
+    if free_text and prompt_type not in (None, CUSTOM_PROMPT_TYPE):
+        raise PromptListError(f"--prompts / --prompts-file make the prompt type {CUSTOM_PROMPT_TYPE!r}; "
+                              f"drop --prompt-type {prompt_type}")
+    if prompts_file is not None:
+        return PromptList(CUSTOM_PROMPT_TYPE, tuple(read_prompts_file(prompts_file)), f"--prompts-file {prompts_file}")
+    if prompts is not None:
+        normalized = []
+        for number, text in enumerate(prompts, start=1):
+            if not isinstance(text, str) or not normalize_prompt(text):
+                raise PromptListError(f"--prompts: prompt {number} ({text!r}) is empty")
+            normalized.append(normalize_prompt(text))
+        if not normalized:
+            raise PromptListError("--prompts: no prompts given")
+        return PromptList(CUSTOM_PROMPT_TYPE, tuple(normalized), "--prompts")
+    prompt_type = prompt_type or default_prompt_type
+    if prompt_type == CUSTOM_PROMPT_TYPE:
+        raise PromptListError(f"prompt type {CUSTOM_PROMPT_TYPE!r} takes its prompts from --prompts \"A cat ...\" "
+                              "or --prompts-file FILE")
+    try:
+        return PromptList(prompt_type, tuple(get_prompts(prompt_type)), f"--prompt-type {prompt_type}")
+    except ValueError as error:
+        raise PromptListError(str(error)) from None
+
+
+def add_prompt_arguments(parser, *, default_prompt_type: str = "demo") -> None:
+    """``--prompt-type`` / ``--prompts`` / ``--prompts-file`` on an argparse parser; read them with
+    :func:`prompts_from_args`. ``--prompt-type`` defaults to None so that a clash can be told apart."""
+    parser.add_argument("--prompt-type", default=None, choices=ALL_PROMPT_TYPES,
+                        help=f"prompt set (default {default_prompt_type}); {CUSTOM_PROMPT_TYPE} for --prompts / "
+                             f"--prompts-file")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--prompts", nargs="+", metavar="PROMPT", default=None,
+                       help=f"free-text prompts instead of a prompt set (prompt type {CUSTOM_PROMPT_TYPE!r})")
+    group.add_argument("--prompts-file", default=None, metavar="FILE",
+                       help="a file of prompts, one per line (empty lines and # comments are skipped)")
+
+
+def prompts_from_args(args, *, default_prompt_type: str = "demo") -> PromptList:
+    """:func:`resolve_prompts` of the flags added by :func:`add_prompt_arguments`."""
+    return resolve_prompts(args.prompt_type, args.prompts, args.prompts_file,
+                           default_prompt_type=default_prompt_type)

@@ -7,16 +7,25 @@ Examples::
         --template_version v0.1 --auto-query --always-save
     python prompt_batch.py --prompt-type lvd --model Qwen/Qwen2.5-7B-Instruct --template_version v0.1 \\
         --auto-query --always-save --llm-base-url http://localhost:8000/v1 --concurrency 16
+    python prompt_batch.py --prompts "A cat jumps onto a sofa" "A dog runs to the left" --model gpt-4 \\
+        --template_version v0.1 --auto-query --always-save     # prompt type "custom"
 
 Behaviour (reference spec 1.3), with these differences that change no saved reply:
 
-- The k-th occurrence of a prompt reads reply k of the cache, also in a shard of the list.
+- The k-th occurrence of a prompt reads reply k of the cache, also in a shard of the list, and a
+  reply is saved only if its (prompt, occurrence) has none yet (utils.planner.load_or_query_layout).
 - With ``--auto-query`` up to ``--concurrency`` requests are in flight; replies are handled and
   saved in prompt-list order, so the cache file is the one a sequential run would write.
 - Manual mode (no ``--auto-query``) works with chat templates: it prints the chat and reads the
   pasted reply from stdin (the reference's manual mode fails on v0.1).
 - A failed request or an unparsable reply is reported in one line and skipped; the batch goes on
-  and exits non-zero at the end.
+  and exits non-zero at the end. When the endpoint is unusable (it cannot be reached, or rejects
+  the key, model or request) for ``--llm-max-endpoint-failures`` prompts in a row, the batch stops
+  with one line saying why; what was saved stays saved.
+- A new reply is saved only if stage 2 can use it: its layout must also build the diffusion
+  condition with the CLIP tokenizer (utils.layout.validate_layout_for_generation); else it is asked
+  again, like an unparsable one.
+- Secrets (the API key, any ``sk-...`` token) never reach the console.
 """
 from __future__ import annotations
 
@@ -24,6 +33,7 @@ import argparse
 import logging
 import shutil
 import sys
+import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,20 +42,26 @@ from typing import Callable, TextIO
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from prompt import (DEFAULT_TEMPLATE_VERSION, PROMPT_TYPES, Template, build_messages, format_messages, get_prompts,
-                    load_template)
-from utils.cache import DEFAULT_CACHE_DIR, LayoutCache, cache_path, occurrence_indices, select_window
+from prompt import (ALL_PROMPT_TYPES, CUSTOM_PROMPT_TYPE, DEFAULT_TEMPLATE_VERSION, PromptListError, Template,
+                    build_messages, format_messages, get_prompts, load_template, resolve_prompts)
+from utils.cache import (DEFAULT_CACHE_DIR, CacheFormatError, LayoutCache, cache_path, describe_missing_cache,
+                         occurrence_indices, select_window)
+from utils.cli import ensure_writable_dir, int_in, run_cli
 from utils.io import atomic_path
-from utils.layout import BACKGROUND_LABEL, LayoutError, SceneLayout, parse_layout
-from utils.llm import (LayoutQueryError, LayoutReply, LLMClient, LLMConfigError, LLMRequestError, add_llm_arguments,
-                       build_client, describe_layout_error, llm_config_from_args, query_layout, resolve_model_name)
+from utils.layout import (BACKGROUND_LABEL, LayoutError, SceneLayout, parse_layout, validate_layout,
+                          validate_layout_for_generation)
+from utils.llm import (DEFAULT_MAX_ENDPOINT_FAILURES, EndpointFailureGuard, LayoutQueryError, LayoutReply, LLMClient,
+                       LLMConfigError, LLMEndpointError, LLMRequestError, add_llm_arguments, build_client,
+                       describe_layout_error, llm_config_from_args, query_layout, resolve_model_name)
+from utils.planner import load_or_query_layout
+from utils.redact import redact_secrets
 
 logger = logging.getLogger("prompt_batch")
 
 MAX_CONCURRENCY = 64
 DEFAULT_CONCURRENCY = 4
 DEFAULT_IMG_ROOT = Path("img_generations")
-
+INTERRUPT_HINT = "the replies saved so far are kept; rerun the same command to resume"
 
 @dataclass(frozen=True)
 class BatchConfig:
@@ -63,12 +79,20 @@ class BatchConfig:
     max_parse_attempts: int = 2        # spec 1.3: one retry after an unparsable reply
     parse_retry_delay_s: float = 1.0
     img_root: Path = DEFAULT_IMG_ROOT
+    prompts: tuple[str, ...] | None = None  # free text (prompt type "custom"); None: the prompt type's set
+    max_endpoint_failures: int = DEFAULT_MAX_ENDPOINT_FAILURES
+    check_for_generation: bool = True  # also build the stage-2 condition with the CLIP tokenizer
 
     def __post_init__(self):
         if not 1 <= self.concurrency <= MAX_CONCURRENCY:
             raise ValueError(f"concurrency must be in 1..{MAX_CONCURRENCY}, found {self.concurrency}")
         if self.max_parse_attempts < 1:
             raise ValueError(f"max_parse_attempts must be >= 1, found {self.max_parse_attempts}")
+        if self.skip_first_prompts < 0 or (self.num_prompts is not None and self.num_prompts < 1):
+            raise ValueError(f"skip_first_prompts must be >= 0 and num_prompts >= 1, found "
+                             f"{self.skip_first_prompts} and {self.num_prompts}")
+        if self.prompt_type == CUSTOM_PROMPT_TYPE and not self.prompts:
+            raise ValueError(f"prompt type {CUSTOM_PROMPT_TYPE!r} needs its prompts (--prompts / --prompts-file)")
 
     @property
     def cache_path(self) -> Path:
@@ -79,6 +103,9 @@ class BatchConfig:
         """Where box GIFs go (spec 1.3)."""
         return Path(self.img_root) / f"imgs_{self.prompt_type}_template{self.template_version}"
 
+    def prompt_list(self) -> list[str]:
+        return list(self.prompts) if self.prompts is not None else get_prompts(self.prompt_type)
+
 
 @dataclass
 class BatchSummary:
@@ -86,15 +113,22 @@ class BatchSummary:
     hits: int = 0
     new: int = 0
     not_saved: int = 0
+    not_run: int = 0                   # left out because the batch stopped
+    stopped: str | None = None         # why the batch stopped early, in one line
     failures: list[tuple[int, str, str]] = field(default_factory=list)  # (index, prompt, problem)
 
     @property
     def ok(self) -> bool:
-        return not self.failures
+        return not self.failures and self.stopped is None
 
     def format(self) -> str:
         return (f"{self.total} prompts: {self.hits} from the cache, {self.new} new, {len(self.failures)} failed"
-                + (f", {self.not_saved} not saved" if self.not_saved else ""))
+                + (f", {self.not_saved} not saved" if self.not_saved else "")
+                + (f", {self.not_run} not run" if self.not_run else ""))
+
+
+class _EndOfInput(Exception):
+    """Manual mode: stdin is exhausted, so no later prompt can get a reply either."""
 
 
 def read_pasted_reply(stream: TextIO) -> str | None:
@@ -142,6 +176,34 @@ class _Visualizer:
             logger.warning("prompt %d: could not draw the layout GIF: %s", index, error)
 
 
+class _GenerationCheck:
+    """:func:`validate_layout_for_generation` with the CLIP tokenizer, built on first use (thread-safe).
+
+    Without the tokenizer (its files are missing) it warns once and checks what it can without it.
+    """
+
+    def __init__(self, enabled: bool = True):
+        self._enabled = enabled
+        self._tokenizer = None
+        self._lock = threading.Lock()
+
+    def __call__(self, layout: SceneLayout) -> None:
+        with self._lock:
+            if self._enabled and self._tokenizer is None:
+                try:
+                    from models.tokenizer import build_clip_tokenizer
+
+                    self._tokenizer = build_clip_tokenizer()
+                except (ImportError, OSError) as error:
+                    self._enabled = False
+                    logger.warning("phrases are not checked against the CLIP tokenizer (it cannot be built: %s); "
+                                   "a saved layout may still fail in generate.py", " ".join(str(error).split()))
+            if self._tokenizer is None:
+                validate_layout(layout)
+            else:
+                validate_layout_for_generation(layout, self._tokenizer)
+
+
 def _ask_save(input_stream: TextIO, output: TextIO) -> bool | None:
     """True for y/Y, False for any other answer (ask again), None at end of input."""
     output.write("Save (y/n)? ")
@@ -153,7 +215,7 @@ def _ask_save(input_stream: TextIO, output: TextIO) -> bool | None:
 
 
 def _paste_layout(template: Template, prompt: str, config: BatchConfig, input_stream: TextIO,
-                  output: TextIO) -> LayoutReply:
+                  output: TextIO, validate: Callable[[SceneLayout], None]) -> LayoutReply:
     """Manual mode: print the chat, read a pasted reply, parse it (same attempts as auto mode)."""
     output.write(format_messages(build_messages(template, prompt)) + "\n\n")
     errors = []
@@ -164,9 +226,11 @@ def _paste_layout(template: Template, prompt: str, config: BatchConfig, input_st
         text = read_pasted_reply(input_stream)
         if text is None:
             errors.append("no reply given (end of input)")
-            break
+            raise _EndOfInput(LayoutQueryError(prompt, errors))
         try:
-            return LayoutReply(text=text, layout=parse_layout(text, prompt), attempts=attempt)
+            layout = parse_layout(text, prompt)
+            validate(layout)
+            return LayoutReply(text=text, layout=layout, attempts=attempt)
         except LayoutError as error:
             errors.append(describe_layout_error(error))
             output.write(f"The reply does not parse: {errors[-1]}\n")
@@ -179,101 +243,143 @@ def run_batch(config: BatchConfig, client_factory: Callable[[], LLMClient] | Non
     """Get a layout for every prompt in the window; save new ones; return the counts.
 
     ``client_factory`` is called once, and only if a cache miss must be queried. Raises only for
-    setup problems (unknown template, unreadable cache, no client); per-prompt problems are reported
-    on ``output`` and counted in the summary.
+    setup problems (unknown template, unreadable cache, no client, unwritable folder); per-prompt
+    problems are reported on ``output`` and counted in the summary, and a batch stopped early (an
+    unusable endpoint, end of input) says why in ``summary.stopped``.
     """
     input_stream = sys.stdin if input_stream is None else input_stream
     output = sys.stdout if output is None else output
-    prompts = get_prompts(config.prompt_type)
+    prompts = config.prompt_list()
     occurrences = occurrence_indices(prompts)
     window = select_window(len(prompts), config.skip_first_prompts, config.num_prompts)
     template = load_template(config.template_version)
+    if window and not config.cache_path.exists():
+        ensure_writable_dir(config.cache_path.parent, "--cache-dir")  # a new cache will be written there
     cache = LayoutCache.load(config.cache_path)
     misses = [i for i in window if cache.get(prompts[i], occurrences[i]) is None]
     logger.info("%s: %d prompts in the window, %d cached, %d to query", config.cache_path, len(window),
                 len(window) - len(misses), len(misses))
+    if misses and not config.cache_path.exists():
+        logger.warning("%s; %d prompt(s) need a reply, saved to a new cache there",
+                       describe_missing_cache(config.cache_path, how_to_make=False), len(misses))
+    if misses:
+        ensure_writable_dir(config.cache_path.parent, "--cache-dir")
+    if (config.visualize and misses) or (config.visualize_cache_hit and len(misses) < len(window)):
+        ensure_writable_dir(config.img_dir, "--img-dir")
     summary = BatchSummary(total=len(window))
     visualize = _Visualizer(config.img_dir)
+    check = _GenerationCheck(config.check_for_generation)
+    guard = EndpointFailureGuard(config.max_endpoint_failures)
+    secrets: list[str] = []
 
     def report_failure(index: int, problem: str) -> None:
-        problem = " ".join(problem.split())
+        problem = redact_secrets(" ".join(problem.split()), secrets)
         summary.failures.append((index, prompts[index], problem))
         tqdm.write(f"FAILED prompt {index} {prompts[index]!r}: {problem}", file=output)
 
+    client = None
     pool = None
     pending: dict[int, Future] = {}
     if misses and config.auto_query:
         if client_factory is None:
             raise LLMConfigError("cache misses must be queried, but no LLM client was given")
         client = client_factory()
+        secrets.extend(client.secrets)
 
         def ask_llm(index: int) -> LayoutReply:
             messages = build_messages(template, prompts[index])
             return query_layout(client, messages, prompts[index], max_parse_attempts=config.max_parse_attempts,
-                                parse_retry_delay_s=config.parse_retry_delay_s)
+                                parse_retry_delay_s=config.parse_retry_delay_s, validate=check)
 
         # All misses are submitted now; the pool keeps `concurrency` of them in flight, and the
         # loop below consumes them in list order, so early replies simply wait in their futures.
         pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="llm")
         pending = {i: pool.submit(ask_llm, i) for i in misses}
 
-    def get_reply(index: int, first: bool) -> LayoutReply:
-        if pool is None:
-            return _paste_layout(template, prompts[index], config, input_stream, output)
-        return (pending.pop(index) if first else pool.submit(ask_llm, index)).result()
+    def query_for(index: int) -> Callable[[str], LayoutReply]:
+        first = [True]
 
-    def process_hit(index: int) -> None:
+        def query(prompt: str) -> LayoutReply:
+            if pool is None:
+                return _paste_layout(template, prompt, config, input_stream, output, check)
+            if first[0]:
+                first[0] = False
+                return pending.pop(index).result()
+            return pool.submit(ask_llm, index).result()
+
+        return query
+
+    def accept_for(index: int) -> Callable[[LayoutReply], bool | None]:
+        def accept(reply: LayoutReply) -> bool | None:
+            if config.visualize:
+                visualize(reply.layout, index)
+            if config.always_save:
+                return True
+            output.write(f"Reply for prompt {index} {prompts[index]!r}:\n{redact_secrets(reply.text, secrets)}\n")
+            answer = _ask_save(input_stream, output)
+            if answer is None:
+                raise _EndOfInput(None)
+            return answer  # any answer but y/Y asks again (spec 1.3)
+
+        return accept
+
+    def process(index: int) -> None:
         prompt, occurrence = prompts[index], occurrences[index]
+        is_miss = index in miss_set
         try:
-            layout = parse_layout(cache.get(prompt, occurrence), prompt)
+            # New replies are checked for stage 2 inside the query (so a bad one is asked again); a cached
+            # one was checked when it was saved (or is a published one, all of which pass), so it is only
+            # parsed here and a run that only reads the cache needs no tokenizer.
+            planned = load_or_query_layout(cache, prompt, occurrence, query_for(index) if is_miss else None,
+                                           accept=accept_for(index))
         except LayoutError as error:
             report_failure(index, f"cached reply {occurrence} does not parse: {describe_layout_error(error)}")
             return
-        summary.hits += 1
-        if config.visualize_cache_hit:
-            visualize(layout, index)
-
-    def process_miss(index: int) -> None:
-        prompt, occurrence = prompts[index], occurrences[index]
-        first = True
-        while True:
-            try:
-                reply = get_reply(index, first)
-            except (LLMRequestError, LayoutQueryError) as error:
-                report_failure(index, error.problem if isinstance(error, LayoutQueryError) else str(error))
-                return
-            first = False
-            if config.visualize:
-                visualize(reply.layout, index)
-            save = True
-            if not config.always_save:
-                output.write(f"Reply for prompt {index} {prompt!r}:\n{reply.text}\n")
-                save = _ask_save(input_stream, output)
-            if save is None:
-                summary.not_saved += 1
-                return
-            if save:
-                stored = cache.append(prompt, reply.text)
-                if stored != occurrence:
-                    logger.warning("prompt %d %r: the reply was saved as reply %d of this prompt, but this run "
-                                   "wanted reply %d (earlier occurrences are not cached yet)",
-                                   index, prompt, stored, occurrence)
-                summary.new += 1
-                return
-            # Any answer but y/Y asks again (spec 1.3).
+        except (LLMRequestError, LayoutQueryError) as error:
+            report_failure(index, error.problem if isinstance(error, LayoutQueryError) else str(error))
+            guard.record(error)  # raises LLMEndpointError at the limit
+            return
+        if is_miss:
+            guard.record(None)
+            summary.new += 1
+        else:
+            summary.hits += 1
+            if config.visualize_cache_hit:
+                visualize(planned.layout, index)
 
     miss_set = set(misses)
     progress = tqdm(total=len(window), desc="layouts", unit="prompt", file=sys.stderr,
                     disable=not show_progress or (bool(misses) and not config.auto_query))
     finished = False
+    done = 0
     try:
         with logging_redirect_tqdm():
             for index in window:
-                (process_miss if index in miss_set else process_hit)(index)
+                try:
+                    process(index)
+                except LLMEndpointError as error:
+                    summary.stopped = redact_secrets(str(error), secrets)
+                    done += 1
+                    break
+                except _EndOfInput as end:
+                    if end.args[0] is not None:  # no reply pasted: a failure of this prompt
+                        report_failure(index, end.args[0].problem)
+                    else:
+                        summary.not_saved += 1
+                    done += 1
+                    if done < len(window):
+                        summary.stopped = f"end of input after prompt {index}: the remaining prompts were not asked"
+                    break
+                done += 1
                 progress.update()
+        summary.not_run = len(window) - done
         finished = True
     finally:
+        if not finished:
+            progress.leave = False  # an interrupted bar would show a count that means nothing
         progress.close()
+        if client is not None and (not finished or summary.stopped is not None):
+            client.close()  # backoff waits end, queued requests send nothing
         if pool is not None:
             # On Ctrl-C, drop the queued requests and do not wait for those in flight.
             pool.shutdown(wait=finished, cancel_futures=True)
@@ -284,16 +390,17 @@ def run_batch(config: BatchConfig, client_factory: Callable[[], LLMClient] | Non
 # Command line
 
 
-def _bounded_concurrency(text: str) -> int:
-    value = int(text)
-    if not 1 <= value <= MAX_CONCURRENCY:
-        raise argparse.ArgumentTypeError(f"must be in 1..{MAX_CONCURRENCY}, found {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Stage 1: get layouts for a prompt set from the cache or an LLM.")
-    parser.add_argument("--prompt-type", default="demo", choices=PROMPT_TYPES, help="prompt set")
+    parser.add_argument("--prompt-type", default=None, choices=ALL_PROMPT_TYPES,
+                        help=f"prompt set (default demo); {CUSTOM_PROMPT_TYPE} is the type of --prompts / "
+                             f"--prompts-file")
+    free_text = parser.add_mutually_exclusive_group()
+    free_text.add_argument("--prompts", nargs="+", metavar="PROMPT", default=None,
+                           help=f"free-text prompts instead of a prompt set (prompt type {CUSTOM_PROMPT_TYPE!r}: "
+                                f"cache_{CUSTOM_PROMPT_TYPE}_<version>_<model>.json)")
+    free_text.add_argument("--prompts-file", default=None, metavar="FILE",
+                           help="a file of prompts, one per line (empty lines and # comments are skipped)")
     parser.add_argument("--model", help="LLM name (gpt-3.5 and vicuna are aliases); names the cache file")
     parser.add_argument("--template_version", help=f"template, e.g. {DEFAULT_TEMPLATE_VERSION}")
     parser.add_argument("--auto-query", action="store_true",
@@ -304,13 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--unnormalize-boxes-before-save", action="store_true",
                         help="accepted for compatibility; has no effect (as in the reference)")
     parser.add_argument("--list-prompts", action="store_true",
-                        help="print the prompt list of --prompt-type, one per line with repeats, and exit")
-    parser.add_argument("--concurrency", type=_bounded_concurrency, default=DEFAULT_CONCURRENCY,
+                        help="print the prompt list, one per line with repeats, and exit")
+    parser.add_argument("--concurrency", type=int_in(1, MAX_CONCURRENCY), default=DEFAULT_CONCURRENCY,
                         help=f"LLM requests in flight at once (1..{MAX_CONCURRENCY}); results are saved in "
                              f"prompt order either way")
-    parser.add_argument("--skip_first_prompts", type=int, default=0, help="skip prompt indices below this")
-    parser.add_argument("--num_prompts", type=int, default=None, help="only this many prompts after the skipped")
-    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR)
+    parser.add_argument("--skip_first_prompts", type=int_in(0), default=0, help="skip prompt indices below this")
+    parser.add_argument("--num_prompts", type=int_in(1), default=None,
+                        help="only this many prompts after the skipped (at least 1)")
+    parser.add_argument("--cache-dir", type=Path, default=DEFAULT_CACHE_DIR,
+                        help="folder of the layout caches (e.g. one holding the authors' published caches)")
     parser.add_argument("--img-dir", type=Path, default=DEFAULT_IMG_ROOT, help="root of the box GIF folders")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     add_llm_arguments(parser)
@@ -320,8 +429,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        prompt_list = resolve_prompts(args.prompt_type, args.prompts, args.prompts_file)
+    except PromptListError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if args.list_prompts:
-        for prompt in get_prompts(args.prompt_type):
+        for prompt in prompt_list.prompts:
             print(prompt)
         return 0
     missing = [flag for flag, value in (("--model", args.model), ("--template_version", args.template_version))
@@ -329,23 +443,39 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         parser.error(f"the following arguments are required: {', '.join(missing)}")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    secrets: list[str] = []
     try:
         llm_config = llm_config_from_args(args)
-        config = BatchConfig(model=resolve_model_name(args.model), prompt_type=args.prompt_type,
+
+        def make_client() -> LLMClient:
+            client = build_client(llm_config, args.llm_api_key_file)
+            secrets.extend(client.secrets)
+            return client
+
+        free_text = prompt_list.prompt_type == CUSTOM_PROMPT_TYPE
+        config = BatchConfig(model=resolve_model_name(args.model), prompt_type=prompt_list.prompt_type,
+                             prompts=prompt_list.prompts if free_text else None,
                              template_version=args.template_version, cache_dir=args.cache_dir,
                              auto_query=args.auto_query, always_save=args.always_save,
                              visualize=not args.no_visualize, visualize_cache_hit=args.visualize_cache_hit,
                              concurrency=args.concurrency, skip_first_prompts=args.skip_first_prompts,
                              num_prompts=args.num_prompts, max_parse_attempts=args.parse_attempts,
-                             parse_retry_delay_s=args.parse_retry_delay, img_root=args.img_dir)
-        summary = run_batch(config, lambda: build_client(llm_config, args.llm_api_key_file),
-                            show_progress=not args.quiet)
-    except (LLMConfigError, ValueError, OSError) as error:
+                             parse_retry_delay_s=args.parse_retry_delay, img_root=args.img_dir,
+                             max_endpoint_failures=args.llm_max_endpoint_failures)
+        summary = run_batch(config, make_client, show_progress=not args.quiet)
+    except CacheFormatError as error:  # names the file; the user fixes or deletes it
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except (LLMConfigError, ValueError, OSError) as error:
+        print(f"error: {redact_secrets(' '.join(str(error).split()), secrets)}", file=sys.stderr)
+        return 2
     print(f"Summary ({config.cache_path}): {summary.format()}")
+    if summary.stopped is not None:
+        print(f"error: {summary.stopped}; the replies saved so far are kept, rerun the same command to resume",
+              file=sys.stderr)
+        return 2
     return 0 if summary.ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main, interrupt_hint=INTERRUPT_HINT))

@@ -2,8 +2,10 @@
 
 ``POST /v1/chat/completions`` answers with the next scripted action for the caption (the last user
 message without its ``Caption: `` prefix); when a caption's script is used up, ``default`` answers.
-An action is a reply string, a :class:`Reply` (text and delay) or a :class:`Fail` (HTTP status).
-The server counts requests and the most requests it held at once::
+An action is a reply string, a :class:`Reply` (text and delay), a :class:`Fail` (HTTP status, with
+``echo_key`` the request's API key appended to the message, as OpenAI's 401 does) or a :class:`Raw`
+answer (any status, content type and body: HTML, truncated JSON ...). The server counts requests and
+the most requests it held at once::
 
     with FakeOpenAIServer(default=layout_reply) as server:
         server.script("A bear walks", Fail(429), "Frame 1: ...")
@@ -33,9 +35,23 @@ class Fail:
     status: int = 500
     message: str = "scripted failure"
     delay_s: float = 0.0
+    echo_key: bool = False  # append the request's bearer token to the message
 
 
-Action = Union[str, Reply, Fail]
+@dataclass(frozen=True)
+class Raw:
+    """A verbatim answer: ``body`` as is, with this status and content type."""
+
+    body: str
+    status: int = 200
+    content_type: str = "application/json"
+    delay_s: float = 0.0
+
+
+HTML_ERROR_PAGE = "<html><head><title>502 Bad Gateway</title></head><body><h1>Bad Gateway</h1></body></html>"
+
+
+Action = Union[str, Reply, Fail, Raw]
 # The default answer: a fixed action, or a function of the caption.
 Default = Union[Action, Callable[[str], Action], None]
 
@@ -70,14 +86,25 @@ class _Handler(BaseHTTPRequestHandler):
         fake = self.server.fake
         action = fake._take(body)
         try:
-            delay_s = fake.delay_s + (action.delay_s if isinstance(action, (Reply, Fail)) else 0.0)
+            delay_s = fake.delay_s + (action.delay_s if isinstance(action, (Reply, Fail, Raw)) else 0.0)
             if delay_s:
                 time.sleep(delay_s)
         finally:
             fake._done()  # before answering: the client may send its next request right after
         try:
             if isinstance(action, Fail):
-                self._send_json(action.status, {"error": {"message": action.message, "type": "scripted"}})
+                message = action.message
+                if action.echo_key:
+                    message += " " + self.headers.get("Authorization", "").removeprefix("Bearer ")
+                self._send_json(action.status, {"error": {"message": message, "type": "scripted"}})
+                return
+            if isinstance(action, Raw):
+                body = action.body.encode()
+                self.send_response(action.status)
+                self.send_header("Content-Type", action.content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
                 return
             text = action.text if isinstance(action, Reply) else action
             self._send_json(200, {

@@ -30,6 +30,17 @@ def test_select_window_is_a_clipped_shard():
         select_window(10, -1)
 
 
+def test_select_window_over_regenerate_passes():
+    # generate.py --regenerate 3 over a 4-prompt list: indices run over the repeated list.
+    window = select_window(4, 2, 7, passes=3)
+    assert window == range(2, 9)
+    assert [divmod(i, 4) for i in window] == [(0, 2), (0, 3), (1, 0), (1, 1), (1, 2), (1, 3), (2, 0)]
+    assert select_window(4, passes=3) == range(12) and select_window(4, 10, None, passes=2) == range(8, 8)
+    assert select_window(0, 0, 5, passes=2) == range(0, 0)
+    with pytest.raises(ValueError, match="passes"):
+        select_window(4, passes=0)
+
+
 def test_cache_path_follows_the_reference_naming(tmp_path):
     assert cache_path("lvd", "v0.1", "gpt-4-1106-preview") == Path("cache/cache_lvd_v0.1_gpt-4-1106-preview.json")
     assert cache_path("lmd_demo", "v0.1", "gpt-3.5-turbo", tmp_path).name == "cache_demo_v0.1_gpt-3.5-turbo.json"
@@ -85,6 +96,60 @@ def test_malformed_cache_files_raise_a_named_error(tmp_path):
     (tmp_path / "bad.json").write_text('{"p": [1]}')
     with pytest.raises(CacheFormatError, match="bad.json"):
         LayoutCache.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("content,match", [
+    (b"", "the file is empty"), (b"  \n", "the file is empty"), (b"\xff\xfe{}", "not a text \\(UTF-8\\) file"),
+    (b"{", "not valid JSON"), (b"[]", "JSON object"), (b'{"p": [null]}', "list of strings"),
+])
+def test_broken_cache_files_raise_one_line_naming_the_file(tmp_path, content, match):
+    path = tmp_path / "cache_x.json"
+    path.write_bytes(content)
+    with pytest.raises(CacheFormatError, match=match) as info:
+        LayoutCache.load(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    folder = tmp_path / "cache_dir.json"
+    folder.mkdir()
+    with pytest.raises(CacheFormatError, match="is a folder"):
+        LayoutCache.load(folder)
+
+
+def test_store_adds_a_reply_once_per_occurrence(tmp_path):
+    path = tmp_path / "c.json"
+    first, second = LayoutCache.load(path), LayoutCache.load(path)
+    assert first.store("p", 0, "one") == (0, True)
+    assert second.store("p", 0, "one again") == (0, False)  # another writer filled occurrence 0 meanwhile
+    assert second.get("p", 0) == "one"
+    assert second.store("p", 1, "two") == (1, True)
+    # A shard that starts mid-repeat on a cache without the earlier replies: the first free index.
+    assert first.store("q", 3, "q-three") == (0, True)
+    assert load_cache_entries(path) == {"p": ["one", "two"], "q": ["q-three"]}
+    with pytest.raises(ValueError, match="occurrence"):
+        first.store("p", -1, "x")
+
+
+def _run_shard(path: str, barrier, replies: list[str]) -> None:
+    cache = LayoutCache.load(path)
+    barrier.wait(timeout=30)
+    for occurrence, reply in enumerate(replies):
+        cache.store("repeated prompt", occurrence, reply)
+        cache.store(f"prompt {occurrence}", 0, reply)
+
+
+def test_the_same_shard_run_twice_at_once_stores_each_reply_once(tmp_path):
+    path = str(tmp_path / "c.json")
+    context = multiprocessing.get_context("fork")
+    barrier = context.Barrier(2)
+    workers = [context.Process(target=_run_shard, args=(path, barrier, [f"{tag}{i}" for i in range(25)]), daemon=True)
+               for tag in ("a", "b")]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    entries = load_cache_entries(path)
+    assert len(entries["repeated prompt"]) == 25 and len(entries) == 26
+    assert sum(len(replies) for replies in entries.values()) == 50  # not 100
 
 
 def _append_many(path: str, tag: str, count: int) -> None:

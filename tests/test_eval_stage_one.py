@@ -131,3 +131,106 @@ def test_cli_acceptance_command(tmp_path):
     table = " ".join(done.stdout.split())
     assert "dynamic_spatial 100 100 100.00 sequential 88 100 88.00 overall 488 500 97.60" in table
     assert json.loads(json_out.read_text())["overall"] == {"correct": 488, "total": 500}
+
+
+# --------------------------------------------------------------------------------------------
+# Missing and broken caches, flags, dead endpoints, pipes (issue 12)
+
+def test_a_missing_cache_file_is_one_line_naming_the_path_and_the_flag(tmp_path, capsys):
+    argv = ["--prompt-type", "lvd", "--model", "gpt-4-1106-preview", "--template_version", "v0.1",
+            "--cache-dir", str(tmp_path)]
+    assert ev.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1
+    assert str(tmp_path / "cache_lvd_v0.1_gpt-4-1106-preview.json") in captured.err
+    assert "--cache-dir" in captured.err and "github.com/TonyLianLong/LLM-groundedVideoDiffusion" in captured.err
+    assert "NOT SCORED" not in captured.err
+    assert ev.main(argv[:-2] + ["--cache-path", str(tmp_path / "nope.json")]) == 2
+    assert "(--cache-path)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("content", ["", "{", "[]", '{"p": 1}'])
+def test_a_broken_cache_file_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "cache.json"
+    path.write_text(content)
+    assert ev.main(["--model", "m", "--template_version", "v0.1", "--cache-path", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {path}: ")
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--skip_first_prompts", "-5"], "argument --skip_first_prompts: must be an integer >= 0, found -5"),
+    (["--num_prompts", "0"], "argument --num_prompts: must be an integer >= 1, found 0"),
+    (["--num_prompts", "-1"], "argument --num_prompts: must be an integer >= 1, found -1"),
+    (["--llm-max-tokens", "0"], "argument --llm-max-tokens: must be an integer >= 1, found 0"),
+    (["--prompt-type", "demo"], "argument --prompt-type: invalid choice: 'demo'"),
+])
+def test_numeric_flags_are_checked_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        ev.main(["--model", "m", "--template_version", "v0.1", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unwritable_json_out_folder_is_one_line(tiny_cache, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--prompt-type", "lvd_numeracy", "--model", "m", "--template_version", "v0.1", "--num_prompts", "10",
+            "--cache-path", str(tiny_cache), "--json-out", str(tmp_path / "a_file" / "scores.json")]
+    assert ev.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--json-out" in err and "is a file, not a folder" in err
+
+
+def test_many_unscored_prompts_are_summed_up(tiny_cache, tmp_path, capsys, monkeypatch):
+    for name in ("OPENAI_API_KEY", "OPENAI_API_KEY_FILE", "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    json_out = tmp_path / "scores.json"
+    argv = ["--prompt-type", "lvd", "--model", "gpt-4", "--template_version", "v0.1", "--cache-path",
+            str(tiny_cache), "--json-out", str(json_out)]
+    assert ev.main(argv) == 1
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("NOT SCORED")]
+    assert len(lines) == 11 and lines[-1] == "NOT SCORED: 480 more prompt(s), not listed (all are in --json-out)"
+    assert len(json.loads(json_out.read_text())["unscored"]) == 490
+
+
+def test_a_dead_endpoint_stops_querying_after_a_few_prompts(tiny_cache, capsys):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = ["--prompt-type", "lvd_numeracy", "--model", "m", "--template_version", "v0.1", "--cache-path",
+            str(tiny_cache), "--llm-base-url", f"http://127.0.0.1:{port}/v1"]
+    assert ev.main(argv) == 1
+    out = capsys.readouterr().out
+    assert out.count("querying stopped: 3 prompt(s) in a row failed") == 1 and "cannot connect" in out
+    assert "overall 7 100 7.00" in " ".join(out.split())
+
+
+def test_queried_replies_are_saved_once_per_occurrence_and_checked_for_stage_2(tiny_cache):
+    prompts = get_prompts("lvd_numeracy")
+    bird = prompts[10]
+    with FakeOpenAIServer(default=lambda caption: layout_reply(caption, name="bird")) as server:
+        server.script(bird, layout_reply(bird, name="bird("))  # stage 2 could not locate this name
+        from utils.llm import LLMClient, LLMConfig
+
+        query = ev.build_query("v0.1", lambda: LLMClient(LLMConfig(model="m", base_url=server.base_url), "k"),
+                               max_parse_attempts=2, parse_retry_delay_s=0)
+        cache = LayoutCache.load(tiny_cache)
+        first = ev.evaluate_stage_one(get_benchmark("lvd_numeracy"), cache, range(10, 12), query,
+                                      output=io.StringIO())
+        again = ev.evaluate_stage_one(get_benchmark("lvd_numeracy"), LayoutCache.load(tiny_cache), range(10, 12),
+                                      query, output=io.StringIO())
+        assert server.request_count == 3  # 2 for the first occurrence (one unusable), 1 for the second
+    assert first.records == again.records and not first.unscored
+    assert load_cache_entries(tiny_cache)[bird] == [layout_reply(bird, name="bird")] * 2
+
+
+def test_cli_output_into_a_closed_pipe_exits_quietly(tiny_cache, tmp_path):
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "eval_stage_one.py"), "--prompt-type",
+                                "lvd_numeracy", "--model", "m", "--template_version", "v0.1", "--num_prompts", "10",
+                                "--cache-path", str(tiny_cache), "--verbose"], cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0 and stderr == ""

@@ -296,3 +296,44 @@ def test_batch_size_gives_the_batch_one_videos(tmp_path, lvd_cache):
         two = joblib.load(_run_dir(tmp_path, "two") / str(index) / "video_0.joblib").astype(int)
         # uint8 frames after float32 batched kernels: at most an off-by-one at a few pixels
         assert np.abs(one - two).max() <= 1 and (one != two).mean() < 0.01
+
+
+def test_free_text_prompts_have_a_prompt_type_of_their_own(tmp_path, capsys):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("# two prompts\nA red car drives along a road\n\nA dog runs to the left.\n")
+    for flags in (["--prompts", "A red car drives along a road", "A dog runs to the left"],
+                  ["--prompts-file", str(prompts_file)]):
+        assert generate.main(["--run-model", "baseline_tiny", *flags, "--output-dir", str(tmp_path / "out"),
+                              "--dry-run"]) == 0
+        assert capsys.readouterr().out.splitlines() == ["[0] A red car drives along a road",
+                                                         "[1] A dog runs to the left"]
+    assert generate.main(["--run-model", "baseline_tiny", "--prompts", "A red car", "--output-dir",
+                          str(tmp_path / "out"), "--num_inference_steps", "2", "--num_frames", "4"]) == 0
+    assert (tmp_path / "out" / "imgs_custom_templatev0.1_baseline_tiny" / "run0" / "0" / "video_0.joblib").is_file()
+    # LVD on free text reads cache_custom_<version>_<model>.json; its absence is one line naming it.
+    assert generate.main(["--run-model", "lvd_tiny", "--prompts", "A red car", "--model", "my-llm",
+                          "--cache-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
+    assert "cache_custom_v0.1_my-llm.json" in capsys.readouterr().err
+
+
+def test_a_layout_file_generates_the_same_video_as_its_cache_reply(tmp_path, lvd_cache):
+    assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    layout_file = _run_dir(tmp_path) / "0" / "layout.json"
+    assert generate.main(["--run-model", "lvd_tiny", "--layout-file", str(layout_file), "--output-dir",
+                          str(tmp_path / "from_file"), *FAST]) == 0
+    from_file = tmp_path / "from_file" / "imgs_custom_templatev0.1_lvd_tiny" / "run0" / "0"
+    np.testing.assert_array_equal(joblib.load(from_file / "video_0.joblib"),
+                                  joblib.load(_run_dir(tmp_path) / "0" / "video_0.joblib"))
+    config = json.loads((from_file.parent / "config.json").read_text())
+    assert config["prompt_type"] == "custom" and config["invocations"][0]["layout_files"][0]["path"] == str(layout_file)
+
+
+def test_a_bad_layout_file_is_one_line_naming_it(tmp_path, capsys):
+    bad = tmp_path / "layout.json"
+    bad.write_text('{"layout": {"prompt": "A cat", "objects": "nope"}}')
+    assert generate.main(["--run-model", "lvd_tiny", "--layout-file", str(bad), "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(bad) in err
+    assert generate.main(["--run-model", "lvd_tiny", "--layout-file", str(bad), "--model", "x",
+                          "--output-dir", str(tmp_path)]) == 2
+    assert "drop --model" in capsys.readouterr().err

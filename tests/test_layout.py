@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -435,3 +436,196 @@ def test_build_layout_from_frames_rejects_non_list_frames():
     with pytest.raises(LayoutError):
         parse_layout("Frame 1: [1]\nFrame 2: []\nFrame 3: []\nFrame 4: []\nFrame 5: []\nFrame 6: []\n"
                      "Background keyword: x", "A cat")
+
+
+# --------------------------------------------------------------------------------------------
+# Stage-1 validation = what stage 2 accepts (issue 12, item 17)
+
+PUBLISHED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "lvd-caches"
+PUBLISHED_FILES = sorted(PUBLISHED.glob("cache_*.json")) if PUBLISHED.is_dir() else []
+
+
+DOG = "{'id': 0, 'name': 'dog', 'box': [100, 200, 80, 60]}"
+
+
+def _reply_with(obj_text: str, frame: int = 3, other: str = DOG) -> str:
+    frames = [f"Frame {k}: [{obj_text if k == frame else other}]" for k in range(1, 7)]
+    return "Reasoning: r.\n\n" + "\n".join(frames) + "\nBackground keyword: park"
+
+
+# Odd replies seen from LLMs or a fault campaign: each either parses and generates, or is rejected in one line.
+ODD_OBJECTS = {
+    "huge_float": "{'id': 0, 'name': 'dog', 'box': [1e308, 200, 80, 60]}",
+    "huge_size": "{'id': 0, 'name': 'dog', 'box': [0, 0, 1e300, 1e300]}",
+    "huge_int": "{'id': 0, 'name': 'dog', 'box': [" + "9" * 401 + ", 200, 80, 60]}",
+    "giant_int_literal": "{'id': 0, 'name': 'dog', 'box': [" + "9" * 5000 + ", 200, 80, 60]}",
+    "inf": "{'id': 0, 'name': 'dog', 'box': [1e999, 200, 80, 60]}",
+    "nan_name": "{'id': 0, 'name': float('nan'), 'box': [1, 2, 3, 4]}",
+    "far_left": "{'id': 0, 'name': 'dog', 'box': [-5000, 200, 80, 60]}",
+    "slightly_out": "{'id': 0, 'name': 'dog', 'box': [480, 490, 80, 60]}",
+    "zero_size": "{'id': 0, 'name': 'dog', 'box': [100, 200, 0, 0]}",
+    "long_name": "{'id': 1, 'name': '" + "x" * 5000 + "', 'box': [1, 2, 3, 4]}",
+    "name_60_words": "{'id': 1, 'name': '" + "big " * 60 + "cat', 'box': [1, 2, 3, 4]}",
+    "zero_width": "{'id': 1, 'name': 'c\u200bat', 'box': [1, 2, 3, 4]}",
+    "newline_name": "{'id': 1, 'name': 'cat\\n', 'box': [1, 2, 3, 4]}",
+    "bidi_name": "{'id': 1, 'name': '\u202ecat', 'box': [1, 2, 3, 4]}",
+    "regex_name": "{'id': 1, 'name': 'cat(', 'box': [1, 2, 3, 4]}",
+    "regex_name_2": "{'id': 1, 'name': '[cat', 'box': [1, 2, 3, 4]}",
+    "quote_name": "{'id': 1, 'name': \"'cat'\", 'box': [1, 2, 3, 4]}",
+    "apostrophe_name": "{'id': 1, 'name': \"cat's toy\", 'box': [1, 2, 3, 4]}",
+    "dotted_name": "{'id': 1, 'name': 'cat.', 'box': [1, 2, 3, 4]}",
+    "emoji_name": "{'id': 1, 'name': '\U0001F431', 'box': [1, 2, 3, 4]}",
+    "digits_name": "{'id': 1, 'name': '42', 'box': [1, 2, 3, 4]}",
+    "non_ascii_name": "{'id': 1, 'name': 'chat noir é', 'box': [1, 2, 3, 4]}",
+    "bool_box": "{'id': 1, 'name': 'cat', 'box': [True, 2, 3, 4]}",
+    "complex_box": "{'id': 1, 'name': 'cat', 'box': [1j, 2, 3, 4]}",
+    "string_id": "{'id': '1', 'name': 'cat', 'box': [1, 2, 3, 4]}",
+    "big_id": "{'id': " + "7" * 500 + ", 'name': 'cat', 'box': [1, 2, 3, 4]}",
+    "call": "{'id': 1, 'name': str(1), 'box': [1, 2, 3, 4]}",
+    "set_box": "{'id': 1, 'name': 'cat', 'box': {1, 2, 3, 4}}",
+    "nested_deep": "[" * 200 + "]" * 200,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_OBJECTS))
+def test_odd_replies_are_rejected_in_one_line_or_generate(name, tokenizer):
+    from utils.layout import validate_layout_for_generation
+    from utils.visualize import render_layout_frames
+
+    text = _reply_with(ODD_OBJECTS[name])
+    try:
+        layout = parse_layout(text, "A dog chases a cat")
+        validate_layout_for_generation(layout, tokenizer)
+    except LayoutError as error:
+        message = str(error)
+        assert "\n" not in message and len(message) < 700, message
+        assert error.problem.strip() and error.where
+        return
+    # Accepted by stage 1: stage 2's condition builds and the box drawing works, at every frame count.
+    for num_frames in (6, 16, 24):
+        condition = build_condition(layout, num_frames, tokenizer)
+        assert all(max(p) < 77 for p in condition.token_positions)
+    frames = render_layout_frames(resample_boxes(layout, 24), layout.phrases, layout.prompt, layout.background)
+    assert frames.shape == (24, 516, 516, 3)
+
+
+def test_odd_replies_rejected_are_those_stage_2_cannot_use(tokenizer):
+    from utils.layout import validate_layout_for_generation
+
+    accepted = set()
+    for name, obj_text in ODD_OBJECTS.items():
+        try:
+            validate_layout_for_generation(parse_layout(_reply_with(obj_text), "A dog chases a cat"), tokenizer)
+            accepted.add(name)
+        except LayoutError:
+            pass
+    assert accepted == {"slightly_out", "zero_size", "apostrophe_name", "non_ascii_name", "big_id"}
+
+
+def test_literal_errors_say_why():
+    with pytest.raises(LayoutParseError, match=r"Frame 3 is not a Python list of dicts: ValueError: 'str\(1\)' is "
+                                               r"not a literal"):
+        parse_layout(_reply_with(ODD_OBJECTS["call"]), "A dog")
+    with pytest.raises(LayoutParseError, match=re.escape("SyntaxError: closing parenthesis ']' does not match opening "
+                                                         "parenthesis '{' at line 1, column 46")):
+        parse_layout(_reply_with("{'id': 0, 'name': 'dog', 'box': [1, 2, 3, 4]"), "A dog")
+    with pytest.raises(LayoutParseError, match=r"SyntaxError: Exceeds the limit \(4300 digits\)"):
+        parse_layout(_reply_with(ODD_OBJECTS["giant_int_literal"]), "A dog")
+    with pytest.raises(LayoutParseError, match="SyntaxError: too many nested parentheses"):
+        parse_layout(_reply_with("[" * 100000 + "]" * 100000), "A dog")
+
+
+def test_validation_rules_hold_for_serialised_layouts_too():
+    base = layout_to_dict(_make_layout("A cat", ["cat"]))
+    for obj_change, match in [({"phrase": "c\u200bat"}, "U+200B"), ({"phrase": "x" * 101}, "101 characters"),
+                              ({"keyframes_xyxy": [[0, 0, 1e300, 1]] * 6}, "too far outside"),
+                              ({"keyframes_xyxy": [[0, 0, "1", 1]] * 6}, "must be a number"),
+                              ({"keyframes_xyxy": [[0, 0, True, 1]] * 6}, "must be a number"),
+                              ({"keyframes_xyxy": [[0, 0, 1, 1]] * 5}, "list of 6 boxes"),
+                              ({"id": True}, "'id' must be an integer")]:
+        data = json.loads(json.dumps(base))
+        data["objects"][0].update(obj_change)
+        with pytest.raises(LayoutValidationError, match=re.escape(match)) as info:
+            layout_from_dict(data)
+        assert "\n" not in str(info.value) and "(text: " in str(info.value)
+
+
+def test_parse_layout_file_reads_generate_layout_json_and_bare_layouts(tmp_path):
+    from utils.layout import parse_layout_file
+
+    layout = _golden_layout("plain")
+    bare = tmp_path / "bare.json"
+    bare.write_text(layout_to_json(layout))
+    whole = tmp_path / "layout.json"  # what generate.py writes next to each video
+    whole.write_text(json.dumps({"prompt": layout.prompt, "prompt_index": 3, "occurrence": 0,
+                                 "layout": layout_to_dict(layout), "diffusion_prompt": "x", "phrases": [],
+                                 "token_positions": [], "num_frames": 16, "boxes_xyxy": []}))
+    assert parse_layout_file(bare) == layout == parse_layout_file(whole, prompt=layout.prompt + ".")
+    with pytest.raises(LayoutValidationError, match=r"layout.json: the layout is for prompt"):
+        parse_layout_file(whole, prompt="Another prompt")
+
+
+@pytest.mark.parametrize("content,match", [
+    (None, "cannot read the layout file: No such file"),
+    ("", "not valid JSON"),
+    ("{\"prompt\": ", "not valid JSON"),
+    ("[1, 2]", "expected a JSON object, found list"),
+    ("{\"layout\": 3}", "no 'prompt', 'num_keyframes', 'objects'"),
+    ("{\"prompt\": \"A cat\", \"num_keyframes\": 6, \"objects\": [{\"id\": 0}]}", "object #0: expected"),
+    ("{\"prompt\": \"A cat\", \"num_keyframes\": 6, \"objects\": [{\"id\": 0, \"phrase\": \"cat\", "
+     "\"keyframes_xyxy\": [[0, 0, 0.5], null, null, null, null, null]}]}", "keyframe 1, object 0 ('cat')"),
+])
+def test_parse_layout_file_errors_name_the_file(tmp_path, content, match):
+    from utils.layout import parse_layout_file
+
+    path = tmp_path / "my_layout.json"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(LayoutError, match=re.escape(match)) as info:
+        parse_layout_file(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.skipif(not PUBLISHED_FILES, reason="needs the published caches in ../shared (absent in CI)")
+@pytest.mark.parametrize("path", PUBLISHED_FILES, ids=lambda p: p.name)
+def test_every_published_reply_still_parses_and_validates_for_stage_2(path, tokenizer):
+    from utils.layout import validate_layout_for_generation
+
+    entries = json.loads(path.read_text())
+    count = 0
+    for prompt, replies in entries.items():
+        for reply in replies:
+            layout = parse_layout(reply, prompt)
+            validate_layout_for_generation(layout, tokenizer)
+            assert layout_from_json(layout_to_json(layout)) == layout
+            count += 1
+    assert count == sum(len(replies) for replies in entries.values()) and count > 0
+
+
+def test_odd_replies_stage_1_accepts_generate_with_the_tiny_model(tiny_model):
+    # The fixed point end to end: what stage 1 would save runs through stage 2's guided sampling loop.
+    from generation.config import GuidanceConfig, SamplingConfig
+    from generation.sampling import generate_video
+    from models.registry import get_run_model
+    from utils.layout import validate_layout_for_generation
+    from utils.visualize import annotate_video
+
+    spec = get_run_model("lvd_tiny")
+    sampling = SamplingConfig(height=spec.height, width=spec.width, num_frames=8, num_inference_steps=3)
+    guidance = GuidanceConfig(guided_layers=spec.guided_layers, max_index_step=1, max_iter=1)
+    for name in ("slightly_out", "zero_size", "apostrophe_name", "non_ascii_name", "big_id"):
+        layout = parse_layout(_reply_with(ODD_OBJECTS[name]), "A dog chases a cat")
+        validate_layout_for_generation(layout, tiny_model.tokenizer)
+        condition = build_condition(layout, sampling.num_frames, tiny_model.tokenizer)
+        result = generate_video(tiny_model, condition.prompt, sampling, seed=0, condition=condition, guidance=guidance)
+        assert result.frames.shape == (8, spec.height, spec.width, 3) and len(result.guidance_log) == 1, name
+        assert annotate_video(result.frames, condition.boxes_xyxy, condition.phrases).shape == result.frames.shape
+
+
+def test_detections_have_no_box_bound_but_llm_replies_do():
+    # OWLv2 boxes are relative to the padded square image: a pseudo-layout may reach far outside the frame.
+    frames = [[{"id": 0, "name": "a photo of a car", "box": [-48, 48, 96, 96]}]]
+    layout = build_layout_from_frames(frames, prompt="A car", background=None, canvas_size=(96, 48))
+    assert layout.tracks[0].keyframes[0] == Box(-0.5, 1.0, 0.5, 3.0)
+    with pytest.raises(LayoutValidationError, match="too far outside the canvas"):
+        build_layout_from_frames(frames, prompt="A car", canvas_size=(96, 48), max_box_overhang=1.0)

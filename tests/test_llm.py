@@ -1,15 +1,16 @@
 """The LLM client against a real local HTTP server speaking chat completions (no mocks of openai)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import socket
 
 import pytest
 
-from openai_server import Fail, FakeOpenAIServer, Reply, layout_reply
-from utils.llm import (PLACEHOLDER_API_KEY, LayoutQueryError, LLMClient, LLMConfig, LLMConfigError, LLMRequestError,
-                       build_client, compute_retry_delay_s, query_layout, resolve_api_key, resolve_base_url,
-                       resolve_model_name)
+from openai_server import HTML_ERROR_PAGE, Fail, FakeOpenAIServer, Raw, Reply, layout_reply
+from utils.llm import (PLACEHOLDER_API_KEY, EndpointFailureGuard, LayoutQueryError, LLMClient, LLMConfig,
+                       LLMConfigError, LLMEndpointError, LLMRequestError, add_llm_arguments, build_client,
+                       compute_retry_delay_s, query_layout, resolve_api_key, resolve_base_url, resolve_model_name)
 
 MESSAGES = [{"role": "system", "content": "plan boxes"}, {"role": "user", "content": "Caption: a bear walks"}]
 CAPTION = "a bear walks"
@@ -58,9 +59,61 @@ def test_permanent_failure_raises_after_bounded_tries(server):
 
 def test_client_errors_are_not_retried(server):
     server.script(CAPTION, Fail(401, "bad key"))
-    with pytest.raises(LLMRequestError, match=r"not retryable.*HTTP 401") as info:
+    with pytest.raises(LLMRequestError, match=r"not retried.*HTTP 401") as info:
         make_client(server).complete(MESSAGES)
     assert info.value.attempts == 1 and server.request_count == 1
+
+
+@pytest.mark.parametrize("status,kind,hint", [(401, "auth", "OPENAI_API_KEY"), (403, "auth", "API key"),
+                                              (404, "not_found", "--model"), (400, "rejected", "--model"),
+                                              (422, "rejected", "--llm-max-tokens")])
+def test_endpoint_errors_are_classified_with_a_hint_and_not_retried(server, status, kind, hint):
+    server.default = Fail(status, "no")
+    with pytest.raises(LLMRequestError) as info:
+        make_client(server).complete(MESSAGES)
+    error = info.value
+    assert (error.kind, error.status, error.attempts, error.endpoint_error) == (kind, status, 1, True)
+    assert hint in error.hint and error.endpoint == server.base_url and f"HTTP {status}" in error.cause
+    assert server.request_count == 1
+
+
+@pytest.mark.parametrize("answer,problem", [
+    (Raw("this is not json", content_type="text/plain"), "not JSON"),
+    (Raw('{"id": "x", "choices": [{"index": 0, "mess'), "not JSON"),
+    (Raw(HTML_ERROR_PAGE, content_type="text/html"), "Bad Gateway"),
+    (Raw("[1, 2]"), "expected a JSON object"),
+    (Raw('{"choices": []}'), "no choices"),
+    (Raw('{"choices": [{"message": {"content": 7}}]}'), "not text"),
+])
+def test_a_body_that_is_not_a_chat_completion_is_retried_then_reported(server, answer, problem):
+    # Seen from proxies and overloaded servers: 200 with HTML, truncated JSON, plain text.
+    server.script(CAPTION, answer, "the reply")
+    assert make_client(server).complete(MESSAGES) == "the reply"
+    server.default = answer
+    with pytest.raises(LLMRequestError, match="malformed response") as info:
+        make_client(server, max_retries=2).complete(MESSAGES)
+    assert problem in str(info.value) and info.value.kind == "transient" and info.value.attempts == 3
+    assert not info.value.endpoint_error and "\n" not in str(info.value)
+
+
+def test_an_empty_message_content_is_an_empty_reply(server):
+    server.default = Raw('{"choices": [{"message": {"role": "assistant", "content": null}}]}')
+    assert make_client(server).complete(MESSAGES) == ""
+
+
+def test_the_key_is_redacted_from_errors_and_logs(server, caplog):
+    key = "sk-proj-SECRETSECRET0123456789abcdef"
+    server.script(CAPTION, Fail(500, "boom, your key is", echo_key=True), Fail(401, "Incorrect API key provided:",
+                                                                              echo_key=True))
+    client = LLMClient(LLMConfig(model="m", base_url=server.base_url, max_retries=3, retry_base_delay_s=0.001),
+                       api_key=key)
+    with caplog.at_level("DEBUG"), pytest.raises(LLMRequestError) as info:
+        client.complete(MESSAGES)
+    assert "Incorrect API key provided: [REDACTED]" in str(info.value)
+    texts = [str(info.value), info.value.cause, caplog.text]
+    assert all(key not in text and "SECRETSECRET" not in text for text in texts)
+    assert info.value.__cause__ is None and info.value.__suppress_context__  # the raw answer is not chained
+    assert client.redact(f"x {key} y") == "x [REDACTED] y"
 
 
 def test_a_timeout_is_retried(server):
@@ -69,16 +122,52 @@ def test_a_timeout_is_retried(server):
     assert server.request_count == 2
 
 
-def test_connection_errors_are_retried_then_raise():
+def _dead_port() -> int:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    config = LLMConfig(model="m", base_url=f"http://127.0.0.1:{port}/v1", max_retries=2,
+        return probe.getsockname()[1]
+
+
+def test_an_unreachable_endpoint_is_not_retried():
+    # Connection refused used to cost 5 tries with backoff per prompt (35 minutes for 500 prompts).
+    config = LLMConfig(model="m", base_url=f"http://127.0.0.1:{_dead_port()}/v1", max_retries=2,
                        retry_base_delay_s=0.001, timeout_s=2.0)
     sleeps = []
-    with pytest.raises(LLMRequestError, match="connection error") as info:
+    with pytest.raises(LLMRequestError, match="cannot connect") as info:
         LLMClient(config, "k", sleep=sleeps.append).complete(MESSAGES)
-    assert info.value.attempts == 3 and len(sleeps) == 2
+    assert info.value.attempts == 1 and sleeps == [] and info.value.kind == "unreachable"
+    assert "--llm-base-url" in info.value.hint
+
+
+def test_an_empty_body_is_retried(server):
+    server.script(CAPTION, Raw("", status=200), "ok")
+    assert make_client(server).complete(MESSAGES) == "ok"
+
+
+def test_a_closed_client_stops_waiting_and_sends_nothing(server):
+    client = LLMClient(LLMConfig(model="m", base_url=server.base_url), api_key="k")
+    client.close()
+    with pytest.raises(LLMRequestError) as info:
+        client.complete(MESSAGES)
+    assert info.value.kind == "cancelled" and server.request_count == 0
+
+
+def test_endpoint_failure_guard_counts_a_streak():
+    endpoint_error = LLMRequestError("x", attempts=1, kind="unreachable", cause="cannot connect",
+                                     hint="check --llm-base-url", endpoint="http://h/v1")
+    guard = EndpointFailureGuard(max_consecutive=3)
+    guard.record(endpoint_error)
+    guard.record(endpoint_error)
+    guard.record(None)  # a reply came: the endpoint works
+    guard.record(LLMRequestError("x", attempts=5, kind="transient"))
+    guard.record(endpoint_error)
+    guard.record(endpoint_error)
+    with pytest.raises(LLMEndpointError) as info:
+        guard.record(endpoint_error)
+    assert str(info.value) == ("stopped: 3 prompt(s) in a row failed at http://h/v1: cannot connect; "
+                               "check --llm-base-url")
+    with pytest.raises(ValueError):
+        EndpointFailureGuard(0)
 
 
 def test_backoff_doubles_and_is_capped():
@@ -146,7 +235,36 @@ def test_config_is_frozen_and_checked():
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.model = "other"
     assert config.to_dict()["temperature"] == 0.25
-    with pytest.raises(LLMConfigError, match="retry"):
+    with pytest.raises(LLMConfigError, match="max_retries"):
         LLMConfig(model="m", max_retries=-1)
+    with pytest.raises(LLMConfigError, match="timeout_s"):
+        LLMConfig(model="m", timeout_s=float("nan"))
+    with pytest.raises(LLMConfigError, match="temperature"):
+        LLMConfig(model="m", temperature=-1)
     with pytest.raises(LLMConfigError, match="empty"):
         LLMConfig(model="")
+
+
+@pytest.mark.parametrize("argv,flag,allowed", [
+    (["--llm-temperature", "-1"], "--llm-temperature", "in [0, 2]"),
+    (["--llm-temperature", "nan"], "--llm-temperature", "in [0, 2]"),
+    (["--llm-max-tokens", "0"], "--llm-max-tokens", ">= 1"),
+    (["--llm-timeout", "0"], "--llm-timeout", "> 0"),
+    (["--llm-timeout", "inf"], "--llm-timeout", "> 0"),
+    (["--llm-max-retries", "-1"], "--llm-max-retries", "in [0, 50]"),
+    (["--llm-max-retries", "1000000"], "--llm-max-retries", "in [0, 50]"),
+    (["--llm-retry-delay", "-0.5"], "--llm-retry-delay", ">= 0"),
+    (["--llm-retry-max-delay", "nan"], "--llm-retry-max-delay", ">= 0"),
+    (["--llm-max-endpoint-failures", "0"], "--llm-max-endpoint-failures", ">= 1"),
+    (["--parse-attempts", "0"], "--parse-attempts", "in [1, 20]"),
+    (["--parse-retry-delay", "-1"], "--parse-retry-delay", ">= 0"),
+])
+def test_llm_flags_are_checked_at_parse_time(argv, flag, allowed, capsys):
+    parser = argparse.ArgumentParser()
+    add_llm_arguments(parser)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and f"argument {flag}:" in err and allowed in err and argv[1] in err
+    defaults = parser.parse_args([])
+    assert (defaults.llm_temperature, defaults.llm_max_tokens, defaults.parse_attempts) == (0.25, 900, 2)

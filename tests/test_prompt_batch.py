@@ -6,14 +6,17 @@ import io
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
+import threading
+import time
 import types
 from pathlib import Path
 
 import pytest
 
-from openai_server import Fail, FakeOpenAIServer, Reply, layout_reply
+from openai_server import HTML_ERROR_PAGE, Fail, FakeOpenAIServer, Raw, Reply, layout_reply
 from prompt import get_prompts
 from utils.cache import LayoutCache, load_cache_entries
 from utils.llm import LLMClient, LLMConfig
@@ -244,3 +247,206 @@ def test_model_and_template_are_required_unless_listing(capsys):
     assert "--model" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         pb.main(["--list-prompts", "--concurrency", "0"])
+
+
+# --------------------------------------------------------------------------------------------
+# Faults: bad bodies, dead endpoints, keys, pipes, interrupts, broken files (issue 12)
+
+def test_non_json_truncated_and_html_bodies_are_per_prompt_failures(tmp_path, server):
+    config = batch_config(tmp_path, prompt_type="lvd_visibility", num_prompts=40, concurrency=1)
+    prompts = get_prompts("lvd_visibility")  # 10 prompts x 10 repeats
+    bad = {prompts[0]: Raw("Expecting value? this is plain text", content_type="text/plain"),
+           prompts[10]: Raw('{"id": "x", "choices": [{"index": 0, "message": {"content": "Frame'),
+           prompts[20]: Raw(HTML_ERROR_PAGE, content_type="text/html")}
+    for prompt, body in bad.items():
+        server.script(prompt, *[body] * 4)  # the first occurrence fails (2 tries), the second too; then fine
+    summary, output = run(config, client_factory(server, max_retries=1))
+    failed = [line for line in output.splitlines() if line.startswith("FAILED")]
+    assert len(failed) == len(summary.failures) == 6 and summary.stopped is None
+    assert [index for index, _, _ in summary.failures] == [0, 1, 10, 11, 20, 21]
+    assert all("malformed response" in line and "gave up after 2 tries" in line for line in failed)
+    assert "not JSON" in failed[0] and "not JSON" in failed[2] and "Bad Gateway" in failed[4]
+    assert summary.new == 34  # the batch went on
+    assert sum(map(len, load_cache_entries(config.cache_path).values())) == 34
+
+
+@pytest.mark.parametrize("status,cause", [(401, "HTTP 401"), (404, "HTTP 404"), (400, "HTTP 400"), (403, "HTTP 403")])
+def test_an_endpoint_that_rejects_every_request_stops_the_batch(tmp_path, server, status, cause):
+    server.default = Fail(status, "no such thing")
+    config = batch_config(tmp_path, prompt_type="lvd_visibility", concurrency=2)
+    summary, output = run(config, client_factory(server, max_retries=4))
+    assert summary.stopped.startswith(f"stopped: 3 prompt(s) in a row failed at {server.base_url}: {cause}")
+    assert len(summary.failures) == 3 and summary.not_run == 97 and not summary.ok
+    assert server.request_count <= 3 + 2 + 2  # no retries; at most the requests already in flight
+    assert "not run" in summary.format()
+
+
+def test_one_rejected_prompt_does_not_stop_the_batch(tmp_path, server):
+    prompts = get_prompts("lvd_dynamic_spatial")
+    server.script(prompts[0], Fail(400, "this one is too long"))
+    summary, _ = run(batch_config(tmp_path, num_prompts=10), client_factory(server))
+    assert summary.stopped is None and len(summary.failures) == 1 and summary.new == 9
+
+
+def _dead_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_cli_stops_within_seconds_when_the_endpoint_is_down(tmp_path):
+    # Acceptance (issue 12, item 8): 500 prompts, fresh cache, connection refused; it used to take ~35 minutes.
+    url = f"http://127.0.0.1:{_dead_port()}/v1"
+    command = [sys.executable, str(REPO_ROOT / "prompt_batch.py"), "--prompt-type", "lvd", "--model", "m",
+               "--template_version", "v0.1", "--auto-query", "--always-save", "--no-visualize", "--quiet",
+               "--cache-dir", str(tmp_path / "cache"), "--llm-base-url", url, "--concurrency", "8"]
+    started = time.monotonic()
+    done = subprocess.run(command, cwd=tmp_path, env=cli_env(), capture_output=True, text=True, timeout=120)
+    elapsed_s = time.monotonic() - started
+    assert done.returncode == 2 and elapsed_s < 60, (done.returncode, elapsed_s)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: stopped: 3 prompt(s) in a row failed at {url}: cannot connect: [Errno 111] Connection "
+                      "refused; is the server running? Check --llm-base-url (or $OPENAI_BASE_URL), e.g. "
+                      "http://localhost:8000/v1; the replies saved so far are kept, rerun the same command to resume"]
+    assert "Traceback" not in done.stderr and "retrying" not in done.stderr
+    assert len([line for line in done.stdout.splitlines() if line.startswith("FAILED")]) == 3
+    assert "3 failed, 497 not run" in done.stdout
+
+
+def test_cli_never_prints_or_writes_the_api_key(tmp_path, server):
+    key = "sk-proj-TopSecretKey0123456789abcdefXYZ"
+    prompts = ["A red fox runs to the right", "A cat jumps", "A dog sits", "A bird flies", "A fish swims"]
+    # A 5xx that echoes the key (logged as a retry warning), then a good reply; then 401s echoing it.
+    server.script(prompts[0], Fail(500, "overloaded; key", echo_key=True), layout_reply(prompts[0], name="fox"))
+    server.default = Fail(401, "Incorrect API key provided:", echo_key=True)
+    command = [sys.executable, str(REPO_ROOT / "prompt_batch.py"), "--prompts", *prompts, "--model", "m",
+               "--template_version", "v0.1", "--auto-query", "--always-save", "--cache-dir", str(tmp_path / "cache"),
+               "--img-dir", str(tmp_path / "img"), "--llm-base-url", server.base_url, "--llm-retry-delay", "0",
+               "--concurrency", "1"]
+    done = subprocess.run(command, cwd=tmp_path, env=cli_env(OPENAI_API_KEY=key), capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "Incorrect API key provided: [REDACTED]" in done.stdout + done.stderr  # the message is kept, the key not
+    assert "overloaded; key [REDACTED]" in done.stderr
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.suffix == ".gif" for path in written) and any(path.suffix == ".json" for path in written)
+    for text in [done.stdout, done.stderr] + [path.read_bytes().decode("latin-1") for path in written]:
+        assert key not in text and "TopSecretKey" not in text
+
+
+def test_list_prompts_into_a_closed_pipe_exits_quietly(tmp_path):
+    # `python prompt_batch.py --prompt-type lvd --list-prompts | head`: the reader goes away first.
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "prompt_batch.py"), "--prompt-type", "lvd",
+                                "--list-prompts"], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0 and stderr == ""
+
+
+def test_ctrl_c_prints_one_line(tmp_path):
+    cache_dir = tmp_path / "cache"
+    with FakeOpenAIServer(delay_s=0.5) as slow:
+        process = subprocess.Popen([sys.executable, str(REPO_ROOT / "prompt_batch.py"), "--prompt-type", "lvd",
+                                    "--model", "m", "--template_version", "v0.1", "--auto-query", "--always-save",
+                                    "--no-visualize", "--cache-dir", str(cache_dir), "--llm-base-url",
+                                    slow.base_url], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 90
+        while not (cache_dir / "cache_lvd_v0.1_m.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err.rstrip().splitlines()[-1] == ("interrupted; the replies saved so far are kept; rerun the same "
+                                             "command to resume")
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err and out == ""
+    assert load_cache_entries(cache_dir / "cache_lvd_v0.1_m.json")  # what was saved is there
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--skip_first_prompts", "-5"], "argument --skip_first_prompts: must be an integer >= 0, found -5"),
+    (["--num_prompts", "-1"], "argument --num_prompts: must be an integer >= 1, found -1"),
+    (["--num_prompts", "0"], "argument --num_prompts: must be an integer >= 1, found 0"),
+    (["--num_prompts", "two"], "argument --num_prompts: must be an integer, found 'two'"),
+    (["--concurrency", "0"], "argument --concurrency: must be an integer in [1, 64], found 0"),
+    (["--concurrency", "65"], "argument --concurrency: must be an integer in [1, 64], found 65"),
+    (["--llm-timeout", "nan"], "argument --llm-timeout: must be a finite number > 0, found nan"),
+    (["--parse-attempts", "0"], "argument --parse-attempts: must be an integer in [1, 20], found 0"),
+])
+def test_numeric_flags_are_checked_at_parse_time(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        pb.main(["--prompt-type", "demo", "--model", "m", "--template_version", "v0.1", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_an_unusable_cache_folder_or_cache_file_is_one_line(tmp_path, server, capsys):
+    (tmp_path / "a_file").write_text("x")
+    argv = ["--prompt-type", "demo", "--model", "m", "--template_version", "v0.1", "--auto-query", "--always-save",
+            "--no-visualize", "--quiet", "--llm-base-url", server.base_url]
+    assert pb.main(argv + ["--cache-dir", str(tmp_path / "a_file" / "sub")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--cache-dir" in err and "is a file, not a folder" in err
+    for content in ("", "{not json", "[1, 2]", '{"p": "reply"}'):
+        (tmp_path / "cache_demo_v0.1_m.json").write_text(content)
+        assert pb.main(argv + ["--cache-dir", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"error: {tmp_path / 'cache_demo_v0.1_m.json'}: "), err
+    assert server.request_count == 0
+
+
+def test_the_same_shard_run_twice_at_once_saves_each_reply_once(tmp_path, server):
+    jitter = random.Random(1)
+    server.default = lambda caption: Reply(layout_reply(caption), delay_s=jitter.uniform(0, 0.01))
+    config = batch_config(tmp_path, prompt_type="lvd_numeracy", num_prompts=50)  # 10 prompts x 5
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(run(config, client_factory(server))[0]))
+               for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(results) == 2 and all(summary.ok for summary in results)
+    entries = load_cache_entries(config.cache_path)
+    assert sum(map(len, entries.values())) == 50 and all(len(v) == 5 for v in entries.values())  # not 100
+
+
+def test_free_text_prompts_and_prompts_files(tmp_path, server, capsys):
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("# two prompts\nA cat jumps onto a sofa.\n\nA dog runs to the left\n")
+    base = ["--model", "m", "--template_version", "v0.1", "--auto-query", "--always-save", "--no-visualize",
+            "--quiet", "--cache-dir", str(tmp_path), "--llm-base-url", server.base_url]
+    assert pb.main(["--prompts", "A cat jumps onto a sofa", "A bird sings", *base]) == 0
+    assert pb.main(["--prompts-file", str(prompts_file), *base]) == 0
+    entries = load_cache_entries(tmp_path / "cache_custom_v0.1_m.json")
+    assert list(entries) == ["A cat jumps onto a sofa", "A bird sings", "A dog runs to the left"]
+    assert server.request_count == 3  # the second list's first prompt was cached
+    capsys.readouterr()
+    assert pb.main(["--prompts-file", str(prompts_file), "--list-prompts"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["A cat jumps onto a sofa", "A dog runs to the left"]
+    assert pb.main(["--prompts-file", str(tmp_path / "missing.txt"), *base]) == 2
+    assert pb.main(["--prompt-type", "lvd", "--prompts", "A cat", *base]) == 2
+    err = capsys.readouterr().err
+    assert "missing.txt" in err and "drop --prompt-type lvd" in err
+
+
+def test_replies_stage_2_cannot_use_are_asked_again(tmp_path, server):
+    prompt = get_prompts("demo")[0]
+    unusable = [layout_reply(prompt, name="bear("), layout_reply(prompt).replace("[20, 200", "[1e308, 200")]
+    server.script(prompt, *unusable, layout_reply(prompt, name="bear"))
+    config = batch_config(tmp_path, prompt_type="demo", max_parse_attempts=3, visualize=True)
+    summary, output = run(config, client_factory(server))
+    assert (summary.new, summary.failures, server.request_count) == (1, [], 3)
+    assert load_cache_entries(config.cache_path) == {prompt: [layout_reply(prompt, name="bear")]}
+    server.script(prompt, *unusable)
+    summary, output = run(batch_config(tmp_path / "b", prompt_type="demo", visualize=True), client_factory(server))
+    (line,) = [line for line in output.splitlines() if line.startswith("FAILED")]
+    assert "no parsable reply in 2 attempt(s)" in line and "too far outside the canvas" in line
+
+
+def test_manual_mode_stops_at_the_end_of_input(tmp_path, capsys):
+    summary, output = run(batch_config(tmp_path, prompt_type="lvd_numeracy", num_prompts=3, auto_query=False), None, "")
+    assert len(summary.failures) == 1 and summary.not_run == 2 and output.count("FAILED") == 1
+    assert summary.stopped.startswith("end of input after prompt 0")

@@ -4,8 +4,8 @@ from PIL import Image
 
 from utils.layout import build_layout_from_frames, resample_boxes
 from utils.video_io import load_video
-from utils.visualize import (LAYOUT_MARGIN_PX, _font, _wrap_text, annotate_video, render_layout_frames,
-                             save_layout_gif, track_color)
+from utils.visualize import (LAYOUT_MARGIN_PX, _font, _wrap_text, annotate_video, compute_track_labels,
+                             render_layout_frames, save_layout_gif, track_color)
 
 
 def moving_layout():
@@ -126,3 +126,50 @@ def test_annotate_video_validates_input(kwargs, match):
                  "phrases": ["a"], **kwargs}
     with pytest.raises(ValueError, match=match):
         annotate_video(**arguments)
+
+
+@pytest.mark.parametrize("value", [0, 255])
+def test_outlines_have_a_black_rim_that_reads_on_dark_and_light_frames(value):
+    frames = np.full((1, 64, 64, 3), value, np.uint8)
+    boxes_xyxy = np.array([[[0.25, 0.25, 0.75, 0.75]]])
+    annotated = annotate_video(frames, boxes_xyxy, [""], line_px=2)[0]
+    color = np.array(track_color(0))
+    row = annotated[32]  # across the left and right edges, away from the label
+    assert (row[15] == 0).all() and (row[16] == color).all() and (row[17] == color).all() and (row[18] == 0).all()
+    assert (row[47] == color).all() and (row[48] == 0).all()
+    assert (row[30] == value).all()  # the inside is untouched
+    # On a white frame the pastel band alone would have little contrast; the rim is dark.
+    assert np.abs(row[15].astype(int) - value).max() == value
+
+
+def test_labels_of_objects_that_share_a_phrase_carry_their_id():
+    assert compute_track_labels(["car", "car", "dog"]) == ["car #0", "car #1", "dog"]
+    assert compute_track_labels(["car", "dog", "car"], ids=[4, 7, 9]) == ["car #4", "dog", "car #9"]
+    assert compute_track_labels(["", ""]) == ["", ""]
+    with pytest.raises(ValueError, match="one id per phrase"):
+        compute_track_labels(["a"], ids=[1, 2])
+    frames = np.zeros((1, 128, 128, 3), np.uint8)
+    boxes_xyxy = np.array([[[0.1, 0.3, 0.4, 0.6]], [[0.6, 0.3, 0.9, 0.6]]])
+    same = annotate_video(frames, boxes_xyxy, ["car", "car"])
+    different = annotate_video(frames, boxes_xyxy, ["car", "dog"])
+    label_area = (slice(0, 40), slice(0, 60))  # above the first box: "car #0" is wider than "car"
+    assert (same[0][label_area] == track_color(0)).all(axis=-1).sum() > \
+        (different[0][label_area] == track_color(0)).all(axis=-1).sum()
+
+
+@pytest.mark.parametrize("box", [[1e305, 0.0, 2e305, 0.5], [0.0, 0.0, 1e300, 1e300], [-1e300, -1e300, 0.5, 0.5],
+                                 [float("nan"), 0.0, 1.0, 1.0], [0.0, float("-inf"), 1.0, float("inf")],
+                                 [-3.0, -3.0, -2.0, -2.0], [0.999, 0.999, 5.0, 5.0]])
+def test_no_finite_or_odd_box_crashes_the_drawing(box):
+    boxes_xyxy = np.array([[box]])
+    frames = render_layout_frames(boxes_xyxy, ["thing"], "A prompt")
+    assert frames.shape == (1, 516, 516, 3)
+    annotated = annotate_video(np.zeros((1, 32, 48, 3), np.uint8), boxes_xyxy, ["thing"])
+    assert annotated.shape == (1, 32, 48, 3)
+
+
+def test_a_box_past_the_edge_is_drawn_like_before_clipping():
+    frames = np.zeros((1, 64, 64, 3), np.uint8)
+    near = annotate_video(frames, np.array([[[0.5, 0.25, 1.5, 0.75]]]), [""], line_px=2)
+    far = annotate_video(frames, np.array([[[0.5, 0.25, 1e9, 0.75]]]), [""], line_px=2)
+    np.testing.assert_array_equal(near, far)

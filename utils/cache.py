@@ -12,6 +12,8 @@ spec 15.3), and needs no cursor state.
 Writes append. Each append takes an exclusive ``flock`` on a lock file next to the cache
 (``.<name>.lock``), re-reads the file, appends and rewrites it atomically (temp file + rename), so
 two processes adding to one file lose nothing and a crash mid-write leaves the old file intact.
+:meth:`LayoutCache.store` appends the reply of one (prompt, occurrence) only if that occurrence has
+no reply yet, so two runs of the same shard into one cache store each reply once.
 Replies are stored as received: the reference stored a reconstruction that truncated some
 background keywords (spec 2.3); the text as received parses to the same layout.
 
@@ -33,8 +35,21 @@ DEFAULT_CACHE_DIR = Path("cache")
 JSON_INDENT = 4  # the published format
 
 
+# Where the authors' published caches are (LVD release): named by every "no cache" message.
+PUBLISHED_CACHE_FILES = ("cache_lvd_v0.1_gpt-4-1106-preview.json", "cache_lvd_v0.1_gpt-3.5-turbo.json")
+PUBLISHED_CACHE_SOURCE = "the cache/ folder of github.com/TonyLianLong/LLM-groundedVideoDiffusion"
+
+
 class CacheFormatError(ValueError):
     """A cache file is not a JSON object of prompt -> list of reply strings."""
+
+
+def describe_missing_cache(path: str | os.PathLike, flag: str = "--cache-dir", *, how_to_make: bool = True) -> str:
+    """One line for a cache file that does not exist: the path, the flag to point elsewhere, where the
+    authors' published caches come from and (``how_to_make``) how to make one."""
+    text = (f"no layout cache at {path} ({flag}); the authors' published caches ({', '.join(PUBLISHED_CACHE_FILES)}) "
+            f"are in {PUBLISHED_CACHE_SOURCE}: download them and pass --cache-dir DIR, or copy them into cache/")
+    return text + ("; to make a cache of your own, run prompt_batch.py --auto-query" if how_to_make else "")
 
 
 def sanitize_model_name(model: str) -> str:
@@ -62,12 +77,20 @@ def occurrence_indices(prompts: Sequence[str]) -> list[int]:
     return indices
 
 
-def select_window(num_items: int, skip_first: int = 0, num: int | None = None) -> range:
-    """The indices ``[skip_first, skip_first + num)`` of a prompt list of ``num_items`` (a shard)."""
+def select_window(num_items: int, skip_first: int = 0, num: int | None = None, *, passes: int = 1) -> range:
+    """The indices ``[skip_first, skip_first + num)`` of a list of ``num_items`` (a shard), clipped to the list.
+
+    With ``passes`` > 1 the list is repeated that many times (``generate.py --regenerate``): index ``i``
+    is position ``i % num_items`` of pass ``i // num_items``, so ``divmod(i, num_items)`` gives both.
+    This is the only windowing rule of the project: every CLI shards with it.
+    """
     if skip_first < 0 or (num is not None and num < 0):
         raise ValueError(f"skip_first_prompts and num_prompts must be >= 0, found {skip_first} and {num}")
-    stop = num_items if num is None else min(num_items, skip_first + num)
-    return range(min(skip_first, num_items), stop)
+    if num_items < 0 or passes < 1:
+        raise ValueError(f"num_items must be >= 0 and passes >= 1, found {num_items} and {passes}")
+    total = num_items * passes
+    stop = total if num is None else min(total, skip_first + num)
+    return range(min(skip_first, total), stop)
 
 
 def serialize_cache(entries: dict[str, list[str]]) -> str:
@@ -92,12 +115,23 @@ def parse_cache(text: str, source: str = "<string>") -> dict[str, list[str]]:
 
 
 def load_cache_entries(path: str | os.PathLike) -> dict[str, list[str]]:
-    """The entries of a cache file; an absent file is an empty cache."""
+    """The entries of a cache file; an absent file is an empty cache.
+
+    Raises :class:`CacheFormatError`, naming the file, for a file that is empty, not UTF-8, not JSON
+    or not shaped as a cache, and for a folder in its place.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return {}
+    except IsADirectoryError:
+        raise CacheFormatError(f"{path}: is a folder, not a cache file") from None
+    except UnicodeDecodeError as error:
+        raise CacheFormatError(f"{path}: not a text (UTF-8) file ({error.reason} at byte {error.start})") from None
+    if not text.strip():
+        raise CacheFormatError(f"{path}: the file is empty; a cache holds a JSON object of prompt -> list of "
+                               "replies (delete the file to start a new cache)")
     return parse_cache(text, str(path))
 
 
@@ -144,6 +178,31 @@ class LayoutCache:
     def __len__(self) -> int:
         """The number of replies (not keys)."""
         return sum(len(replies) for replies in self.entries.values())
+
+    def store(self, prompt: str, occurrence: int, reply: str) -> tuple[int, bool]:
+        """Save ``reply`` as reply ``occurrence`` of ``prompt`` unless that occurrence already has one.
+
+        Returns ``(index, added)``: where the reply of that occurrence now is, and whether this call
+        added it. Under the lock the file is re-read first, so a reply another process stored for the
+        same occurrence meanwhile wins and nothing is stored twice (the same shard run twice at once).
+        When earlier occurrences have no reply yet (a shard that starts mid-repeat) the reply is
+        appended all the same, at the first free index, as the published format has no gaps.
+        """
+        if not isinstance(prompt, str) or not isinstance(reply, str):
+            raise TypeError(f"cache items must be (str, str), found ({type(prompt).__name__}, "
+                            f"{type(reply).__name__})")
+        if occurrence < 0:
+            raise ValueError(f"occurrence must be >= 0, found {occurrence}")
+        with locked(self.path):
+            entries = load_cache_entries(self.path)
+            replies = entries.setdefault(prompt, [])
+            if occurrence < len(replies):
+                self.entries = entries
+                return occurrence, False
+            replies.append(reply)
+            atomic_write_text(self.path, serialize_cache(entries))
+        self.entries = entries
+        return len(replies) - 1, True
 
     def append(self, prompt: str, reply: str) -> int:
         """Add a reply for ``prompt`` and save; returns its occurrence index.

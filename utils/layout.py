@@ -24,8 +24,11 @@ import functools
 import json
 import logging
 import math
+import os
 import re
+import unicodedata
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -42,6 +45,15 @@ SNIPPET_CHARS = 160
 _SECTION_STRIP = " \t\n`"
 # Characters stripped from phrase ends for refinement and evaluation (spec 3.2, 3.5).
 _PHRASE_END_STRIP = "0123456789 "
+# How far a box may reach beyond the canvas, in canvas sizes (normalised units). The published caches
+# stay within [-0.08, 1.3]; a box far outside means nothing to the guidance, and huge values break
+# rasterisation (int64 corners) and fp16 GLIGEN inputs.
+MAX_BOX_OVERHANG = 1.0
+# An object name is a short noun phrase; the published caches' longest is 13 characters.
+MAX_PHRASE_CHARS = 100
+# Unicode categories a name must not contain: control, format (zero-width, bidi), surrogate, private use,
+# unassigned, line and paragraph separators. The diffusion prompt cannot locate such a name's tokens.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,6 +183,32 @@ def normalize_prompt(prompt: str) -> str:
 # Parsing
 
 
+_LITERAL_NODE_TYPES = (ast.Expression, ast.Constant, ast.List, ast.Tuple, ast.Dict, ast.Set, ast.UnaryOp,
+                       ast.BinOp, ast.UAdd, ast.USub, ast.Add, ast.Sub, ast.Load)
+
+
+def _describe_literal_error(content: str, error: BaseException) -> str:
+    """Why ``ast.literal_eval`` failed, in words: the syntax error and where, or the first non-literal."""
+    reason = type(error).__name__
+    if isinstance(error, SyntaxError):
+        where = f" at line {error.lineno}, column {error.offset}" if error.lineno and error.offset else ""
+        return f"{reason}: {error.msg or 'invalid syntax'}{where}"
+    if isinstance(error, (MemoryError, RecursionError)):
+        return f"{reason}: it is nested too deeply"
+    if isinstance(error, ValueError) and str(error).startswith("malformed node"):
+        try:
+            tree = ast.parse(content, mode="eval")
+        except (SyntaxError, ValueError, MemoryError, RecursionError):
+            tree = None
+        for node in ast.walk(tree) if tree is not None else ():
+            if not isinstance(node, _LITERAL_NODE_TYPES):
+                segment = ast.get_source_segment(content, node) or type(node).__name__
+                return (f"{reason}: {_snippet(segment, 40)!r} is not a literal (names must be quoted strings "
+                        f"and boxes plain numbers)")
+        return f"{reason}: it holds something other than strings, numbers, lists and dicts"
+    return f"{reason}: {_snippet(str(error), 120)}"
+
+
 def _eval_frame_literal(content: str, *, prompt: str, label: str) -> Any:
     """A frame section -> Python value, with the reference's tolerances (spec 2.3)."""
     content = content.split(" - ")[0]
@@ -179,10 +217,7 @@ def _eval_frame_literal(content: str, *, prompt: str, label: str) -> Any:
     try:
         return ast.literal_eval(content)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as error:
-        reason = type(error).__name__
-        if isinstance(error, SyntaxError) and error.msg:
-            reason += f" ({error.msg})"
-        raise LayoutParseError(f"{label} is not a Python list of dicts: {reason}",
+        raise LayoutParseError(f"{label} is not a Python list of dicts: {_describe_literal_error(content, error)}",
                                prompt=prompt, where=label, text=content) from None
 
 
@@ -239,27 +274,67 @@ def parse_layout(text: str, prompt: str, *, frame_labels: Sequence[str] = FRAME_
         # The reference also reads a reply without the first label (spec 2.3, step 1); when
         # that fails, the missing label is the error worth reporting.
         raise LayoutParseError(f"no '{first}' label found", prompt=prompt, text=text) from None
-    return build_layout_from_frames(frames, prompt=prompt, background=background, reasoning=leading)
+    return build_layout_from_frames(frames, prompt=prompt, background=background, reasoning=leading,
+                                    max_box_overhang=MAX_BOX_OVERHANG)
 
 
 def _check_number(value: Any, *, what: str, prompt: str, where: str, text: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise LayoutValidationError(f"{what} must be a number, found {value!r}", prompt=prompt, where=where,
-                                    text=text)
-    if not math.isfinite(value):
+        raise LayoutValidationError(f"{what} must be a number, found {_snippet(repr(value), 60)}", prompt=prompt,
+                                    where=where, text=text)
+    try:
+        number = float(value)
+    except OverflowError:  # an int with hundreds of digits
+        raise LayoutValidationError(f"{what} is too large: an integer of {len(str(abs(value)))} digits",
+                                    prompt=prompt, where=where, text=text) from None
+    if not math.isfinite(number):
         raise LayoutValidationError(f"{what} must be finite, found {value!r}", prompt=prompt, where=where,
                                     text=text)
-    return float(value)
+    return number
+
+
+def _check_box_extent(box: Box, max_overhang: float | None, *, prompt: str | None, where: str,
+                      text: str | None = None, canvas_size: int | tuple[int, int] = CANVAS_SIZE) -> None:
+    """Reject a box that reaches more than ``max_overhang`` canvases beyond the canvas (None: no limit)."""
+    if max_overhang is None:
+        return
+    low, high = -max_overhang, 1.0 + max_overhang
+    if all(low <= value <= high for value in box.as_tuple()):
+        return
+    width, height = (canvas_size, canvas_size) if isinstance(canvas_size, int) else canvas_size
+    xyxy = ", ".join(f"{v:.6g}" for v in box.as_tuple())
+    raise LayoutValidationError(
+        f"box reaches too far outside the canvas: normalised xyxy ({xyxy}); each edge must lie within "
+        f"{max_overhang:g} canvas size(s) of it ([{low * width:g}, {high * width:g}] px across, [{low * height:g}, "
+        f"{high * height:g}] px down on the {width}x{height} canvas)", prompt=prompt, where=where, text=text)
+
+
+def _check_phrase(phrase: Any, *, prompt: str | None, where: str, text: str | None = None) -> None:
+    """A name stage 2 can put in the diffusion prompt and locate: short, visible characters only."""
+    if not isinstance(phrase, str) or not phrase.strip():
+        raise LayoutValidationError(f"object needs a non-empty name, found {_snippet(repr(phrase), 60)}",
+                                    prompt=prompt, where=where, text=text)
+    if len(phrase) > MAX_PHRASE_CHARS:
+        raise LayoutValidationError(f"the name is {len(phrase)} characters long ({_snippet(phrase, 40)!r}); an "
+                                    f"object name is a short noun phrase of at most {MAX_PHRASE_CHARS} characters",
+                                    prompt=prompt, where=where, text=text)
+    for char in phrase:
+        if unicodedata.category(char) in _INVISIBLE_CATEGORIES:
+            raise LayoutValidationError(
+                f"the name {phrase!r} contains the invisible or control character U+{ord(char):04X} "
+                f"{unicodedata.name(char, '(unnamed)')}", prompt=prompt, where=where, text=text)
 
 
 def build_layout_from_frames(frames: Sequence[Any], *, prompt: str, background: str | None = "",
-                             reasoning: str = "",
-                             canvas_size: int | tuple[int, int] = CANVAS_SIZE) -> SceneLayout:
+                             reasoning: str = "", canvas_size: int | tuple[int, int] = CANVAS_SIZE,
+                             max_box_overhang: float | None = None) -> SceneLayout:
     """Frames of ``{id, name, box}`` dicts (pixel xywh) -> a validated :class:`SceneLayout`.
 
     Shared by the LLM parser and the detector's pseudo-layouts (stage 2), so both stages build
     tracks the same way: by id in order of first appearance, the phrase of the first appearance
     (``keyword`` if ``name`` is missing), the later box when an id repeats within a frame (spec 2.5).
+    ``max_box_overhang`` bounds how far a box may reach outside the canvas, in canvas sizes: LLM
+    replies use :data:`MAX_BOX_OVERHANG`; detections (boxes of a padded image) have no bound.
     """
     num_keyframes = len(frames)
     phrases: dict[int, str] = {}
@@ -288,8 +363,9 @@ def build_layout_from_frames(frames: Sequence[Any], *, prompt: str, background: 
             name = obj.get("name", obj.get("keyword"))
             if object_id not in phrases:
                 if not isinstance(name, str) or not name.strip():
-                    raise LayoutValidationError(f"object needs a non-empty 'name', found {name!r}",
+                    raise LayoutValidationError(f"object needs a non-empty 'name', found {_snippet(repr(name), 60)}",
                                                 prompt=prompt, where=obj_where, text=repr(obj))
+                _check_phrase(name, prompt=prompt, where=obj_where, text=repr(obj))
                 phrases[object_id] = name
                 keyframes[object_id] = [None] * num_keyframes
             obj_where = f"{where}, object {object_id} ({phrases[object_id]!r})"
@@ -306,30 +382,41 @@ def build_layout_from_frames(frames: Sequence[Any], *, prompt: str, background: 
                 logger.warning("prompt %r, %s: id %d appears twice; the later box is used",
                                prompt, where, object_id)
             seen_in_frame.add(object_id)
-            keyframes[object_id][frame_index] = Box.from_xywh_px((x, y, w, h), canvas_size)
+            box_xyxy = Box.from_xywh_px((x, y, w, h), canvas_size)
+            _check_box_extent(box_xyxy, max_box_overhang, prompt=prompt, where=obj_where, text=repr(obj),
+                              canvas_size=canvas_size)
+            keyframes[object_id][frame_index] = box_xyxy
     tracks = tuple(ObjectTrack(object_id, phrases[object_id], tuple(keyframes[object_id]))
                    for object_id in phrases)
     layout = SceneLayout(prompt=prompt, background=background or "",
                          tracks=tracks, num_keyframes=num_keyframes, reasoning=reasoning)
-    validate_layout(layout)
+    validate_layout(layout, max_box_overhang=max_box_overhang)
     return layout
 
 
-def validate_layout(layout: SceneLayout) -> None:
+def validate_layout(layout: SceneLayout, *, max_box_overhang: float | None = MAX_BOX_OVERHANG) -> None:
     """Raise :class:`LayoutValidationError` if the layout is not usable.
 
-    Boxes partly or wholly outside the canvas and zero-size boxes are accepted, as in the reference:
-    the published caches contain them and rasterisation clips them (spec 4.3).
+    Boxes partly outside the canvas and zero-size boxes are accepted, as in the reference: the
+    published caches contain them and rasterisation clips them (spec 4.3). Rejected, beyond the
+    reference (which crashed later or drew garbage): non-finite boxes, boxes reaching more than
+    ``max_box_overhang`` canvases beyond the canvas (None: no bound, for detections), names longer
+    than :data:`MAX_PHRASE_CHARS` or with invisible/control characters. Every reply of the published
+    caches passes.
     """
-    if layout.num_keyframes < 1:
-        raise LayoutValidationError("a layout needs at least one keyframe", prompt=layout.prompt)
+    if not isinstance(layout.prompt, str) or not layout.prompt.strip():
+        raise LayoutValidationError(f"a layout needs a non-empty prompt, found {layout.prompt!r}")
+    if not isinstance(layout.num_keyframes, int) or layout.num_keyframes < 1:
+        raise LayoutValidationError(f"a layout needs at least one keyframe, found {layout.num_keyframes!r}",
+                                    prompt=layout.prompt)
     ids = [track.id for track in layout.tracks]
     if len(set(ids)) != len(ids):
         raise LayoutValidationError(f"track ids repeat: {ids}", prompt=layout.prompt)
     for track in layout.tracks:
-        where = f"object {track.id} ({track.phrase!r})"
-        if not track.phrase.strip():
+        where = f"object {track.id} ({_snippet(repr(track.phrase), 60)})"
+        if not isinstance(track.phrase, str) or not track.phrase.strip():
             raise LayoutValidationError("object has an empty phrase", prompt=layout.prompt, where=where)
+        _check_phrase(track.phrase, prompt=layout.prompt, where=where)
         if len(track.keyframes) != layout.num_keyframes:
             raise LayoutValidationError(f"expected {layout.num_keyframes} keyframes, found "
                                         f"{len(track.keyframes)}", prompt=layout.prompt, where=where)
@@ -346,6 +433,26 @@ def validate_layout(layout: SceneLayout) -> None:
             if box.x_max < box.x_min or box.y_max < box.y_min:
                 raise LayoutValidationError(f"box has a negative size: xyxy {values}",
                                             prompt=layout.prompt, where=f"frame {frame_index + 1}, {where}")
+            _check_box_extent(box, max_box_overhang, prompt=layout.prompt, where=f"frame {frame_index + 1}, {where}")
+
+
+def validate_layout_for_generation(layout: SceneLayout, tokenizer) -> None:
+    """Raise :class:`LayoutValidationError` unless stage 2 can build its condition from ``layout``.
+
+    Stage 2 calls :func:`build_condition` with the CLIP tokenizer; this does the same, so a layout
+    that passes here (stage 1 saves only those) generates: every phrase is found in the diffusion
+    prompt and its tokens sit inside the 77-token limit.
+    """
+    validate_layout(layout)
+    diffusion_prompt = build_diffusion_prompt(layout.prompt, layout.background, layout.phrases)
+    for track in layout.tracks:  # one phrase at a time, so that the error names the object
+        try:
+            compute_token_positions(diffusion_prompt, [track.phrase], tokenizer)
+        except LayoutValidationError as error:
+            raise LayoutValidationError(f"{error.problem}; diffusion prompt: {_snippet(diffusion_prompt, 100)!r}",
+                                        prompt=layout.prompt,
+                                        where=f"object {track.id} ({_snippet(repr(track.phrase), 60)})") from None
+    build_condition(layout, layout.num_keyframes, tokenizer)
 
 
 # --------------------------------------------------------------------------------------------
@@ -449,8 +556,9 @@ def compute_token_positions(prompt: str, phrases: Sequence[str], tokenizer,
     for phrase in phrases:
         refined = refine_phrase(phrase, prompt)
         if refined is None:
-            raise LayoutValidationError(f"phrase {phrase!r} does not occur in the diffusion prompt",
-                                        prompt=prompt)
+            raise LayoutValidationError(f"phrase {phrase!r} does not occur as a word in the diffusion prompt "
+                                        "(a name that starts or ends with punctuation or a symbol is never "
+                                        "found; use plain words)", prompt=prompt)
         phrase_tokens = tokenizer.convert_ids_to_tokens(tokenizer(refined).input_ids)[1:-1]
         if not phrase_tokens:
             # The reference went on with an empty position list, which breaks the energy later.
@@ -459,8 +567,9 @@ def compute_token_positions(prompt: str, phrases: Sequence[str], tokenizer,
         phrase_str = " ".join(phrase_tokens)
         index = token_map_str.find(phrase_str)
         if index < 0:
-            raise LayoutValidationError(f"the tokens of phrase {phrase!r} ({phrase_str!r}) are not in "
-                                        "the prompt's tokens", prompt=prompt)
+            raise LayoutValidationError(f"the tokens of phrase {phrase!r} ({phrase_str!r}) are not in the "
+                                        "prompt's tokens (punctuation in a name tokenises differently inside "
+                                        "the prompt; use plain words)", prompt=prompt)
         start = len(token_map_str[:index].rstrip(" ").split(" "))
         span = tuple(range(start, start + len(phrase_tokens)))
         if span[-1] >= max_tokens:
@@ -512,23 +621,75 @@ def layout_to_dict(layout: SceneLayout) -> dict[str, Any]:
     }
 
 
+def _rewhere(error: LayoutError, prefix: str) -> LayoutError:
+    """The same error with ``prefix`` (e.g. the file) in front of its place."""
+    where = f"{prefix}, {error.where}" if error.where else prefix
+    return type(error)(error.problem, prompt=error.prompt, where=where, text=error.text)
+
+
 def layout_from_dict(data: Mapping[str, Any]) -> SceneLayout:
-    """Inverse of :func:`layout_to_dict`, validated."""
-    prompt = data.get("prompt") if isinstance(data, Mapping) else None
+    """Inverse of :func:`layout_to_dict`, checked field by field and validated like an LLM reply."""
+    snippet = json.dumps(data, default=str) if isinstance(data, (Mapping, list)) else repr(data)
+    if not isinstance(data, Mapping):
+        raise LayoutValidationError(f"not a serialised layout: expected a JSON object, found {type(data).__name__}",
+                                    text=snippet)
+    prompt = data.get("prompt")
+    prompt = prompt if isinstance(prompt, str) else None
+
+    def fail(problem: str, where: str | None = None) -> LayoutValidationError:
+        return LayoutValidationError(problem, prompt=prompt, where=where, text=snippet)
+
+    missing = [key for key in ("prompt", "num_keyframes", "objects") if key not in data]
+    if missing:
+        raise fail(f"not a serialised layout: no {', '.join(repr(k) for k in missing)} "
+                   f"(expected the keys of layout_to_dict: prompt, background, num_keyframes, objects)")
+    if prompt is None or not prompt.strip():
+        raise fail(f"'prompt' must be a non-empty string, found {_snippet(repr(data['prompt']), 60)}")
+    num_keyframes = data["num_keyframes"]
+    if isinstance(num_keyframes, bool) or not isinstance(num_keyframes, int) or num_keyframes < 1:
+        raise fail(f"'num_keyframes' must be an integer >= 1, found {num_keyframes!r}")
+    background = data.get("background") or ""
+    reasoning = data.get("reasoning") or ""
+    for key, value in (("background", background), ("reasoning", reasoning)):
+        if not isinstance(value, str):
+            raise fail(f"{key!r} must be a string, found {_snippet(repr(value), 60)}")
+    if not isinstance(data["objects"], list):
+        raise fail(f"'objects' must be a list, found {type(data['objects']).__name__}")
+    tracks = []
+    for position, obj in enumerate(data["objects"]):
+        where = f"object #{position}"
+        if not isinstance(obj, Mapping) or any(key not in obj for key in ("id", "phrase", "keyframes_xyxy")):
+            found = _snippet(json.dumps(obj, default=str), 80)
+            raise fail("expected {'id', 'phrase', 'keyframes_xyxy'}, found " + found, where)
+        object_id, phrase, boxes = obj["id"], obj["phrase"], obj["keyframes_xyxy"]
+        if isinstance(object_id, bool) or not isinstance(object_id, int):
+            raise fail(f"'id' must be an integer, found {object_id!r}", where)
+        where = f"object {object_id}"
+        _check_phrase(phrase, prompt=prompt, where=where, text=snippet)
+        where = f"object {object_id} ({_snippet(repr(phrase), 60)})"
+        if not isinstance(boxes, list) or len(boxes) != num_keyframes:
+            raise fail(f"'keyframes_xyxy' must be a list of {num_keyframes} boxes (null where absent), found "
+                       f"{_snippet(json.dumps(boxes, default=str), 80)}", where)
+        keyframes = []
+        for frame_index, box in enumerate(boxes):
+            box_where = f"keyframe {frame_index + 1}, {where}"
+            if box is None:
+                keyframes.append(None)
+                continue
+            if not isinstance(box, list) or len(box) != 4:
+                raise fail(f"a box must be [x_min, y_min, x_max, y_max] or null, found "
+                           f"{_snippet(json.dumps(box, default=str), 80)}", box_where)
+            keyframes.append(Box(*(_check_number(v, what="box value", prompt=prompt, where=box_where, text=snippet)
+                                   for v in box)))
+        tracks.append(ObjectTrack(object_id, phrase, tuple(keyframes)))
+    layout = SceneLayout(prompt=prompt, background=background, tracks=tuple(tracks), num_keyframes=num_keyframes,
+                         reasoning=reasoning)
     try:
-        num_keyframes = int(data["num_keyframes"])
-        tracks = []
-        for obj in data["objects"]:
-            keyframes = tuple(None if box is None else Box(*(float(v) for v in box))
-                              for box in obj["keyframes_xyxy"])
-            tracks.append(ObjectTrack(int(obj["id"]), str(obj["phrase"]), keyframes))
-        layout = SceneLayout(prompt=str(data["prompt"]), background=str(data.get("background") or ""),
-                             tracks=tuple(tracks), num_keyframes=num_keyframes,
-                             reasoning=str(data.get("reasoning", "")))
-    except (KeyError, TypeError, ValueError) as error:
-        raise LayoutValidationError(f"not a serialised layout: {type(error).__name__}: {error}",
-                                    prompt=prompt, text=json.dumps(data, default=str)) from None
-    validate_layout(layout)
+        validate_layout(layout)
+    except LayoutError as error:
+        if error.text is not None:
+            raise
+        raise type(error)(error.problem, prompt=error.prompt, where=error.where, text=snippet) from None
     return layout
 
 
@@ -536,8 +697,44 @@ def layout_to_json(layout: SceneLayout) -> str:
     return json.dumps(layout_to_dict(layout), indent=2)
 
 
+def parse_layout_json(text: str, *, source: str | None = None, prompt: str | None = None) -> SceneLayout:
+    """A layout from JSON text: the ``layout.json`` that ``generate.py`` writes (its ``"layout"`` key holds
+    :func:`layout_to_dict`) or a bare :func:`layout_to_dict` object, validated like an LLM reply.
+
+    ``source`` (a file name) starts the place of every error. With ``prompt``, the layout must be for
+    that prompt (compared after :func:`normalize_prompt`).
+    """
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise LayoutParseError(f"not valid JSON ({error})", where=source, text=text) from None
+    if isinstance(data, Mapping) and isinstance(data.get("layout"), Mapping):
+        data = data["layout"]  # generate.py's layout.json: the layout plus its diffusion condition
+    try:
+        layout = layout_from_dict(data)
+    except LayoutError as error:
+        if source is None:
+            raise
+        raise _rewhere(error, source) from None
+    if prompt is not None and normalize_prompt(prompt) != layout.prompt:
+        raise LayoutValidationError(f"the layout is for prompt {layout.prompt!r}, not for {normalize_prompt(prompt)!r}",
+                                    prompt=normalize_prompt(prompt), where=source)
+    return layout
+
+
+def parse_layout_file(path: str | os.PathLike, prompt: str | None = None) -> SceneLayout:
+    """:func:`parse_layout_json` of a file; every error (unreadable, not JSON, invalid) names the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise LayoutParseError(f"cannot read the layout file: {reason}", where=str(path)) from None
+    return parse_layout_json(text, source=str(path), prompt=prompt)
+
+
 def layout_from_json(text: str) -> SceneLayout:
-    return layout_from_dict(json.loads(text))
+    return parse_layout_json(text)
 
 
 def _format_number(value: float) -> str:

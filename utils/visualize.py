@@ -2,6 +2,11 @@
 
 Boxes are normalised xyxy; they map onto a frame by fraction (spec 3.1), so a square layout is
 stretched onto a 576x320 frame exactly as the generator sees it.
+
+Legibility (beyond the reference's thin pastel lines): every box outline in a track colour has a
+1-pixel black rim on both sides, and every label a black border, so boxes read on dark, light and
+busy frames alike. Objects that share a phrase are labelled ``phrase #id``. Corners are clipped to
+just outside the image, so no finite box (however large) can overflow the drawing code.
 """
 from __future__ import annotations
 
@@ -21,6 +26,10 @@ LAYOUT_LINE_PX = 3
 LAYOUT_FONT_PX = 14
 TEXT_PANEL_ALPHA = 200       # the prompt panel is drawn over the boxes (as in the reference) but see-through
 DETECTION_DASH_PX = 4
+RIM_COLOR = (0, 0, 0)        # the rim around track outlines and labels
+# Box corners are clipped this many pixels outside the image: far enough that a clipped edge (rim
+# included) stays invisible, near enough for the drawing code's integer coordinates.
+_CLIP_MARGIN_PX = 64
 
 Color = tuple[int, int, int]
 
@@ -58,37 +67,64 @@ def _box_to_pixels(box_xyxy: Sequence[float], width: int, height: int,
     """Inclusive pixel corners of a normalised box on a (height, width) area, or None if it is empty.
 
     A box [0.25, 0.75] on 64 pixels covers pixels 16..47: the right/bottom edge is exclusive.
+    Corners beyond the area are clipped to :data:`_CLIP_MARGIN_PX` outside it (the drawing looks the
+    same: those edges are off-image either way); a non-finite box is not drawn.
     """
     x_min, y_min, x_max, y_max = (float(value) for value in box_xyxy)
+    if not all(np.isfinite((x_min, y_min, x_max, y_max))):
+        return None
     if not (x_max > x_min and y_max > y_min):  # absent (all zeros) or degenerate: not drawn (spec 2.6)
         return None
-    left, right = round(x_min * width), round(x_max * width) - 1
-    top, bottom = round(y_min * height), round(y_max * height) - 1
+
+    def to_px(value: float, size: int) -> float:
+        return min(max(value * size, -_CLIP_MARGIN_PX), size + _CLIP_MARGIN_PX)
+
+    left, right = round(to_px(x_min, width)), round(to_px(x_max, width)) - 1
+    top, bottom = round(to_px(y_min, height)), round(to_px(y_max, height)) - 1
     return (offset_px + left, offset_px + top, offset_px + max(left, right), offset_px + max(top, bottom))
 
 
+def compute_track_labels(phrases: Sequence[str], ids: Sequence[int] | None = None) -> list[str]:
+    """The label of each track: its phrase, plus ``#id`` when another track has the same phrase.
+
+    ``ids`` are the tracks' object ids (default: their index, which is the id order of a layout).
+    """
+    ids = list(range(len(phrases))) if ids is None else list(ids)
+    if len(ids) != len(phrases):
+        raise ValueError(f"expected one id per phrase: {len(phrases)} phrases, {len(ids)} ids")
+    counts: dict[str, int] = {}
+    for phrase in phrases:
+        counts[phrase] = counts.get(phrase, 0) + 1
+    return [f"{phrase} #{object_id}" if phrase and counts[phrase] > 1 else phrase
+            for phrase, object_id in zip(phrases, ids)]
+
+
 def _draw_label(draw: ImageDraw.ImageDraw, text: str, anchor_xy: tuple[int, int], font,
-                fill: Color, text_fill: Color, above: bool) -> None:
+                fill: Color, text_fill: Color, above: bool, border: Color | None = None) -> None:
     """A filled label whose left edge is at ``anchor_xy``; above or below the anchor's y."""
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
     label_w, label_h = right - left + 4, bottom - top + 4
     x, y = anchor_xy
     if above:
         y -= label_h
-    draw.rectangle((x, y, x + label_w - 1, y + label_h - 1), fill=fill)
+    draw.rectangle((x, y, x + label_w - 1, y + label_h - 1), fill=fill, outline=border)
     draw.text((x + 2 - left, y + 2 - top), text, font=font, fill=text_fill)
 
 
 def _draw_track_box(draw: ImageDraw.ImageDraw, corners_px: tuple[int, int, int, int], color: Color,
                     phrase: str, font, line_px: int, min_y_px: int = 0) -> None:
-    """Solid outline in the track colour, phrase at the top-left corner (above it where there is room)."""
+    """Outline in the track colour with a black rim on both sides; phrase at the top-left corner (above
+    it where there is room), on a label in the track colour with a black border."""
     left, top, right, bottom = corners_px
+    # The rim: one black pixel outside the colour band and one inside it (the band is drawn over it).
+    draw.rectangle((left - 1, top - 1, right + 1, bottom + 1), outline=RIM_COLOR, width=line_px + 2)
     draw.rectangle(corners_px, outline=color, width=line_px)
     if phrase:
         label_h = font.getbbox(phrase)[3] + 4
-        draw_above = top - label_h >= min_y_px
-        _draw_label(draw, phrase, (left, top if draw_above else top + line_px), font, color,
-                    (0, 0, 0), above=draw_above)
+        draw_above = top - 1 - label_h >= min_y_px
+        anchor_y = top - 1 if draw_above else top + line_px + 1
+        _draw_label(draw, phrase, (left - 1, anchor_y), font, color, (0, 0, 0), above=draw_above,
+                    border=RIM_COLOR)
 
 
 def _draw_dashed_box(draw: ImageDraw.ImageDraw, corners_px: tuple[int, int, int, int], line_px: int) -> None:
@@ -138,11 +174,13 @@ def _prompt_panel(prompt: str, background: str, width_px: int) -> Image.Image:
 
 
 def render_layout_frames(boxes_xyxy: np.ndarray, phrases: Sequence[str], prompt: str,
-                         background: str = "", size: int = CANVAS_SIZE) -> np.ndarray:
+                         background: str = "", size: int = CANVAS_SIZE, *,
+                         ids: Sequence[int] | None = None) -> np.ndarray:
     """Layout drawn per frame: ``(F, size + 4, size + 4, 3)`` uint8 from ``(tracks, F, 4)`` normalised boxes.
 
     White image with a 2 px margin, a black frame around the ``size`` x ``size`` canvas, each present
-    box as an outline in its track colour with its phrase, and the wrapped prompt on top.
+    box as an outline in its track colour with its label (:func:`compute_track_labels` of the phrases
+    and object ``ids``), and the wrapped prompt on top.
     """
     boxes_xyxy = _check_boxes(boxes_xyxy, phrases)
     side_px = size + 2 * LAYOUT_MARGIN_PX
@@ -152,16 +190,17 @@ def render_layout_frames(boxes_xyxy: np.ndarray, phrases: Sequence[str], prompt:
         outline=(0, 0, 0))
     panel = _prompt_panel(prompt, background, size)
     colors = [track_color(index) for index in range(len(phrases))]
+    labels = compute_track_labels(phrases, ids)
     font = _font(LAYOUT_FONT_PX - 1)
 
     frames = []
     for frame_index in range(boxes_xyxy.shape[1]):
         image = base.copy()
         draw = ImageDraw.Draw(image)
-        for track_index, phrase in enumerate(phrases):
+        for track_index, label in enumerate(labels):
             corners = _box_to_pixels(boxes_xyxy[track_index, frame_index], size, size, LAYOUT_MARGIN_PX)
             if corners is not None:
-                _draw_track_box(draw, corners, colors[track_index], phrase, font, LAYOUT_LINE_PX)
+                _draw_track_box(draw, corners, colors[track_index], label, font, LAYOUT_LINE_PX)
         image.paste(panel, (LAYOUT_MARGIN_PX, LAYOUT_MARGIN_PX), panel)
         frames.append(np.asarray(image))
     if not frames:
@@ -172,7 +211,8 @@ def render_layout_frames(boxes_xyxy: np.ndarray, phrases: Sequence[str], prompt:
 def save_layout_gif(layout: SceneLayout, path: str | os.PathLike, num_frames: int = LAYOUT_GIF_FRAMES) -> None:
     """The layout resampled to ``num_frames`` and saved as a looping GIF, 125 ms per frame (atomic)."""
     boxes_xyxy = resample_boxes(layout, num_frames)  # (tracks, num_frames, 4)
-    frames = render_layout_frames(boxes_xyxy, layout.phrases, layout.prompt, layout.background)
+    frames = render_layout_frames(boxes_xyxy, layout.phrases, layout.prompt, layout.background,
+                                  ids=[track.id for track in layout.tracks])
     write_gif(frames, path, fps=8.0)
 
 
@@ -184,10 +224,11 @@ Detection = tuple[Sequence[float], str, float]  # (normalised xyxy, label, score
 
 def annotate_video(frames: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence[str],
                    detections: Sequence[Sequence[Detection]] | None = None,
-                   line_px: int | None = None) -> np.ndarray:
+                   line_px: int | None = None, *, ids: Sequence[int] | None = None) -> np.ndarray:
     """A copy of ``frames`` (F, H, W, 3) uint8 with layout boxes (tracks, F, 4) and optional detections drawn.
 
-    Layout boxes: solid outlines in the stable track colours with the phrase. Detections (one list
+    Layout boxes: outlines in the stable track colours with a black rim, labelled as
+    :func:`compute_track_labels` (object ``ids``, default the track index). Detections (one list
     per frame of (xyxy, label, score)): dashed black/white outlines with "label score" inside.
     ``line_px`` defaults to ``max(2, min(H, W) // 128)``.
     """
@@ -199,15 +240,16 @@ def annotate_video(frames: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence
     line_px = line_px or max(2, min(height, width) // 128)
     font = _font(max(8, min(height, width) // 24))
     colors = [track_color(index) for index in range(len(phrases))]
+    labels = compute_track_labels(phrases, ids)
 
     annotated = np.empty_like(frames)
     for frame_index in range(num_frames):
         image = Image.fromarray(frames[frame_index])
         draw = ImageDraw.Draw(image)
-        for track_index, phrase in enumerate(phrases):
+        for track_index, label in enumerate(labels):
             corners = _box_to_pixels(boxes_xyxy[track_index, frame_index], width, height)
             if corners is not None:
-                _draw_track_box(draw, corners, colors[track_index], phrase, font, line_px)
+                _draw_track_box(draw, corners, colors[track_index], label, font, line_px)
         for box_xyxy, label, score in (detections[frame_index] if detections is not None else ()):
             corners = _box_to_pixels(box_xyxy, width, height)
             if corners is not None:
