@@ -84,9 +84,7 @@ def run(args) -> dict:
     from generation.backbones.base import TextConditioning
     from generation.config import ExecutionConfig, GuidanceConfig, sampling_config_for
     from generation.guidance import guidance_step
-    from generation.loop import Step
     from generation.lvd import build_layout_guidance, make_layout_energy_fn
-    from generation.sampling import generate_video
     from models.registry import scale_guided_blocks, wan_guided_layers, WAN_GUIDED_BLOCKS_1_3B
 
     spec, model = load_model(args)
@@ -134,7 +132,6 @@ def run(args) -> dict:
             parts[name] = measure(lambda: guidance_step(latents, lambda z: energy_fn(z, [0]), hook.step_sizes[1],
                                                         guidance.loss_scale),
                                   device, args.warmup, args.repeats)
-        del hook, energy_fn
     if model.vae is not None:
         parts["decode"] = measure(lambda: backbone.decode(latents), device, min(args.warmup, 1) if
                                   device.type != "cuda" else 0, 1)

@@ -88,6 +88,7 @@ def _closed_pipe_run(args, timeout=240):
         os.close(write_end)
 
 
+@pytest.mark.slow
 def test_average_runs_exits_quietly_on_a_closed_pipe(tmp_path):
     from test_eval_summary import OLD_EVAL
 
@@ -97,6 +98,7 @@ def test_average_runs_exits_quietly_on_a_closed_pipe(tmp_path):
     assert (result.returncode, result.stderr) == (0, "")
 
 
+@pytest.mark.slow
 def test_eval_owl_vit_exits_quietly_on_a_closed_pipe(tmp_path):
     run = write_run(tmp_path / "run0", [0])
     result = _closed_pipe_run(["scripts/eval_owl_vit.py", "--run_base_path", str(run), "--detector", "tiny",

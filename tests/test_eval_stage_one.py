@@ -119,6 +119,7 @@ def test_published_caches_give_the_paper_numbers_also_in_shards(name):
     assert [r for shard in shards for r in shard.records] == full.records
 
 
+@pytest.mark.slow
 @needs_published
 def test_cli_acceptance_command(tmp_path):
     json_out = tmp_path / "gpt4.json"
@@ -226,6 +227,7 @@ def test_queried_replies_are_saved_once_per_occurrence_and_checked_for_stage_2(t
     assert load_cache_entries(tiny_cache)[bird] == [layout_reply(bird, name="bird")] * 2
 
 
+@pytest.mark.slow
 def test_cli_output_into_a_closed_pipe_exits_quietly(tiny_cache, tmp_path):
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "scripts" / "eval_stage_one.py"), "--prompt-type",
                                 "lvd_numeracy", "--model", "m", "--template_version", "v0.1", "--num_prompts", "10",

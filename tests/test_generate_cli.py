@@ -165,6 +165,7 @@ def test_a_missing_cache_file_is_one_line_naming_it_and_the_flag(tmp_path, capsy
     assert "--cache-dir" in err and "published" in err
 
 
+@pytest.mark.slow
 def test_a_closed_pipe_ends_quietly(tmp_path, lvd_cache):
     command = (f"{sys.executable} generate.py --run-model lvd_tiny --prompt-type lvd --model test-llm "
                f"--cache-dir {lvd_cache} --dry-run | head -1")
@@ -254,6 +255,7 @@ def test_baseline_rejects_guidance_overrides(tmp_path, capsys):
     assert code == 2 and "--loss_scale" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_missing_weights_fail_fast_with_the_model_id(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     start = time.perf_counter()

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("models", "generation", "utils", "studio")
 TOP_LEVEL = ("prompt", "prompt_batch", "generate", "app")
@@ -89,6 +91,7 @@ def test_the_library_never_imports_a_cli_or_the_stage_one_data():
     assert bad == []
 
 
+@pytest.mark.slow
 def test_every_module_imports_in_a_fresh_interpreter():
     names = [name for name in project_modules() if not name.startswith("studio") and name != "app"]
     code = "import importlib, sys\nfor name in sys.argv[1:]:\n    importlib.import_module(name)\nprint('ok')"

@@ -38,6 +38,7 @@ def run_installed(installed: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_a_non_editable_install_has_the_templates(installed):
     done = run_installed(installed, "-c", "import prompt; t = prompt.load_template('v0.1'); "
                                           "print(prompt.__file__); print(prompt.available_templates()); "
@@ -47,6 +48,7 @@ def test_a_non_editable_install_has_the_templates(installed):
     assert where.startswith(str(installed / "site")) and templates == "['v0.1']" and examples == "3"
 
 
+@pytest.mark.slow
 def test_a_non_editable_install_runs_stage_one(installed):
     listed = run_installed(installed, "-m", "prompt_batch", "--prompt-type", "lvd", "--list-prompts")
     assert listed.returncode == 0, listed.stderr

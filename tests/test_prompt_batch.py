@@ -84,6 +84,7 @@ def test_list_prompts_prints_the_list_with_repeats(capsys):
         assert all(lines.count(prompt) == len(replies) for prompt, replies in entries.items())
 
 
+@pytest.mark.slow
 def test_cli_second_run_hits_the_cache_and_sends_nothing(tmp_path, server):
     command = [sys.executable, str(REPO_ROOT / "prompt_batch.py"), "--prompt-type", "demo", "--model", "m",
                "--template_version", "v0.1", "--auto-query", "--always-save", "--no-visualize", "--quiet",
@@ -296,6 +297,7 @@ def _dead_port() -> int:
         return probe.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_cli_stops_within_seconds_when_the_endpoint_is_down(tmp_path):
     # Acceptance (issue 12, item 8): 500 prompts, fresh cache, connection refused; it used to take ~35 minutes.
     url = f"http://127.0.0.1:{_dead_port()}/v1"
@@ -315,6 +317,7 @@ def test_cli_stops_within_seconds_when_the_endpoint_is_down(tmp_path):
     assert "3 failed, 497 not run" in done.stdout
 
 
+@pytest.mark.slow
 def test_cli_never_prints_or_writes_the_api_key(tmp_path, server):
     key = "sk-proj-TopSecretKey0123456789abcdefXYZ"
     prompts = ["A red fox runs to the right", "A cat jumps", "A dog sits", "A bird flies", "A fish swims"]
@@ -336,6 +339,7 @@ def test_cli_never_prints_or_writes_the_api_key(tmp_path, server):
         assert key not in text and "TopSecretKey" not in text
 
 
+@pytest.mark.slow
 def test_list_prompts_into_a_closed_pipe_exits_quietly(tmp_path):
     # `python prompt_batch.py --prompt-type lvd --list-prompts | head`: the reader goes away first.
     process = subprocess.Popen([sys.executable, str(REPO_ROOT / "prompt_batch.py"), "--prompt-type", "lvd",
@@ -346,6 +350,7 @@ def test_list_prompts_into_a_closed_pipe_exits_quietly(tmp_path):
     assert process.wait(timeout=120) == 0 and stderr == ""
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_one_line(tmp_path):
     cache_dir = tmp_path / "cache"
     with FakeOpenAIServer(delay_s=0.5) as slow:

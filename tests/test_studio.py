@@ -304,6 +304,7 @@ def _generate_py_knows(flag: str) -> bool:
     return flag in generate.build_parser().format_help()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which, flag", [("lvd", "--layout-file"), ("baseline", "--prompts")])
 def test_reproduction_command_gives_the_same_video(studio_run, which, flag):
     if not _generate_py_knows(flag):
