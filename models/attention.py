@@ -11,7 +11,7 @@ pass once the last guided layer has been recorded, since nothing after it feeds 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -109,20 +109,32 @@ def check_guided_layers(unet: torch.nn.Module, layer_names: Sequence[str]) -> No
 
 
 @contextlib.contextmanager
+def processors_replaced(model: torch.nn.Module, layer_names: Sequence[str],
+                        build: Callable[[str, Any], Any]) -> Iterator[None]:
+    """Give each named attention module the processor ``build(name, the processor it replaces)``; restore
+    every previous processor on exit (whatever happened inside). One mechanism for every backbone."""
+    previous = dict(model.attn_processors)
+    installed = dict(previous)
+    for name in layer_names:
+        key = f"{name}.processor"
+        installed[key] = build(name, previous[key])
+    model.set_attn_processor(installed)
+    try:
+        yield
+    finally:
+        model.set_attn_processor(dict(previous))
+
+
+@contextlib.contextmanager
 def recording_attention(unet: torch.nn.Module, recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
     """Install recording processors on the recorder's layers; restore the previous processors on exit."""
     check_guided_layers(unet, recorder.layer_names)
-    previous = dict(unet.attn_processors)
-    installed = dict(previous)
-    for name in recorder.layer_names:
-        key = f"{name}.processor"
-        installed[key] = RecordingAttnProcessor(recorder, name, fallback=previous[key])
-    unet.set_attn_processor(installed)
-    try:
-        yield recorder
-    finally:
-        recorder.stop()
-        unet.set_attn_processor(dict(previous))
+    build = lambda name, replaced: RecordingAttnProcessor(recorder, name, fallback=replaced)  # noqa: E731
+    with processors_replaced(unet, recorder.layer_names, build):
+        try:
+            yield recorder
+        finally:
+            recorder.stop()
 
 
 def run_recorded_forward(unet: torch.nn.Module, recorder: AttentionRecorder, *args, **kwargs) -> dict[str, torch.Tensor]:

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import types
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from models.registry import TINY_HEIGHT, RunModelSpec
 from models.schedulers import MODELSCOPE_DDIM_SCHEDULER_CONFIG, build_dpm_scheduler
 from models.tokenizer import VOCAB_SIZE, build_clip_tokenizer, load_tokenizer
 from models.video_model import VideoModel, assemble_video_model
-from utils.io import atomic_write_json
+from utils.io import atomic_folder, atomic_write_json
 
 TINY_TEXT_HIDDEN_SIZE = 32
 # Block types, layers per block and the "attention_head_dim is the per-head size" convention are
@@ -145,24 +143,13 @@ def save_tiny_model(folder: str | os.PathLike, seed: int = 0, *, overwrite: bool
     The scheduler folder holds ModelScope's DDIM config, as the real repos do. ``grounded`` saves the
     grounded UNet (its config with ``attention_type: "gated"``), as a lvd-gligen / lvd-plus spec loads it.
     """
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     components = build_tiny_components(seed, grounded=grounded)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder, overwrite=overwrite) as staging:
         for name in ("unet", "vae", "text_encoder", "tokenizer"):
             components[name].save_pretrained(str(staging / name))
         atomic_write_json(staging / "scheduler" / "scheduler_config.json", dict(MODELSCOPE_DDIM_SCHEDULER_CONFIG))
         atomic_write_json(staging / "model_index.json", dict(TINY_MODEL_INDEX))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return folder
+    return Path(folder)
 
 
 def build_random_model_from_configs(config_dir: str | os.PathLike, dtype: str | torch.dtype | None = None,

@@ -23,8 +23,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
-import tempfile
 import types
 from pathlib import Path
 
@@ -40,7 +38,7 @@ from models.tiny import TINY_TEXT_ENCODER_CONFIG, TINY_VAE_CONFIG, build_tiny_co
 from models.tokenizer import build_clip_tokenizer
 from models.video_model import (VIDEO_MODEL_CONFIG_FILES, VIDEO_MODEL_WEIGHT_FOLDERS, VideoModel,
                                 assemble_video_model, load_components_from_folder)
-from utils.io import atomic_write_json
+from utils.io import atomic_folder, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -273,18 +271,7 @@ def save_tiny_sdxl_refiner(folder: str | os.PathLike, seed: int = 0, *, overwrit
 
     Written next to its destination and renamed into place, so it is never half-written.
     """
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     pipe = StableDiffusionXLImg2ImgPipeline(**build_tiny_sdxl_components(seed))
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder, overwrite=overwrite) as staging:
         pipe.save_pretrained(str(staging))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return folder
+    return Path(folder)

@@ -21,8 +21,6 @@ import contextlib
 import dataclasses
 import os
 import re
-import shutil
-import tempfile
 import types
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -38,7 +36,7 @@ from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 from models.devices import build_seeded, resolve_device, resolve_dtype
 from models.hub import MissingWeightsError, resolve_model_folder
 from models.registry import WAN_NUM_LAYERS_14B, WAN_TINY_NUM_LAYERS, RunModelSpec, get_run_model
-from utils.io import atomic_write_json
+from utils.io import atomic_folder, atomic_write_json
 from utils.layout import LayoutValidationError, refine_phrase
 
 # The text encoder's sequence: WanPipeline's max_sequence_length (prompts are padded / truncated to it).
@@ -457,23 +455,12 @@ def save_tiny_wan_model(folder: str | os.PathLike, seed: int = 0, *, overwrite: 
     """Write the tiny Wan model as a hub-like folder (transformer/, vae/, text_encoder/, tokenizer/,
     scheduler/, model_index.json) that `load_video_model(spec, model_path=folder)` loads (written aside, then
     renamed into place)."""
-    folder = Path(folder)
-    if folder.exists() and not overwrite:
-        raise FileExistsError(f"{folder} already exists; pass overwrite=True to replace it")
-    folder.parent.mkdir(parents=True, exist_ok=True)
     components = build_tiny_wan_components(seed)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    try:
+    with atomic_folder(folder, overwrite=overwrite) as staging:
         for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
             components[name].save_pretrained(str(staging / name))
         atomic_write_json(staging / "model_index.json", dict(TINY_WAN_MODEL_INDEX))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    return folder
+    return Path(folder)
 
 
 # A hub-like Wan folder (the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers).

@@ -37,7 +37,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import AttentionRecorder, StopForward
+from models.attention import AttentionRecorder, StopForward, processors_replaced
 
 _BLOCK_CROSS_ATTENTION = re.compile(r"^blocks\.(\d+)\.attn2$")
 
@@ -191,18 +191,13 @@ def recording_wan_attention(transformer: torch.nn.Module, recorder: AttentionRec
                             ) -> Iterator[WanRecordingState]:
     """Install recording processors on the recorder's modules; restore the previous processors on exit."""
     check_wan_guided_layers(transformer, recorder.layer_names)
-    previous = dict(transformer.attn_processors)
     state = WanRecordingState()
-    installed = dict(previous)
-    for name in recorder.layer_names:
-        key = f"{name}.processor"
-        installed[key] = WanRecordingAttnProcessor(recorder, name, state, fallback=previous[key])
-    transformer.set_attn_processor(installed)
-    try:
-        yield state
-    finally:
-        recorder.stop()
-        transformer.set_attn_processor(dict(previous))
+    build = lambda name, replaced: WanRecordingAttnProcessor(recorder, name, state, fallback=replaced)  # noqa: E731
+    with processors_replaced(transformer, recorder.layer_names, build):
+        try:
+            yield state
+        finally:
+            recorder.stop()
 
 
 @contextlib.contextmanager

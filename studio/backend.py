@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import threading
@@ -227,9 +226,11 @@ def write_layout_file(path: str | os.PathLike, layout: SceneLayout, condition=No
 
 
 def read_layout_file(path: str | os.PathLike) -> SceneLayout:
-    """A layout from a ``layout.json`` (generate.py's, or a bare ``layout_to_dict`` dict)."""
-    data = json.loads(Path(path).read_text(encoding="utf-8"))
-    return layout_from_dict(data["layout"] if isinstance(data, dict) and "layout" in data else data)
+    """A layout from a ``layout.json`` (generate.py's, or a bare ``layout_to_dict`` dict), read as
+    ``generate.py --layout-file`` reads it (``utils.layout.parse_layout_file``)."""
+    from utils.layout import parse_layout_file
+
+    return parse_layout_file(path)
 
 
 def editor_palette() -> list[str]:
