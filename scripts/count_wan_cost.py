@@ -82,7 +82,10 @@ def parse_size(text: str) -> tuple[int, int, int]:
 def count_case(backbone, size: tuple[int, int, int], guided_layers, variant=None) -> dict:
     """FLOPs and saved bytes of a CFG step (``variant`` None) or one guided iteration."""
     from generation.backbones.base import TextConditioning
-    from generation.energies import EnergyWeights, compute_guidance_energy, prepare_guidance_targets
+    from generation.config import GuidanceConfig
+    from generation.energies import EnergyWeights, prepare_guidance_targets
+    from generation.guidance import GuidanceSchedule
+    from generation.lvd import GuidedVideo, make_layout_energy_fn
     from models.attention import AttentionRecorder
     from utils.layout import Box, ObjectTrack, SceneLayout
 
@@ -123,9 +126,11 @@ def count_case(backbone, size: tuple[int, int, int], guided_layers, variant=None
         with backbone.recording(recorder) as recording, flops, FlashAttention(), torch.enable_grad():
             recording.state.recompute_context = FlashAttention  # modes are off in the backward pass
             with torch.autograd.graph.saved_tensors_hooks(saved.pack, lambda tensor: tensor):
-                maps = backbone.recorded_forward(leaf, timestep, text, recorder, low_memory=checkpointing)
-                energy = compute_guidance_energy({k: m.index_select(-1, columns) for k, m in maps.items()},
-                                                 targets, weights)
+                # The production energy; the video's state is built by hand (meta tensors have no values).
+                video = GuidedVideo(schedule=GuidanceSchedule(GuidanceConfig()), targets=targets, columns=columns)
+                energy_fn = make_layout_energy_fn(backbone, recorder, text, timestep, [video], weights,
+                                                  backbone.guided_num_frames(num_frames), low_memory=checkpointing)
+                energy = energy_fn(leaf, [0])[0]
             torch.autograd.grad(energy, leaf)
     finally:
         for handle in handles:
