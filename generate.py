@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="default: gif joblib (Wan run-models add mp4)")
     parser.add_argument("--save-latents", action="store_true", help="also save the final latents (.latents.pt)")
     parser.add_argument("--no-annotate", action="store_true", help="skip the annotated GIF with boxes and phrases")
+    parser.add_argument("--compare-baseline", action="store_true",
+                        help="also generate each video's baseline (the prompt as is, same seed, no layout control) "
+                             "and write video_<r>_compare.gif: baseline | this video | the boxes")
     parser.add_argument("--visualize", action="store_true", help="save the layout box GIF of every prompt")
     parser.add_argument("--dry-run", action="store_true", help="parse the layouts only; load no model")
     parser.add_argument("--fail-fast", "--no-continue-on-error", dest="fail_fast", action="store_true",
@@ -436,7 +439,8 @@ def _generate_all(items, args, spec, model, sampling, guidance, execution, glige
     if args.save_formats is DEFAULT_SAVE_FORMATS and spec.family == WAN_FAMILY:  # not given: Wan also writes mp4
         formats.append("mp4")
     options = OutputOptions(formats=tuple(dict.fromkeys(formats)), fps=spec.fps,
-                            save_latents=args.save_latents, annotate=not args.no_annotate)
+                            save_latents=args.save_latents, annotate=not args.no_annotate,
+                            compare_baseline=args.compare_baseline)
     backbone = backbone_for(model)
     counts = {"videos": 0, "already_done": 0, "missing_layout": 0, "failed": 0}
     position = state.process_index

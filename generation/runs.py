@@ -53,6 +53,8 @@ class OutputOptions:
     fps: float = DEFAULT_FPS
     save_latents: bool = False
     annotate: bool = True   # the annotated GIF (layout methods with objects)
+    # ``video_<r>_compare.gif``: the same seed without layout control | this video | the boxes (layout methods).
+    compare_baseline: bool = False
 
     def __post_init__(self):
         unknown = [f for f in self.formats if f not in VIDEO_FORMATS]
@@ -79,7 +81,15 @@ def video_stem(folder: Path, repeat_index: int) -> Path:
 def expected_video_files(folder: Path, repeat_index: int, options: OutputOptions) -> list[Path]:
     """The files a finished video has: its record and every requested format."""
     stem = video_stem(folder, repeat_index)
-    return [stem.with_suffix(".json")] + [stem.with_name(f"{stem.name}.{fmt}") for fmt in options.formats]
+    files = [stem.with_suffix(".json")] + [stem.with_name(f"{stem.name}.{fmt}") for fmt in options.formats]
+    if options.compare_baseline:
+        files.append(comparison_path(folder, repeat_index))
+    return files
+
+
+def comparison_path(folder: Path, repeat_index: int) -> Path:
+    stem = video_stem(folder, repeat_index)
+    return stem.with_name(f"{stem.name}_compare.gif")
 
 
 def is_video_done(folder: Path, repeat_index: int, options: OutputOptions) -> bool:
@@ -116,6 +126,21 @@ def write_layout_record(folder: Path, *, prompt: str, index: int, occurrence: in
     return path
 
 
+def save_comparison(result: VideoResult, baseline: VideoResult, folder: Path, repeat_index: int,
+                    condition: LayoutCondition | None, fps: float) -> Path:
+    """``video_<r>_compare.gif``: baseline | this video | the layout's boxes, enlarged if small."""
+    from utils.visualize import compose_comparison, draw_layout_video
+
+    num_frames, height, width, _ = result.frames.shape
+    panels = [("baseline (no layout)", baseline.frames), ("LVD", result.frames)]
+    if condition is not None and condition.phrases:
+        panels.append(("layout", draw_layout_video(condition.boxes_at(num_frames), condition.phrases, num_frames,
+                                                   height, width)))
+    path = comparison_path(folder, repeat_index)
+    write_gif(compose_comparison(panels), path, fps=fps)
+    return path
+
+
 def save_video_outputs(result: VideoResult, folder: Path, repeat_index: int, condition: LayoutCondition | None,
                        options: OutputOptions, elapsed_s: float) -> None:
     """Write one video's files; the record (``video_<r>.json``) goes last, so that a video with all its
@@ -147,8 +172,14 @@ def generate_and_save(model, jobs: Sequence[VideoJob], sampling: SamplingConfig,
     results = generate_videos(model, requests, sampling, guidance=guidance, gligen=gligen, execution=execution,
                               step_callback=step_callback)
     elapsed = (time.perf_counter() - started) / max(len(jobs), 1)
-    for job, result in zip(jobs, results):
+    baselines = [None] * len(jobs)
+    if options.compare_baseline:  # the baseline's video: the prompt as is, the same seed, no layout control
+        baselines = generate_videos(model, [VideoRequest(job.prompt, job.seed) for job in jobs], sampling,
+                                    execution=execution)
+    for job, result, baseline in zip(jobs, results, baselines):
         job.folder.mkdir(parents=True, exist_ok=True)
+        if baseline is not None:
+            save_comparison(result, baseline, job.folder, job.repeat_index, job.condition, options.fps)
         save_video_outputs(result, job.folder, job.repeat_index, job.condition, options, elapsed)
     return results
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import types
+from pathlib import Path
 
 UNET3D_FAMILY = "unet3d"  # ModelScope, Zeroscope, their GLIGEN adapters, the tiny models
 WAN_FAMILY = "wan"        # Wan 2.1 T2V (a DiT with flow matching): models/wan.py, generation/backbones/wan.py
@@ -81,6 +82,17 @@ WAN_TINY_WIDTH = 96
 WAN_TINY_NUM_FRAMES = 17
 WAN_TINY_NUM_LAYERS = 6
 
+# LVD-Shapes (models/shapes.py): small models trained here on the shapes world, shipped in shapes/weights/.
+# 64x64 frames -> 16x16 latents (4x VAE) -> LVD's guided maps at 8x8 and 4x4. 20 steps keep a CPU video at
+# seconds. The unconditional text of their training is "", so that is their negative prompt (LVD's negative
+# prompt is words they never saw).
+SHAPES_HEIGHT = 64
+SHAPES_WIDTH = 64
+SHAPES_NUM_FRAMES = 16
+SHAPES_NUM_INFERENCE_STEPS = 20
+SHAPES_UNET3D_FOLDER = "unet3d"
+BUNDLED_WEIGHTS_DIR = Path(__file__).resolve().parent.parent / "shapes" / "weights"
+
 
 def scale_guided_blocks(blocks: tuple[int, ...], num_layers: int,
                         reference_layers: int = WAN_NUM_LAYERS_1_3B) -> tuple[int, ...]:
@@ -130,11 +142,17 @@ class RunModelSpec:
     fps: float = 8.0                         # of the saved GIF / mp4 (spec 8.2)
     size_multiple: int | None = None         # None: the size is fixed; else --height/--width must be multiples
     frames_step: int = 1                     # num_frames must be 1 + k * frames_step (a temporal VAE factor)
+    bundled: str | None = None               # weights shipped in shapes/weights/<bundled> (models/shapes.py)
 
     @property
     def grounded(self) -> bool:
         """Whether the UNet is the grounded (GLIGEN) one (models/gligen.py)."""
         return self.method in GROUNDED_METHODS
+
+    @property
+    def bundled_folder(self) -> Path | None:
+        """Where the shipped weights of a bundled run-model live (None: weights come from the hub)."""
+        return None if self.bundled is None else BUNDLED_WEIGHTS_DIR / self.bundled
 
     @property
     def latent_height(self) -> int:
@@ -178,6 +196,11 @@ RUN_MODELS: tuple[RunModelSpec, ...] = (
                  tiny=True),
     RunModelSpec("lvd-plus_tiny", "lvd-plus", None, TINY_HEIGHT, TINY_WIDTH, default_num_frames=TINY_NUM_FRAMES,
                  guided_layers=LVD_GUIDED_LAYERS, tiny=True),
+    # LVD-Shapes: trained here, shipped with the repository (no download); both load the same weights.
+    *(RunModelSpec(name, method, None, SHAPES_HEIGHT, SHAPES_WIDTH, default_num_frames=SHAPES_NUM_FRAMES,
+                   guided_layers=LVD_GUIDED_LAYERS if method == "lvd" else (), bundled=SHAPES_UNET3D_FOLDER,
+                   num_inference_steps=SHAPES_NUM_INFERENCE_STEPS, negative_prompt="")
+      for name, method in (("lvd_shapes", "lvd"), ("baseline_shapes", "baseline"))),
     # Wan 2.1 T2V (a DiT, flow matching; models/wan.py, generation/backbones/wan.py). Baselines use the prompt as
     # is; the LVD variants guide `blocks.<i>.attn2`. Any size that is a multiple of 16, frames 1 + 4k.
     *(RunModelSpec(name, method, model_id, WAN_HEIGHT, WAN_WIDTH, default_num_frames=WAN_NUM_FRAMES,

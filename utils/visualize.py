@@ -258,3 +258,37 @@ def annotate_video(frames: np.ndarray, boxes_xyxy: np.ndarray, phrases: Sequence
                             font, (0, 0, 0), (255, 255, 255), above=True)
         annotated[frame_index] = np.asarray(image)
     return annotated
+
+
+COMPARISON_MIN_SIDE_PX = 256   # small videos are enlarged (nearest neighbour) so that a comparison reads
+COMPARISON_TITLE_PX = 22
+
+
+def compose_comparison(panels: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Videos side by side, each under its title: ``panels`` of (title, (F, H, W, 3) uint8), same shape.
+
+    Videos smaller than `COMPARISON_MIN_SIDE_PX` are enlarged by an integer factor (nearest neighbour).
+    Returns (F, title + H*s, n * W*s, 3) uint8.
+    """
+    shapes = {frames.shape for _, frames in panels}
+    if len(shapes) != 1:
+        raise ValueError(f"comparison panels must have one shape, found {sorted(shapes)}")
+    num_frames, height, width, _ = next(iter(shapes))
+    scale = max(1, -(-COMPARISON_MIN_SIDE_PX // min(height, width)))
+    font = _font(COMPARISON_TITLE_PX - 8)
+    columns = []
+    for title, frames in panels:
+        validate_frames(frames)
+        big = frames.repeat(scale, axis=1).repeat(scale, axis=2)
+        header = Image.new("RGB", (width * scale, COMPARISON_TITLE_PX), "white")
+        ImageDraw.Draw(header).text((6, 4), title, fill=(0, 0, 0), font=font)
+        header_px = np.broadcast_to(np.asarray(header), (num_frames, COMPARISON_TITLE_PX, width * scale, 3))
+        columns.append(np.concatenate([header_px, big], axis=1))
+    return np.ascontiguousarray(np.concatenate(columns, axis=2))
+
+
+def draw_layout_video(boxes_xyxy: np.ndarray, phrases: Sequence[str], num_frames: int, height: int,
+                      width: int) -> np.ndarray:
+    """The layout alone: boxes on a white video of the given size (the third panel of a comparison)."""
+    blank = np.full((num_frames, height, width, 3), 255, dtype=np.uint8)
+    return annotate_video(blank, boxes_xyxy, phrases)

@@ -1,0 +1,404 @@
+"""Training the shapes models from nothing, on a CPU: the VAE first, then the denoiser and text encoder.
+
+Every step's randomness (its videos, caption variants, timesteps and noise) is derived from (seed, stage,
+step), so a run resumed from a checkpoint continues exactly where it stopped, and the same seed gives the
+same model on the same machine. Checkpoints are written atomically every few steps.
+
+Denoiser objective: the epsilon loss of the model's DDPM schedule (ModelScope's scheduler config), with the
+caption dropped for 10 % of the videos (classifier-free guidance) and, with weight
+``attention_loss_weight``, an attention-localisation term on LVD's six guided cross-attention layers: for
+each object token, ``-log`` of the share of its (pixel-normalised) attention that falls inside its box.
+Large models learn where words go from scale; this term gives a small model trained for an hour the same
+habit, which LVD's energy relies on. Set it to 0 to train without it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from generation.energies import compute_box_masks
+from models.attention import AttentionRecorder, recording_attention
+from models.registry import LVD_GUIDED_LAYERS
+from models.schedulers import MODELSCOPE_DDIM_SCHEDULER_CONFIG
+from shapes.world import NUM_FRAMES, sample_video, scene_boxes
+from utils.io import atomic_path, atomic_write_json
+from utils.layout import LayoutError, compute_token_positions
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """What a training run does; recorded in the model card."""
+
+    seed: int = 0
+    vae_steps: int = 300
+    vae_batch_frames: int = 16
+    vae_lr: float = 1e-3
+    vae_kl_weight: float = 1e-6
+    steps: int = 3000                 # denoiser steps (a --max-minutes budget may stop earlier)
+    batch_size: int = 4
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    caption_dropout: float = 0.1
+    lvd_suffix_probability: float = 0.5   # append ", <bg> background" as LVD's diffusion prompt does
+    attention_loss_weight: float = 0.1
+    grad_clip: float = 1.0
+    checkpoint_every: int = 20
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Mutable progress of a run (what a checkpoint holds besides the weights)."""
+
+    stage: str = "vae"                # "vae", "denoiser", "done"
+    step: int = 0
+    seconds: float = 0.0              # training wall time so far, over every resumed run
+    losses: dict = dataclasses.field(default_factory=lambda: {"vae": [], "denoiser": []})
+
+
+def _step_generator(seed: int, stage: str, step: int) -> tuple[np.random.Generator, torch.Generator]:
+    stage_code = {"vae": 1, "denoiser": 2}[stage]
+    mixed = np.random.SeedSequence([seed, stage_code, step])
+    rng = np.random.default_rng(mixed)
+    generator = torch.Generator().manual_seed(int(mixed.generate_state(1, dtype=np.uint64)[0] % (2 ** 63)))
+    return rng, generator
+
+
+def _video_seed(seed: int, stage: str, step: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, {"vae": 1, "denoiser": 2}[stage], step, index]).generate_state(1)[0])
+
+
+def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(F, H, W, 3) uint8 -> (F, 3, H, W) float in [-1, 1]."""
+    return torch.from_numpy(frames).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(folder: Path, components: dict, optimizers: dict, state: TrainState) -> None:
+    payload = {
+        "state": dataclasses.asdict(state),
+        "models": {name: components[name].state_dict() for name in ("unet", "vae", "text_encoder")},
+        "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
+    }
+    with atomic_path(folder / CHECKPOINT_NAME) as tmp:
+        torch.save(payload, tmp)
+
+
+def load_checkpoint(folder: Path, components: dict) -> tuple[TrainState, dict] | None:
+    path = folder / CHECKPOINT_NAME
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a checkpoint is only ever replaced whole; anything else is a foreign file
+        raise RuntimeError(f"checkpoint {path} is unreadable ({exc}); delete it to start over") from exc
+    for name, weights in payload["models"].items():
+        components[name].load_state_dict(weights)
+    return TrainState(**payload["state"]), payload["optimizers"]
+
+
+# --------------------------------------------------------------------------------------------
+# VAE
+
+
+def vae_step(vae, rng: np.random.Generator, generator: torch.Generator, config: TrainConfig,
+             seed: int, step: int) -> torch.Tensor:
+    """One reconstruction + KL step on random frames of random videos; returns the loss."""
+    frames = []
+    for index in range(config.vae_batch_frames):
+        _, video = sample_video(_video_seed(seed, "vae", step, index))
+        frames.append(video[int(rng.integers(len(video)))])
+    images = frames_to_tensor(np.stack(frames))
+    posterior = vae.encode(images).latent_dist
+    latents = posterior.sample(generator=generator)
+    reconstruction = vae.decode(latents).sample
+    return F.mse_loss(reconstruction, images) + config.vae_kl_weight * posterior.kl().mean()
+
+
+@torch.no_grad()
+def measure_latent_scale(vae, seed: int, num_videos: int = 16) -> float:
+    """1 / std of the encoder's latents (the SD convention for ``scaling_factor``)."""
+    videos = [frames_to_tensor(sample_video(_video_seed(seed, "vae", 2 ** 31, i))[1]) for i in range(num_videos)]
+    latents = vae.encode(torch.cat(videos)).latent_dist.mode()
+    return float(1.0 / latents.std())
+
+
+# --------------------------------------------------------------------------------------------
+# Denoiser
+
+
+@dataclasses.dataclass(frozen=True)
+class DenoiserBatch:
+    latents: torch.Tensor              # (B, C, F, h, w), scaled
+    prompts: tuple[str, ...]
+    # Attention targets: (video index, token position, union box mask per map size (F, h*w)).
+    targets: tuple[tuple[int, int, dict[int, torch.Tensor]], ...]
+
+
+def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: TrainConfig, seed: int, step: int,
+                         map_sizes: tuple[tuple[int, int], ...]) -> DenoiserBatch:
+    videos, prompts, targets = [], [], []
+    for index in range(config.batch_size):
+        scene, video = sample_video(_video_seed(seed, "denoiser", step, index))
+        videos.append(frames_to_tensor(video))
+        if rng.random() < config.caption_dropout:
+            prompts.append("")
+            continue
+        prompt = scene.caption
+        if rng.random() < config.lvd_suffix_probability:
+            prompt = f"{prompt}, {scene.background} background"
+        prompts.append(prompt)
+        phrases = [obj.phrase for obj in scene.objects]
+        try:
+            positions, _ = compute_token_positions(prompt, phrases, tokenizer)
+        except LayoutError:  # not expected for world captions; train on the video without the term
+            continue
+        boxes = scene_boxes(scene, NUM_FRAMES)
+        by_token: dict[int, list[int]] = {}
+        for object_index, span in enumerate(positions):
+            for position in span:
+                by_token.setdefault(position, []).append(object_index)
+        for position, objects in by_token.items():
+            masks = {}
+            for height, width in map_sizes:
+                per_object = compute_box_masks(boxes[objects], height, width).masks  # (objects, F, h*w)
+                masks[height * width] = per_object.amax(dim=0)
+            targets.append((index, position, masks))
+    with torch.no_grad():
+        pixels = torch.cat(videos)                                               # (B*F, 3, H, W)
+        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+    latents = latents.unflatten(0, (config.batch_size, NUM_FRAMES)).permute(0, 2, 1, 3, 4)
+    return DenoiserBatch(latents=latents.contiguous(), prompts=tuple(prompts), targets=tuple(targets))
+
+
+def compute_attention_loss(maps: dict[str, torch.Tensor], targets, batch_size: int) -> torch.Tensor:
+    """Mean over layers, targets, heads and frames with a box of ``-log`` (attention share inside the box).
+
+    ``maps[layer]``: (B*F, heads, h*w, 77) cross-attention probabilities.
+    """
+    losses = []
+    for probs in maps.values():
+        per_video = probs.unflatten(0, (batch_size, -1))                       # (B, F, heads, N, 77)
+        for video_index, position, masks in targets:
+            attention = per_video[video_index, :, :, :, position]              # (F, heads, N)
+            mask = masks[attention.shape[-1]]                                   # (F, N)
+            present = mask.sum(-1) > 0
+            if not present.any():
+                continue
+            share = attention / attention.sum(-1, keepdim=True).clamp_min(1e-8)
+            inside = (share * mask[:, None, :]).sum(-1)                        # (F, heads)
+            losses.append(-torch.log(inside[present] + 1e-6).mean())
+    if not losses:
+        return torch.zeros(())
+    return torch.stack(losses).mean()
+
+
+def encode_prompts(text_encoder, tokenizer, prompts) -> torch.Tensor:
+    ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def denoiser_step(components: dict, noise_scheduler, rng: np.random.Generator, generator: torch.Generator,
+                  config: TrainConfig, seed: int, step: int) -> tuple[torch.Tensor, float, float]:
+    """One epsilon-prediction step (+ the attention term); returns (total loss, epsilon loss, attention loss)."""
+    unet, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
+    latent_size = unet.config.sample_size
+    map_sizes = ((latent_size // 2, latent_size // 2), (latent_size // 4, latent_size // 4))
+    batch = build_denoiser_batch(vae, tokenizer, rng, config, seed, step, map_sizes)
+    noise = torch.randn(batch.latents.shape, generator=generator)
+    timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,),
+                              generator=generator)
+    noisy = noise_scheduler.add_noise(batch.latents, noise, timesteps)
+    text = encode_prompts(text_encoder, tokenizer, batch.prompts)
+    use_attention = config.attention_loss_weight > 0 and batch.targets
+    recorder = AttentionRecorder(LVD_GUIDED_LAYERS, stop_when_complete=False)
+    if use_attention:
+        with recording_attention(unet, recorder):
+            recorder.start()
+            prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
+            recorder.stop()
+        attention_loss = compute_attention_loss(recorder.maps, batch.targets, config.batch_size)
+    else:
+        prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
+        attention_loss = torch.zeros(())
+    epsilon_loss = F.mse_loss(prediction, noise)
+    total = epsilon_loss + config.attention_loss_weight * attention_loss
+    return total, float(epsilon_loss), float(attention_loss)
+
+
+def learning_rate(config: TrainConfig, step: int, base: float) -> float:
+    """Linear warm-up, then cosine decay to 10 % over ``config.steps``."""
+    if step < config.warmup_steps:
+        return base * (step + 1) / config.warmup_steps
+    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
+                 max_seconds: float | None = None, progress: Callable | None = None) -> TrainState:
+    """Train (or resume) the VAE then the denoiser + text encoder in place; returns the final state.
+
+    ``progress(stage, step, total, loss_text)`` is called after every step (the CLI's tqdm).
+    Stops after ``max_seconds`` of this call (checkpointed, resumable) or when done.
+    """
+    from diffusers import DDPMScheduler
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    vae_opt = torch.optim.AdamW(components["vae"].parameters(), lr=config.vae_lr, weight_decay=0.0)
+    denoiser_params = list(components["unet"].parameters()) + list(components["text_encoder"].parameters())
+    denoiser_opt = torch.optim.AdamW(denoiser_params, lr=config.lr, weight_decay=0.0)
+    optimizers = {"vae": vae_opt, "denoiser": denoiser_opt}
+    state = TrainState()
+    loaded = load_checkpoint(checkpoint_dir, components)
+    if loaded is not None:
+        state, optimizer_states = loaded
+        for name, opt in optimizers.items():
+            opt.load_state_dict(optimizer_states[name])
+        logger.info("resumed from %s: stage %s, step %d", checkpoint_dir / CHECKPOINT_NAME, state.stage, state.step)
+    noise_scheduler = DDPMScheduler.from_config(dict(MODELSCOPE_DDIM_SCHEDULER_CONFIG))
+    started = time.monotonic()
+    last_tick = started
+
+    def tick() -> None:
+        nonlocal last_tick
+        now = time.monotonic()
+        state.seconds += now - last_tick
+        last_tick = now
+
+    while state.stage != "done":
+        if max_seconds is not None and time.monotonic() - started > max_seconds:
+            break
+        if state.stage == "vae":
+            vae = components["vae"].train()
+            rng, generator = _step_generator(config.seed, "vae", state.step)
+            for group in vae_opt.param_groups:
+                group["lr"] = config.vae_lr
+            loss = vae_step(vae, rng, generator, config, config.seed, state.step)
+            vae_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
+            vae_opt.step()
+            state.losses["vae"].append(float(loss))
+            state.step += 1
+            if progress:
+                progress("vae", state.step, config.vae_steps, f"recon {float(loss):.4f}")
+            if state.step >= config.vae_steps:
+                vae.eval()
+                scale = measure_latent_scale(vae, config.seed)
+                vae.register_to_config(scaling_factor=scale)
+                state.stage, state.step = "denoiser", 0
+        else:
+            components["vae"].eval().requires_grad_(False)
+            components["unet"].train()
+            components["text_encoder"].train()
+            rng, generator = _step_generator(config.seed, "denoiser", state.step)
+            for group in denoiser_opt.param_groups:
+                group["lr"] = learning_rate(config, state.step, config.lr)
+            total, eps, attention = denoiser_step(components, noise_scheduler, rng, generator, config,
+                                                  config.seed, state.step)
+            denoiser_opt.zero_grad(set_to_none=True)
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(denoiser_params, config.grad_clip)
+            denoiser_opt.step()
+            state.losses["denoiser"].append([eps, attention])
+            state.step += 1
+            if progress:
+                progress("denoiser", state.step, config.steps, f"eps {eps:.4f} attn {attention:.3f}")
+            if state.step >= config.steps:
+                state.stage = "done"
+        tick()
+        if state.step % config.checkpoint_every == 0 or state.stage == "done":
+            save_checkpoint(checkpoint_dir, components, optimizers, state)
+    tick()
+    save_checkpoint(checkpoint_dir, components, optimizers, state)
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].eval()
+    return state
+
+
+# --------------------------------------------------------------------------------------------
+# Model card and loss curve
+
+
+def draw_loss_curve(path: Path, losses: dict) -> None:
+    """A PNG of the (smoothed) losses per stage, drawn with PIL."""
+    from PIL import Image, ImageDraw
+
+    series = {"vae recon": [v for v in losses.get("vae", [])],
+              "denoiser eps": [v[0] for v in losses.get("denoiser", [])],
+              "attention": [v[1] for v in losses.get("denoiser", [])]}
+    width, height, pad = 640, 200, 30
+    image = Image.new("RGB", (width, height * len(series)), "white")
+    draw = ImageDraw.Draw(image)
+    for row, (name, values) in enumerate(series.items()):
+        top = row * height
+        draw.text((pad, top + 4), f"{name} ({len(values)} steps)", fill="black")
+        if len(values) < 2:
+            continue
+        window = max(1, len(values) // 50)
+        smooth = np.convolve(values, np.ones(window) / window, mode="valid")
+        low, high = float(np.min(smooth)), float(np.max(smooth))
+        span = high - low or 1.0
+        xs = pad + np.arange(len(smooth)) * (width - 2 * pad) / max(1, len(smooth) - 1)
+        ys = top + height - pad - (smooth - low) / span * (height - 2 * pad)
+        draw.line(list(zip(xs.tolist(), ys.tolist())), fill=(200, 40, 40), width=2)
+        draw.text((pad, top + 18), f"max {high:.4f}  min {low:.4f}  last {smooth[-1]:.4f}", fill=(90, 90, 90))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+
+
+def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: TrainState, num_parameters: dict,
+                     device: str, threads: int) -> None:
+    denoiser = state.losses.get("denoiser", [])
+    tail = denoiser[-50:]
+    final_eps = float(np.mean([v[0] for v in tail])) if tail else float("nan")
+    final_attention = float(np.mean([v[1] for v in tail])) if tail else float("nan")
+    record = {
+        "family": family,
+        "data": "shapes.world.sample_video(seed) for seeds derived from (seed, stage, step, index): 64x64, 16 "
+                "frames, shapes {circle, square, triangle} x colours {red, green, blue, yellow}, 1-4 objects, "
+                "backgrounds {white, black, gray, beige}, the five LVD tasks uniformly",
+        "config": dataclasses.asdict(config),
+        "steps_done": {"vae": len(state.losses.get("vae", [])), "denoiser": len(denoiser)},
+        "wall_time_minutes": round(state.seconds / 60, 1),
+        "device": device,
+        "threads": threads,
+        "final_loss_epsilon_last50": round(final_eps, 5),
+        "final_loss_attention_last50": round(final_attention, 4),
+        "parameters": num_parameters,
+    }
+    atomic_write_json(folder / "training.json", record)
+    lines = [
+        f"# LVD-Shapes ({family})",
+        "",
+        "A small text-to-video model trained from nothing by `python scripts/train_shapes.py "
+        f"--family {family}` on the procedural shapes world (`shapes/world.py`).",
+        "",
+        f"- Data: {record['data']}.",
+        f"- Steps: VAE {record['steps_done']['vae']}, denoiser {record['steps_done']['denoiser']} "
+        f"(batch {config.batch_size} videos).",
+        f"- Wall time: {record['wall_time_minutes']} min on {device} ({threads} thread(s)).",
+        f"- Final losses (mean of the last 50 steps): epsilon {record['final_loss_epsilon_last50']}, "
+        f"attention localisation {record['final_loss_attention_last50']} "
+        f"(weight {config.attention_loss_weight}).",
+        f"- Parameters: {', '.join(f'{k} {v / 1e6:.2f} M' for k, v in num_parameters.items())}.",
+        "- Loss curve: `loss_curve.png`; full record: `training.json`.",
+        "",
+    ]
+    with atomic_path(folder / "README.md") as tmp:
+        tmp.write_text("\n".join(lines))
