@@ -13,6 +13,7 @@ habit, which LVD's energy relies on. Set it to 0 to train without it.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -73,6 +74,15 @@ def _step_generator(seed: int, stage: str, step: int) -> tuple[np.random.Generat
     rng = np.random.default_rng(mixed)
     generator = torch.Generator().manual_seed(int(mixed.generate_state(1, dtype=np.uint64)[0] % (2 ** 63)))
     return rng, generator
+
+
+@contextlib.contextmanager
+def _step_global_rng(generator: torch.Generator):
+    """Seed torch's global RNG (dropout draws from it) from the step's generator, and restore the caller's
+    state after: a resumed run draws the same dropout masks as a run straight through."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator.initial_seed() ^ 0x5EED)
+        yield
 
 
 def _video_seed(seed: int, stage: str, step: int, index: int) -> int:
@@ -254,7 +264,7 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
     """Train (or resume) the VAE then the denoiser + text encoder in place; returns the final state.
 
     ``progress(stage, step, total, loss_text)`` is called after every step (the CLI's tqdm).
-    Stops after ``max_seconds`` of this call (checkpointed, resumable) or when done.
+    Stops after the first step past ``max_seconds`` of this call (checkpointed, resumable) or when done.
     """
     from diffusers import DDPMScheduler
 
@@ -281,16 +291,15 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
         last_tick = now
 
     while state.stage != "done":
-        if max_seconds is not None and time.monotonic() - started > max_seconds:
-            break
         if state.stage == "vae":
             vae = components["vae"].train()
             rng, generator = _step_generator(config.seed, "vae", state.step)
             for group in vae_opt.param_groups:
                 group["lr"] = config.vae_lr
-            loss = vae_step(vae, rng, generator, config, config.seed, state.step)
-            vae_opt.zero_grad(set_to_none=True)
-            loss.backward()
+            with _step_global_rng(generator):
+                loss = vae_step(vae, rng, generator, config, config.seed, state.step)
+                vae_opt.zero_grad(set_to_none=True)
+                loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
             vae_opt.step()
             state.losses["vae"].append(float(loss))
@@ -309,10 +318,11 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
             rng, generator = _step_generator(config.seed, "denoiser", state.step)
             for group in denoiser_opt.param_groups:
                 group["lr"] = learning_rate(config, state.step, config.lr)
-            total, eps, attention = denoiser_step(components, noise_scheduler, rng, generator, config,
-                                                  config.seed, state.step)
-            denoiser_opt.zero_grad(set_to_none=True)
-            total.backward()
+            with _step_global_rng(generator):
+                total, eps, attention = denoiser_step(components, noise_scheduler, rng, generator, config,
+                                                      config.seed, state.step)
+                denoiser_opt.zero_grad(set_to_none=True)
+                total.backward()
             torch.nn.utils.clip_grad_norm_(denoiser_params, config.grad_clip)
             denoiser_opt.step()
             state.losses["denoiser"].append([eps, attention])
@@ -324,6 +334,8 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
         tick()
         if state.step % config.checkpoint_every == 0 or state.stage == "done":
             save_checkpoint(checkpoint_dir, components, optimizers, state)
+        if max_seconds is not None and time.monotonic() - started > max_seconds:
+            break  # after at least one step, so every call makes progress
     tick()
     save_checkpoint(checkpoint_dir, components, optimizers, state)
     for name in ("unet", "vae", "text_encoder"):

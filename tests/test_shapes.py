@@ -1,0 +1,168 @@
+"""The shapes world, the LVD-Shapes model folder and its training (shapes/, models/shapes.py).
+
+- The world is a pure function of its seed; shapes are drawn exactly inside the layout's boxes (the
+  boxes guidance targets), and every scene's layout is a valid layout of the project's format.
+- The shipped UNet model loads by run-model name with no path, through the same code as every run-model,
+  and `TextToVideoSDPipeline.from_pretrained(folder)` loads it and makes the same video as our loop.
+- Training resumed from a checkpoint gives the same weights as training straight through (slow).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from shapes.world import (BACKGROUNDS, COLOURS, TASKS, render_video, sample_scene, sample_video, scene_boxes)
+from utils.layout import build_condition, layout_from_dict, layout_to_dict, validate_layout
+
+
+def test_the_same_seed_draws_the_same_scene_and_video():
+    scene, video = sample_video(11)
+    again_scene, again_video = sample_video(11)
+    other_scene, other_video = sample_video(12)
+    assert scene == again_scene and np.array_equal(video, again_video)
+    assert (scene != other_scene) and not np.array_equal(video, other_video)
+    assert video.shape == (16, 64, 64, 3) and video.dtype == np.uint8
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_has_valid_layouts_that_round_trip(task):
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        scene = sample_scene(rng, task)
+        layout = scene.layout()
+        validate_layout(layout)
+        assert layout_from_dict(layout_to_dict(layout)) == layout
+        assert scene.task == task and 1 <= len(scene.objects) <= 4
+        # Every phrase can be located in the diffusion prompt (what guidance needs).
+        from models.tokenizer import build_clip_tokenizer
+        condition = build_condition(layout, 16, build_clip_tokenizer())
+        assert len(condition.token_positions) == len(scene.objects)
+
+
+def test_shapes_are_drawn_inside_their_boxes_and_only_there():
+    rng = np.random.default_rng(3)
+    scenes = [sample_scene(rng, "attribution", background="white") for _ in range(30)]
+    scenes = [s for s in scenes if s.objects[0].colour != s.objects[1].colour][:10]  # tell objects apart by colour
+    assert len(scenes) == 10
+    for scene in scenes:
+        video = render_video(scene)
+        boxes = scene_boxes(scene)                                   # (objects, F, 4)
+        for obj, track in zip(scene.objects, boxes):
+            colour = np.asarray(COLOURS[obj.colour])
+            for frame, box in zip(video, track):
+                near = np.abs(frame.astype(int) - colour).sum(-1) < 30     # (H, W) pixels of this colour
+                x0, y0, x1, y1 = (np.asarray(box) * 64)
+                ys, xs = np.nonzero(near)
+                assert len(xs) > 20, "the object is drawn"
+                # Every pixel of the object's colour lies in its box (a pixel of slack for anti-aliasing).
+                assert xs.min() >= x0 - 1 and xs.max() <= x1 and ys.min() >= y0 - 1 and ys.max() <= y1
+
+
+def test_visibility_scenes_hide_the_object_where_the_layout_says():
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        scene = sample_scene(rng, "visibility", background="black")
+        video = render_video(scene)
+        present = scene_boxes(scene)[0].any(axis=-1)               # (F,)
+        drawn = (np.abs(video.astype(int) - np.asarray(BACKGROUNDS["black"][0])).sum(-1) > 60).any(axis=(1, 2))
+        assert np.array_equal(present, drawn)
+        appears = " that appears " in scene.caption
+        assert present[-1] == appears and present[0] != appears
+
+
+def test_unknown_task_or_background_is_named():
+    with pytest.raises(ValueError, match="unknown shapes task 'juggling'"):
+        sample_scene(np.random.default_rng(0), "juggling")
+    with pytest.raises(ValueError, match="unknown background 'plaid'"):
+        sample_scene(np.random.default_rng(0), "numeracy", background="plaid")
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped model
+
+def _shipped_folder():
+    from models.registry import get_run_model
+
+    folder = get_run_model("lvd_shapes").bundled_folder
+    if not (folder / "model_index.json").is_file():
+        pytest.skip(f"no shipped shapes weights in {folder}")  # only in a checkout without them
+    return folder
+
+
+def test_shapes_run_models_load_the_shipped_weights_by_name():
+    from models.loading import load_video_model
+    from models.registry import get_run_model
+
+    folder = _shipped_folder()
+    lvd = load_video_model(get_run_model("lvd_shapes"), device="cpu")
+    baseline = load_video_model(get_run_model("baseline_shapes"), device="cpu")
+    assert lvd.source == baseline.source == str(folder)
+    assert lvd.unet.dtype == torch.float32
+    # LVD's six guided layers exist at ModelScope's module paths.
+    from models.attention import check_guided_layers
+    check_guided_layers(lvd.unet, get_run_model("lvd_shapes").guided_layers)
+    for a, b in zip(lvd.unet.parameters(), baseline.unet.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_a_missing_shipped_folder_names_the_training_command(tmp_path, monkeypatch):
+    from models import registry
+    from models.hub import MissingWeightsError
+    from models.loading import load_video_model
+
+    monkeypatch.setattr(registry, "BUNDLED_WEIGHTS_DIR", tmp_path)
+    with pytest.raises(MissingWeightsError, match="scripts/train_shapes.py"):
+        load_video_model(registry.get_run_model("lvd_shapes"), device="cpu")
+
+
+@pytest.mark.slow
+def test_the_diffusers_pipeline_loads_the_shipped_folder_and_makes_our_video():
+    from diffusers import TextToVideoSDPipeline
+
+    from generation.config import sampling_config_for
+    from generation.sampling import generate_video
+    from models.loading import load_video_model
+    from models.registry import get_run_model
+
+    folder = _shipped_folder()
+    spec = get_run_model("baseline_shapes")
+    model = load_video_model(spec, device="cpu")
+    sampling = dataclasses.replace(sampling_config_for(spec), num_inference_steps=6)
+    ours = generate_video(model, "a red circle moving from the left to the right", sampling, seed=4)
+    pipe = TextToVideoSDPipeline.from_pretrained(str(folder), dtype=torch.float32)
+    pipe.scheduler = model.make_scheduler()
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe("a red circle moving from the left to the right", negative_prompt="", num_frames=16, height=64,
+                   width=64, num_inference_steps=6, guidance_scale=sampling.guidance_scale,
+                   generator=torch.Generator("cpu").manual_seed(4), output_type="latent").frames
+    assert torch.allclose(ours.latents, latents, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Training
+
+
+@pytest.mark.slow
+def test_training_resumed_from_a_checkpoint_equals_training_straight_through(tmp_path):
+    from models.shapes import build_shapes_unet3d_components
+    from shapes.training import TrainConfig, train_unet3d
+
+    config = TrainConfig(vae_steps=2, vae_batch_frames=2, steps=2, batch_size=1, checkpoint_every=1, warmup_steps=1)
+    straight = build_shapes_unet3d_components(0)
+    state = train_unet3d(straight, config, tmp_path / "straight")
+    assert state.stage == "done" and len(state.losses["denoiser"]) == 2
+
+    resumed = build_shapes_unet3d_components(0)
+    # Stop right after the VAE stage (a time budget of 0 s stops after the first step), then resume.
+    first = train_unet3d(resumed, config, tmp_path / "resumed", max_seconds=0.0)
+    assert first.stage == "vae" and first.step == 1
+    again = build_shapes_unet3d_components(0)   # a fresh process: weights come from the checkpoint
+    final = train_unet3d(again, config, tmp_path / "resumed")
+    assert final.stage == "done"
+    for name in ("unet", "vae", "text_encoder"):
+        for (key, a), b in zip(straight[name].state_dict().items(), again[name].state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{key} differs after resuming"
+    assert final.losses["denoiser"] == state.losses["denoiser"]
