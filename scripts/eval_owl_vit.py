@@ -32,6 +32,7 @@ from utils.cli import OutputDirError, ensure_writable_dir, float_in, int_in, run
 from utils.eval.averaging import MixedSettingsError, average_summaries
 from utils.eval.config import (DEFAULT_MODEL_IDS, DEFAULT_VIDEO_FORMATS, DETECTOR_KINDS, TINY_DETECTOR_KINDS,
                                VIDEO_FORMATS, CacheSettings, DetectorConfig, EvalConfig, RunSelection)
+from utils.eval.config import SHAPES_DETECTOR_KIND
 from utils.eval.detector import DetectorLoadError, load_detector
 from utils.eval.evaluation import RunEvaluation, evaluate_run
 from utils.eval.report import ReportWriter, RunPage, write_runs_index
@@ -72,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the surviving detections and the reason of every verdict")
     parser.add_argument("--no-cuda", action="store_true", help="run the detector on the CPU")
     # Ours.
-    parser.add_argument("--detector", default="owlvit", choices=DETECTOR_KINDS + TINY_DETECTOR_KINDS,
+    parser.add_argument("--detector", default="owlvit",
+                        choices=DETECTOR_KINDS + TINY_DETECTOR_KINDS + (SHAPES_DETECTOR_KIND,),
                         help=f"owlvit = {DEFAULT_MODEL_IDS['owlvit']} (the reference), owlv2 = "
                              f"{DEFAULT_MODEL_IDS['owlv2']}; tiny* = random weights for offline demos "
-                             "(meaningless verdicts)")
+                             "(meaningless verdicts); shapes = colour segmentation for videos of the shapes "
+                             "world (shapes/detector.py, no weights)")
     parser.add_argument("--detector-path", help="local folder holding the detector (config, weights, preprocessor)")
     parser.add_argument("--detector-id", help="hub id to load instead of the default of --detector")
     parser.add_argument("--detector-revision", help="hub revision of the detector")
