@@ -184,7 +184,7 @@ def _refit_square_box(shape: str, box: np.ndarray, weights: np.ndarray, origin, 
 
 
 def _fit_shape(shape: str, area: float, moments: tuple[float, float, float, float], crop: np.ndarray, origin,
-               on_border: bool, config: "ShapesDetectorConfig") -> tuple[np.ndarray, float]:
+               on_border: bool, frame_hw: tuple[int, int], config: "ShapesDetectorConfig") -> tuple[np.ndarray, float]:
     """The box of ``shape`` that best explains the alpha map, and its misfit, over the blurs tried."""
     cx, cy, var_x, var_y = moments
     best = None
@@ -195,9 +195,17 @@ def _fit_shape(shape: str, area: float, moments: tuple[float, float, float, floa
         if best is None or misfit < best[1]:
             best = (box, misfit, blur)
     box, misfit, blur = best
-    if on_border:  # the moments of a cut shape are biased: fit its box directly
+    if on_border and _looks_cut(box, frame_hw):  # the moments of a cut shape are biased: fit its box directly
         box, misfit = _refit_square_box(shape, box, crop, origin, crop.shape, config.fit_smoothing, blur)
     return box, misfit
+
+
+def _looks_cut(box: np.ndarray, frame_hw: tuple[int, int], tolerance: float = 0.03) -> bool:
+    """A shape at the border is cut by it when its moment box is not square (the world's boxes are) or
+    reaches past the frame; a shape that only touches the border keeps its moment box."""
+    width, height = box[2] - box[0], box[3] - box[1]
+    outside = box[0] < -0.5 or box[1] < -0.5 or box[2] > frame_hw[1] + 0.5 or box[3] > frame_hw[0] + 0.5
+    return outside or abs(np.log(max(width, 1e-6) / max(height, 1e-6))) > tolerance
 
 
 def detect_frame(frame: np.ndarray, config: ShapesDetectorConfig = ShapesDetectorConfig()) -> list[ShapeDetection]:
@@ -254,7 +262,7 @@ def _describe_component(name: str, mask: np.ndarray, weights: np.ndarray, frame:
     boxes, misfits = {}, {}
     for shape in SHAPES:
         boxes[shape], misfits[shape] = _fit_shape(shape, area, (cx, cy, var_x, var_y), crop, origin, on_border,
-                                                  config)
+                                                  size_hw, config)
     misfit_values = np.asarray([misfits[s] for s in SHAPES])
     shape_probs = _softmax(-misfit_values / config.shape_temperature)
     best_shape = SHAPES[int(np.argmin(misfit_values))]
@@ -267,7 +275,8 @@ def _describe_component(name: str, mask: np.ndarray, weights: np.ndarray, frame:
     distance2 = ((_PALETTE - colour_estimate) ** 2).sum(-1)
     colour_probs = _softmax(-distance2 / (2 * config.colour_sigma ** 2))
     quality = float(np.clip(1.0 - misfits[best_shape], 0.0, 1.0))
-    box = boxes[best_shape]
+    # What is visible, as an object detector reports it: a shape cut by the border ends at the border.
+    box = np.clip(boxes[best_shape], 0.0, [width, height, width, height])
     return ShapeDetection(box_xyxy_px=tuple(float(v) for v in box), colour=name,
                           colour_probs=dict(zip(_COLOUR_NAMES, (float(p) for p in colour_probs))),
                           shape=best_shape, shape_probs=dict(zip(SHAPES, (float(p) for p in shape_probs))),
