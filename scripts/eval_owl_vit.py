@@ -28,11 +28,11 @@ import sys
 from pathlib import Path
 
 from prompt import PROMPT_TYPES, get_prompt_entries
+from shapes.detector import SHAPES_DETECTOR_KIND, build_shapes_detector
 from utils.cli import OutputDirError, ensure_writable_dir, float_in, int_in, run_cli
 from utils.eval.averaging import MixedSettingsError, average_summaries
 from utils.eval.config import (DEFAULT_MODEL_IDS, DEFAULT_VIDEO_FORMATS, DETECTOR_KINDS, TINY_DETECTOR_KINDS,
                                VIDEO_FORMATS, CacheSettings, DetectorConfig, EvalConfig, RunSelection)
-from utils.eval.config import SHAPES_DETECTOR_KIND
 from utils.eval.detector import DetectorLoadError, load_detector
 from utils.eval.evaluation import RunEvaluation, evaluate_run
 from utils.eval.report import ReportWriter, RunPage, write_runs_index
@@ -263,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--save-eval-path needs a single --run_base_path")
     try:
         _check_outputs(args, runs)
-        detector = load_detector(DetectorConfig(kind=args.detector, model_id=args.detector_id,
-                                                model_path=args.detector_path, revision=args.detector_revision,
-                                                device=_device(args.no_cuda), batch_size=args.batch_size))
+        if args.detector == SHAPES_DETECTOR_KIND:
+            detector = build_shapes_detector(batch_size=args.batch_size)
+        else:
+            detector = load_detector(DetectorConfig(kind=args.detector, model_id=args.detector_id,
+                                                    model_path=args.detector_path, revision=args.detector_revision,
+                                                    device=_device(args.no_cuda), batch_size=args.batch_size))
     except (OutputDirError, DetectorLoadError, FileNotFoundError) as error:  # MissingWeightsError: FileNotFoundError
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Sequence
@@ -36,9 +35,9 @@ import numpy as np
 from scipy import ndimage, optimize
 
 from shapes.world import COLOURS, SHAPES, _shape_mask
-from utils.eval.config import SHAPES_DETECTOR_KIND
+from utils.eval.detector import DetectionRequest, VideoDetections
 
-logger = logging.getLogger(__name__)
+SHAPES_DETECTOR_KIND = "shapes"   # scripts/eval_owl_vit.py --detector shapes
 
 # Moments of a shape inscribed in a w x h box: var_x = w^2 / k_x, var_y = h^2 / k_y, centroid at
 # y0 + centroid_y * h (the triangle's apex is at the top, its base at the bottom).
@@ -308,17 +307,20 @@ class ShapesDetector:
         settings = json.dumps(asdict(self.config), sort_keys=True)
         return f"shapes-detector-v1#{hashlib.sha1(settings.encode()).hexdigest()[:12]}"
 
+    def detect(self, requests: Sequence[DetectionRequest]) -> list[list[VideoDetections]]:
+        """What ``utils.eval.detector.run_detector`` returns for an OWL detector (it calls this)."""
+        return run_shapes_detector(self, requests)
+
 
 def build_shapes_detector(batch_size: int = 32, config: ShapesDetectorConfig | None = None) -> ShapesDetector:
     return ShapesDetector(config=config or ShapesDetectorConfig(), batch_size=batch_size)
 
 
-def run_shapes_detector(detector: ShapesDetector, requests) -> list:
+def run_shapes_detector(detector: ShapesDetector,
+                        requests: Sequence[DetectionRequest]) -> list[list[VideoDetections]]:
     """``utils.eval.detector.run_detector`` for the shapes detector: ``result[i][j]`` is request i,
-    query set j, as :class:`utils.eval.detector.VideoDetections` (every component, unthresholded;
-    frames with fewer components are padded with zero-score, zero-size boxes)."""
-    from utils.eval.detector import VideoDetections
-
+    query set j (every component, unthresholded; frames with fewer components are padded with
+    zero-score, zero-size boxes, which no threshold above 0 keeps)."""
     outputs = []
     for request in requests:
         per_frame = [detect_frame(frame, detector.config) for frame in request.frames]

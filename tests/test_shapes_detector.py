@@ -12,12 +12,11 @@ from scipy import ndimage
 
 from prompt import get_benchmark, get_prompt_entries
 from shapes import world
-from shapes.detector import (ShapesDetector, build_shapes_detector, detect_frame, parse_query, run_shapes_detector,
-                             score_queries)
+from shapes.detector import ShapesDetector, build_shapes_detector, detect_frame, parse_query, score_queries
 from shapes.planner import plan_reply, plan_scene
 from eval_run_fixtures import load_script
-from utils.eval.config import DetectorConfig, EvalConfig, RunSelection
-from utils.eval.detector import DetectionRequest, load_detector, run_detector
+from utils.eval.config import EvalConfig, RunSelection
+from utils.eval.detector import DetectionRequest, run_detector
 from utils.eval.evaluation import evaluate_run
 from utils.eval.metrics import compute_iou_matrix
 from utils.layout import layout_to_dict, parse_layout
@@ -122,7 +121,7 @@ def test_run_detector_interface_pads_and_labels():
         world.ShapeObject("circle", "red", (world._box_at(0.3, 0.3, 0.25),) * 6),
         world.ShapeObject("square", "blue", (world._box_at(0.7, 0.7, 0.25),) * 3 + (None,) * 3)))
     video = world.render_video(scene)
-    detector = load_detector(DetectorConfig(kind="shapes"))
+    detector = build_shapes_detector()
     assert isinstance(detector, ShapesDetector) and not detector.random_weights
     queries = (("a photo of a red circle", "a photo of a blue square"), ("a photo of a cat",), ("squares",))
     request = DetectionRequest(video[[0, 15]], (0, 15), 16, queries)

@@ -13,7 +13,6 @@ from pathlib import Path
 
 DETECTOR_KINDS = ("owlvit", "owlv2")
 TINY_DETECTOR_KINDS = ("tiny", "tiny-owlvit", "tiny-owlv2")
-SHAPES_DETECTOR_KIND = "shapes"   # shapes.detector: colour segmentation for the shapes world (no weights)
 DEFAULT_MODEL_IDS = {
     "owlvit": "google/owlvit-base-patch32",          # spec 10.2
     "owlv2": "google/owlv2-base-patch16-ensemble",
@@ -34,7 +33,7 @@ COMPARED_SETTINGS = ("prompt_type", "num_eval_frames", "detection_score_threshol
 class DetectorConfig:
     """Which detector to run and how."""
 
-    kind: str = "owlvit"              # owlvit | owlv2 | tiny | tiny-owlvit | tiny-owlv2 | shapes
+    kind: str = "owlvit"              # owlvit | owlv2 | tiny | tiny-owlvit | tiny-owlv2
     model_id: str | None = None       # default: DEFAULT_MODEL_IDS[kind] (spec 10.2 for owlvit)
     model_path: str | None = None     # a local folder holding the model (overrides the hub cache)
     revision: str | None = None

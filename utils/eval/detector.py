@@ -18,8 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from utils.eval.config import (DEFAULT_MODEL_IDS, DETECTOR_KINDS, SHAPES_DETECTOR_KIND, TINY_DETECTOR_KINDS,
-                               DetectorConfig)
+from utils.eval.config import DEFAULT_MODEL_IDS, DETECTOR_KINDS, TINY_DETECTOR_KINDS, DetectorConfig
 
 logger = logging.getLogger(__name__)
 
@@ -146,12 +145,7 @@ def load_detector(config: DetectorConfig) -> Detector:
 
     Tiny kinds are built from configs; real ones load from ``config.model_path`` or the local model
     cache via ``models.hub.resolve_model_folder`` (which raises ``MissingWeightsError`` offline).
-    ``shapes`` is no OWL model: `shapes.detector` (colour segmentation), run by :func:`run_detector` too.
     """
-    if config.kind == SHAPES_DETECTOR_KIND:
-        from shapes.detector import build_shapes_detector
-
-        return build_shapes_detector(batch_size=config.batch_size)
     if config.kind in TINY_DETECTOR_KINDS:
         return build_tiny_detector(config.kind, seed=config.seed, device=config.device,
                                    batch_size=config.batch_size)
@@ -256,11 +250,11 @@ def run_detector(detector: Detector, requests: Sequence[DetectionRequest]) -> li
     All frames of all requests go through the vision tower in batches of ``detector.batch_size``;
     each query set is encoded once; the class head runs per (frame batch, query set).
     Equivalent to the stock ``model(**processor(text, images))`` per frame up to batching noise.
+    A detector that is no OWL model (e.g. ``shapes.detector.ShapesDetector``: ``kind``, ``identity``,
+    ``random_weights``, ``device`` and ``detect(requests)``, with the same result) runs itself.
     """
-    if detector.kind == SHAPES_DETECTOR_KIND:
-        from shapes.detector import run_shapes_detector
-
-        return run_shapes_detector(detector, requests)
+    if not isinstance(detector, Detector):
+        return detector.detect(requests)
     import torch
 
     model = detector.model
