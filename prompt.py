@@ -177,11 +177,71 @@ def _sequential() -> list[BenchmarkPrompt]:
 
 _TASK_BUILDERS = {"numeracy": _numeracy, "attribution": _attribution, "visibility": _visibility,
                   "dynamic_spatial": _dynamic_spatial, "sequential": _sequential}
+
+
+# --------------------------------------------------------------------------------------------
+# The shapes benchmark (issue 15): 20 captions per task in the grammar of shapes.world, each with a check
+# of the LVD families above, so both evaluation stages run unchanged. Drawn once from a fixed seed.
+
+SHAPES_PROMPT_TYPE = "shapes"
+SHAPES_PER_TASK = 20
+SHAPES_SEED = 15
+
+
+def _shapes_captions() -> list[str]:
+    """The 100 captions of ``--prompt-type shapes``, task by task (shapes.world's caption functions);
+    every fourth names a background ("on a <bg> background"), the backgrounds in turn."""
+    from shapes import world
+
+    kinds = [(colour, shape) for shape in world.SHAPES for colour in world.COLOURS]
+    rng = np.random.default_rng(SHAPES_SEED)
+    captions = []
+    for count in range(1, 5):  # numeracy: five kinds per count
+        captions += [world.numeracy_caption(count, *kinds[k]) for k in rng.permutation(len(kinds))[:5]]
+    pairs = [(a, b) for a in range(len(kinds)) for b in range(len(kinds)) if a != b]
+    captions += [world.attribution_caption(kinds[pairs[p][0]], kinds[pairs[p][1]])
+                 for p in rng.permutation(len(pairs))[:SHAPES_PER_TASK]]
+    options = [(k, appears) for k in range(len(kinds)) for appears in (True, False)]
+    captions += [world.visibility_caption(*kinds[options[o][0]], options[o][1])
+                 for o in rng.permutation(len(options))[:SHAPES_PER_TASK]]
+    # Dynamic spatial, left/right only (the checks judge x): half one object, half one passing another.
+    sides = (("left", "right"), ("right", "left"))
+    options = [(k, d) for k in range(len(kinds)) for d in range(2)]
+    captions += [world.motion_caption(*kinds[options[o][0]], *sides[options[o][1]])
+                 for o in rng.permutation(len(options))[:SHAPES_PER_TASK // 2]]
+    options = [(a, b, d) for a, b in pairs for d in range(2)]
+    captions += [world.passing_caption(kinds[options[o][0]], kinds[options[o][1]], *sides[options[o][2]])
+                 for o in rng.permutation(len(options))[:SHAPES_PER_TASK - SHAPES_PER_TASK // 2]]
+    # Sequential: corner triplets, each corner sharing a side with the next (as shapes.world draws them).
+    corners = list(world.CORNERS)
+    paths = []
+    for first in corners:
+        for second in corners:
+            if len(set(first.split()) & set(second.split())) == 1:
+                third = next(c for c in corners if c not in (first, second)
+                             and len(set(c.split()) & set(second.split())) == 1)
+                paths.append((first, second, third))
+    options = [(k, path) for k in range(len(kinds)) for path in range(len(paths))]
+    captions += [world.sequential_caption(*kinds[options[o][0]], paths[options[o][1]])
+                 for o in rng.permutation(len(options))[:SHAPES_PER_TASK]]
+    backgrounds = list(world.BACKGROUNDS)
+    return [world.with_background(caption, backgrounds[(index // 4) % len(backgrounds)]) if index % 4 == 3
+            else caption for index, caption in enumerate(captions)]
+
+
+def _shapes_benchmark() -> list[BenchmarkPrompt]:
+    """The shapes benchmark: each caption with the check the rule-based planner reads from it."""
+    from shapes.planner import build_check
+
+    return [BenchmarkPrompt(caption, build_check(caption)) for caption in _shapes_captions()]
+
+
 BENCHMARK_PROMPT_TYPES = {
     "lvd": ("numeracy", "attribution", "visibility", "dynamic_spatial", "sequential"),
     "lvd_static": ("numeracy", "attribution"),
     "lvd_dynamic": ("visibility", "dynamic_spatial", "sequential"),
     **{f"lvd_{task}": (task,) for task in _TASK_BUILDERS},
+    SHAPES_PROMPT_TYPE: ("numeracy", "attribution", "visibility", "dynamic_spatial", "sequential"),
 }
 PROMPT_TYPES = ("demo", *BENCHMARK_PROMPT_TYPES)
 
@@ -191,6 +251,8 @@ def get_benchmark(prompt_type: str = "lvd") -> list[BenchmarkPrompt]:
     if prompt_type not in BENCHMARK_PROMPT_TYPES:
         raise ValueError(f"unknown benchmark prompt type {prompt_type!r}; expected one of "
                          f"{sorted(BENCHMARK_PROMPT_TYPES)}")
+    if prompt_type == SHAPES_PROMPT_TYPE:
+        return _shapes_benchmark()
     return [item for task in BENCHMARK_PROMPT_TYPES[prompt_type] for item in _TASK_BUILDERS[task]()]
 
 

@@ -28,6 +28,7 @@ import sys
 from pathlib import Path
 
 from prompt import PROMPT_TYPES, get_prompt_entries
+from shapes.detector import SHAPES_DETECTOR_KIND, build_shapes_detector
 from utils.cli import OutputDirError, ensure_writable_dir, float_in, int_in, run_cli
 from utils.eval.averaging import MixedSettingsError, average_summaries
 from utils.eval.config import (DEFAULT_MODEL_IDS, DEFAULT_VIDEO_FORMATS, DETECTOR_KINDS, TINY_DETECTOR_KINDS,
@@ -72,10 +73,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the surviving detections and the reason of every verdict")
     parser.add_argument("--no-cuda", action="store_true", help="run the detector on the CPU")
     # Ours.
-    parser.add_argument("--detector", default="owlvit", choices=DETECTOR_KINDS + TINY_DETECTOR_KINDS,
+    parser.add_argument("--detector", default="owlvit",
+                        choices=DETECTOR_KINDS + TINY_DETECTOR_KINDS + (SHAPES_DETECTOR_KIND,),
                         help=f"owlvit = {DEFAULT_MODEL_IDS['owlvit']} (the reference), owlv2 = "
                              f"{DEFAULT_MODEL_IDS['owlv2']}; tiny* = random weights for offline demos "
-                             "(meaningless verdicts)")
+                             "(meaningless verdicts); shapes = colour segmentation for videos of the shapes "
+                             "world (shapes/detector.py, no weights)")
     parser.add_argument("--detector-path", help="local folder holding the detector (config, weights, preprocessor)")
     parser.add_argument("--detector-id", help="hub id to load instead of the default of --detector")
     parser.add_argument("--detector-revision", help="hub revision of the detector")
@@ -260,9 +263,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--save-eval-path needs a single --run_base_path")
     try:
         _check_outputs(args, runs)
-        detector = load_detector(DetectorConfig(kind=args.detector, model_id=args.detector_id,
-                                                model_path=args.detector_path, revision=args.detector_revision,
-                                                device=_device(args.no_cuda), batch_size=args.batch_size))
+        if args.detector == SHAPES_DETECTOR_KIND:
+            detector = build_shapes_detector(batch_size=args.batch_size)
+        else:
+            detector = load_detector(DetectorConfig(kind=args.detector, model_id=args.detector_id,
+                                                    model_path=args.detector_path, revision=args.detector_revision,
+                                                    device=_device(args.no_cuda), batch_size=args.batch_size))
     except (OutputDirError, DetectorLoadError, FileNotFoundError) as error:  # MissingWeightsError: FileNotFoundError
         print(f"error: {error}", file=sys.stderr)
         return 2
