@@ -166,3 +166,44 @@ def test_training_resumed_from_a_checkpoint_equals_training_straight_through(tmp
         for (key, a), b in zip(straight[name].state_dict().items(), again[name].state_dict().values()):
             assert torch.equal(a, b), f"{name}.{key} differs after resuming"
     assert final.losses["denoiser"] == state.losses["denoiser"]
+
+
+# --------------------------------------------------------------------------------------------
+# The effect: LVD moves the shapes into their boxes
+
+
+# Dynamic-spatial and sequential prompts of --prompt-type shapes: where the layout decides where things go.
+EFFECT_PROMPT_INDICES = (60, 61, 62, 63, 80, 81, 82, 83)
+
+
+@pytest.mark.slow
+def test_lvd_follows_the_layout_better_than_the_baseline_on_shapes_prompts():
+    """Both arms from the shipped weights, same seeds; LVD's per-video mIoU minus the baseline's must be
+    positive by more than twice its standard error over the videos (a paired test)."""
+    from generation.backbones import backbone_for
+    from generation.config import GuidanceConfig, sampling_config_for
+    from generation.sampling import VideoRequest, generate_videos
+    from models.loading import load_video_model
+    from models.registry import get_run_model
+    from prompt import get_prompt_entries
+    from shapes.measure import detect_video, score_video_adherence
+    from shapes.planner import plan_scene
+
+    _shipped_folder()
+    spec = get_run_model("lvd_shapes")
+    model = load_video_model(spec, device="cpu")
+    sampling = sampling_config_for(spec)
+    backbone = backbone_for(model)
+    entries = get_prompt_entries("shapes")
+    scenes = {index: plan_scene(entries[index][0]) for index in EFFECT_PROMPT_INDICES}
+    lvd = generate_videos(model, [VideoRequest(entries[i][0], i, backbone.build_condition(scenes[i].layout(), 16))
+                                  for i in EFFECT_PROMPT_INDICES], sampling, guidance=GuidanceConfig())
+    baseline = generate_videos(model, [VideoRequest(entries[i][0], i) for i in EFFECT_PROMPT_INDICES], sampling)
+
+    def miou(result, index) -> float:
+        value = score_video_adherence(scenes[index], detect_video(result.frames), 64, 64).miou
+        return 0.0 if value is None else value
+
+    differences = np.asarray([miou(a, i) - miou(b, i) for a, b, i in zip(lvd, baseline, EFFECT_PROMPT_INDICES)])
+    margin = 2 * differences.std(ddof=1) / np.sqrt(len(differences))
+    assert differences.mean() > margin, f"LVD - baseline mIoU per video: {np.round(differences, 3)}"
