@@ -129,13 +129,14 @@ def write_layout_record(folder: Path, *, prompt: str, index: int, occurrence: in
 def save_comparison(result: VideoResult, baseline: VideoResult, folder: Path, repeat_index: int,
                     condition: LayoutCondition | None, fps: float) -> Path:
     """``video_<r>_compare.gif``: baseline | this video | the layout's boxes, enlarged if small."""
-    from utils.visualize import compose_comparison, draw_layout_video
+    from utils.visualize import comparison_scale, compose_comparison, draw_layout_video
 
     num_frames, height, width, _ = result.frames.shape
     panels = [("baseline (no layout)", baseline.frames), ("LVD", result.frames)]
     if condition is not None and condition.phrases:
+        scale = comparison_scale(height, width)  # boxes drawn at the enlarged size, so their labels read
         panels.append(("layout", draw_layout_video(condition.boxes_at(num_frames), condition.phrases, num_frames,
-                                                   height, width)))
+                                                   height * scale, width * scale)))
     path = comparison_path(folder, repeat_index)
     write_gif(compose_comparison(panels), path, fps=fps)
     return path

@@ -207,3 +207,40 @@ def test_lvd_follows_the_layout_better_than_the_baseline_on_shapes_prompts():
     differences = np.asarray([miou(a, i) - miou(b, i) for a, b, i in zip(lvd, baseline, EFFECT_PROMPT_INDICES)])
     margin = 2 * differences.std(ddof=1) / np.sqrt(len(differences))
     assert differences.mean() > margin, f"LVD - baseline mIoU per video: {np.round(differences, 3)}"
+
+
+# --------------------------------------------------------------------------------------------
+# The comparison animation (generate.py --compare-baseline)
+
+
+def test_compare_baseline_writes_baseline_lvd_and_boxes_side_by_side(tiny_model, tmp_path):
+    import dataclasses as dc
+
+    from generation.backbones import backbone_for
+    from generation.config import GuidanceConfig, sampling_config_for
+    from generation.runs import OutputOptions, VideoJob, comparison_path, generate_and_save, is_video_done
+    from generation.sampling import generate_video
+    from models.registry import get_run_model
+    from utils.layout import Box, ObjectTrack, SceneLayout
+    from utils.video_io import load_video
+
+    sampling = dc.replace(sampling_config_for(get_run_model("lvd_tiny")), num_inference_steps=3, num_frames=4)
+    car = ObjectTrack(0, "red car", tuple(Box(0.1 + 0.1 * i, 0.3, 0.5 + 0.1 * i, 0.7) for i in range(6)))
+    layout = SceneLayout("a red car driving", "street", (car,))
+    condition = backbone_for(tiny_model).build_condition(layout, 4)
+    options = OutputOptions(formats=("joblib",), compare_baseline=True)
+    job = VideoJob(0, "a red car driving", 0, 5, condition, tmp_path)
+    generate_and_save(tiny_model, [job], sampling, guidance=GuidanceConfig(max_index_step=1), options=options)
+    assert is_video_done(tmp_path, 0, options) and comparison_path(tmp_path, 0).is_file()
+    assert not is_video_done(tmp_path, 0, dc.replace(options, formats=("joblib", "gif")))
+    compare = load_video(comparison_path(tmp_path, 0))          # (F, title + 256, 3 * 256, 3)
+    assert compare.shape[0] == 4 and compare.shape[2] == 3 * 256
+    baseline = generate_video(tiny_model, "a red car driving", sampling, 5).frames   # the prompt as is, same seed
+    factor = 256 // baseline.shape[1]
+    enlarged = baseline.repeat(factor, axis=1).repeat(factor, axis=2)
+    title = compare.shape[1] - 256
+    # GIF palettes quantise colours: compare loosely, but far closer than to the LVD panel's own frames.
+    first_panel = compare[:, title:, :256].astype(int)
+    assert np.abs(first_panel - enlarged).mean() < 12
+    lvd = load_video(tmp_path / "video_0.joblib").repeat(factor, axis=1).repeat(factor, axis=2)
+    assert np.abs(compare[:, title:, 256:512].astype(int) - lvd).mean() < 12

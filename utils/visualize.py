@@ -264,25 +264,35 @@ COMPARISON_MIN_SIDE_PX = 256   # small videos are enlarged (nearest neighbour) s
 COMPARISON_TITLE_PX = 22
 
 
-def compose_comparison(panels: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
-    """Videos side by side, each under its title: ``panels`` of (title, (F, H, W, 3) uint8), same shape.
+def comparison_scale(height: int, width: int) -> int:
+    """The integer factor that enlarges a ``height x width`` video to at least `COMPARISON_MIN_SIDE_PX`."""
+    return max(1, -(-COMPARISON_MIN_SIDE_PX // min(height, width)))
 
-    Videos smaller than `COMPARISON_MIN_SIDE_PX` are enlarged by an integer factor (nearest neighbour).
-    Returns (F, title + H*s, n * W*s, 3) uint8.
+
+def compose_comparison(panels: Sequence[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Videos side by side, each under its title: ``panels`` of (title, (F, H, W, 3) uint8).
+
+    Every panel is enlarged by an integer factor (nearest neighbour) to the size of the largest one, which
+    is itself enlarged to at least `COMPARISON_MIN_SIDE_PX`. Returns (F, title + H', n * W', 3) uint8.
     """
-    shapes = {frames.shape for _, frames in panels}
-    if len(shapes) != 1:
-        raise ValueError(f"comparison panels must have one shape, found {sorted(shapes)}")
-    num_frames, height, width, _ = next(iter(shapes))
-    scale = max(1, -(-COMPARISON_MIN_SIDE_PX // min(height, width)))
+    for _, frames in panels:
+        validate_frames(frames)
+    num_frames = {frames.shape[0] for _, frames in panels}
+    if len(num_frames) != 1:
+        raise ValueError(f"comparison panels must have one frame count, found {sorted(num_frames)}")
+    largest = max((frames.shape[1:3] for _, frames in panels), key=lambda hw: hw[0] * hw[1])
+    target_h, target_w = (side * comparison_scale(*largest) for side in largest)
     font = _font(COMPARISON_TITLE_PX - 8)
     columns = []
     for title, frames in panels:
-        validate_frames(frames)
-        big = frames.repeat(scale, axis=1).repeat(scale, axis=2)
-        header = Image.new("RGB", (width * scale, COMPARISON_TITLE_PX), "white")
+        factor = target_h // frames.shape[1]
+        if frames.shape[1] * factor != target_h or frames.shape[2] * factor != target_w:
+            raise ValueError(f"panel {title!r} of {frames.shape[2]}x{frames.shape[1]} does not enlarge to "
+                             f"{target_w}x{target_h} by an integer factor")
+        big = frames.repeat(factor, axis=1).repeat(factor, axis=2)
+        header = Image.new("RGB", (target_w, COMPARISON_TITLE_PX), "white")
         ImageDraw.Draw(header).text((6, 4), title, fill=(0, 0, 0), font=font)
-        header_px = np.broadcast_to(np.asarray(header), (num_frames, COMPARISON_TITLE_PX, width * scale, 3))
+        header_px = np.broadcast_to(np.asarray(header), (frames.shape[0], COMPARISON_TITLE_PX, target_w, 3))
         columns.append(np.concatenate([header_px, big], axis=1))
     return np.ascontiguousarray(np.concatenate(columns, axis=2))
 
