@@ -3,9 +3,10 @@ run-model registry, model loading, sampling and generate.py's output writers is 
 
 The rest of ``studio/`` (the editor state, the command lines, the Gradio page) talks to this module
 only, so when stage 2 is refactored only this file has to follow. Nothing here re-implements the
-library: layouts are parsed and validated by ``utils.layout``, configs are built by generate.py's own
-``build_configs`` from the very command line the page shows, videos come from
-``generation.sampling.generate_video`` and are written by generate.py's writers.
+library: layouts are parsed and validated by ``utils.layout``, configs are built by
+``generation.settings`` (generate.py's flags and their configs) from the very command line the page shows,
+videos come from ``generation.sampling.generate_video`` and are written, with config.json's run record,
+by ``generation.runs`` as generate.py writes them.
 
 Heavy imports (torch, diffusers, openai) happen inside the functions that need them, so importing
 this module for the layout types costs no more than ``utils.layout``.
@@ -23,9 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-# generate.py's method groups (which run-models take a layout, which have attention guidance).
-from generate import GUIDED_METHODS, LAYOUT_METHODS
-from models.registry import RUN_MODELS, RunModelError, RunModelSpec, get_run_model
+from models.registry import GUIDED_METHODS, LAYOUT_METHODS, RUN_MODELS, WAN_FAMILY, RunModelError, RunModelSpec, get_run_model
 from prompt import DEFAULT_TEMPLATE_VERSION
 from utils.cache import CacheFormatError, LayoutCache, cache_file_name
 from utils.io import atomic_write_json, atomic_write_text
@@ -476,61 +475,38 @@ def allocate_run_root(output_dir: str | os.PathLike) -> Path:
             index += 1
 
 
-def _parse_generate_args(config_argv: Sequence[str], output_dir: Path) -> argparse.Namespace:
-    """generate.py's own parser on the command's configuration flags, so that the configs below are
-    built exactly as the command line builds them.
-
-    The layout/prompt flags (--layout-file, --prompts) are left out: they select what to generate, not
-    how, and older generate.py versions lack them.
-    """
-    import generate
+def _parse_generate_args(config_argv: Sequence[str]) -> argparse.Namespace:
+    """generate.py's settings flags (``generation.settings``) parsed from the command's configuration part, so
+    that the configs below are built exactly as the command line builds them."""
+    from generation.settings import SettingsError, parse_settings_argv
 
     try:
-        return generate.build_parser().parse_args([*config_argv, "--output-dir", str(output_dir)])
-    except SystemExit as exit_:  # argparse already printed why
-        raise StudioError(f"generate.py rejects the settings {' '.join(config_argv)} (exit {exit_.code})") from None
-
-
-@dataclass(frozen=True)
-class _Configs:
-    """What generate.py's ``build_configs`` / ``build_gligen_config`` make of a command line."""
-
-    sampling: Any
-    guidance: Any
-    execution: Any
-    gligen: Any
-
-
-def _build_configs(args: argparse.Namespace, spec: RunModelSpec) -> _Configs:
-    import generate
-
-    try:
-        sampling, guidance, execution = generate.build_configs(args, spec)
-    except ValueError as error:  # RunModelError is a ValueError
+        return parse_settings_argv(config_argv)
+    except SettingsError as error:
         raise StudioError(str(error)) from None
-    return _Configs(sampling, guidance, execution, generate.build_gligen_config(args, spec))
 
 
-def _save_run(run_dir: Path, args: argparse.Namespace, spec: RunModelSpec, model, configs: _Configs,
-              result, condition, elapsed_s: float, command: Sequence[str]) -> None:
+def _build_configs(args: argparse.Namespace):
+    """``generation.settings.RunConfigs`` of the parsed flags (what generate.py runs for the same command)."""
+    from generation.settings import configs_from_args
+
+    try:
+        return configs_from_args(args)
+    except ValueError as error:  # RunModelError and SettingsError are ValueErrors
+        raise StudioError(str(error)) from None
+
+
+def _save_run(run_dir: Path, args: argparse.Namespace, model, configs, result, condition, elapsed_s: float,
+              command: Sequence[str]) -> None:
     """config.json and ``0/video_0.*`` as generate.py writes them (``generation.runs``); the config's
     "command" is the reproduction command, not the app's own argv."""
-    from generation.runs import (OutputOptions, describe_environment, record_invocation,
-                                 save_video_outputs)
+    from generation.runs import record_invocation, run_invocation, run_settings, save_video_outputs
+    from generation.settings import output_options_from_args
 
-    settings = {"run_model": dataclasses.asdict(spec), "prompt_type": "custom", "template_version": None,
-                "llm_model": None, "sampling": dataclasses.asdict(configs.sampling),
-                "guidance": dataclasses.asdict(configs.guidance) if configs.guidance is not None else None,
-                "execution": dataclasses.asdict(configs.execution),
-                "gligen": dataclasses.asdict(configs.gligen) if configs.gligen is not None else None,
-                "seed_rule": "prompt_index + 6789 * repeat_index + seed_offset"}
-    invocation = {"command": list(command), "written_by": "studio (app.py)", "args": vars(args), "rank": 0,
-                  "num_processes": 1, "window": [0, 1], "device": str(model.device), "dtype": str(model.dtype),
-                  "model_source": model.source, **describe_environment(str(model.device))}
+    settings = run_settings(configs, model, prompt_type="custom")
+    invocation = run_invocation(model, command=command, args=args, window=[0, 1], written_by="studio (app.py)")
     record_invocation(run_dir, settings, invocation)
-    options = OutputOptions(formats=tuple(dict.fromkeys(args.save_formats)), fps=spec.fps,
-                            save_latents=args.save_latents, annotate=not args.no_annotate)
-    save_video_outputs(result, run_dir / "0", 0, condition, options, elapsed_s)
+    save_video_outputs(result, run_dir / "0", 0, condition, output_options_from_args(args, configs.spec), elapsed_s)
 
 
 def _video_output(spec_name: str, run_dir: Path, command: Sequence[str], elapsed_s: float) -> VideoOutput:
@@ -542,7 +518,7 @@ def _video_output(spec_name: str, run_dir: Path, command: Sequence[str], elapsed
                        command=tuple(command), elapsed_s=elapsed_s)
 
 
-def _generate_one(model, prompt: str, configs: _Configs, seed: int, condition,
+def _generate_one(model, prompt: str, configs, seed: int, condition,
                   on_step: Callable[[int, int], None] | None):
     from generation.sampling import generate_video
 
@@ -576,7 +552,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
                                       device=settings.device, dtype=settings.dtype,
                                       model_path=settings.model_paths.get(spec.name))
     config_argv = commands.build_lvd_command(spec.name, "", shared, flags, "").config_argv
-    configs = _build_configs(_parse_generate_args(config_argv, Path(settings.output_dir)), spec)
+    configs = _build_configs(_parse_generate_args(config_argv))
     sampling = configs.sampling
     seed = _derive_seed(request.seed)
 
@@ -592,7 +568,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
         lvd_dir, layout_file = run_root / "lvd", run_root / "lvd" / "0" / "layout.json"
         lvd_command = commands.build_lvd_command(spec.name, display_path(layout_file), shared, flags,
                                                  display_path(run_root / "reproduce" / "lvd"))
-        args = _parse_generate_args(lvd_command.config_argv, lvd_dir)
+        args = _parse_generate_args(lvd_command.config_argv)
         write_layout_file(layout_file, request.layout, condition)
         baseline_spec = baseline_for(spec) if request.with_baseline else None
         if baseline_spec is not None and _weights_problem(baseline_spec, settings.model_paths.get(baseline_spec.name)):
@@ -606,7 +582,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
         result = _generate_one(model, request.layout.prompt, configs, seed, condition,
                                on_step(0, f"{spec.name}: denoising step"))
         elapsed = time.perf_counter() - started
-        _save_run(lvd_dir, args, spec, model, configs, result, condition, elapsed, lvd_command.argv)
+        _save_run(lvd_dir, args, model, configs, result, condition, elapsed, lvd_command.argv)
         lvd = _video_output(spec.name, lvd_dir, lvd_command.argv, elapsed)
 
         baseline = None
@@ -616,17 +592,21 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
         if baseline_spec is not None:
             base_dir = run_root / "baseline"
             base_shared = dataclasses.replace(shared, model_path=settings.model_paths.get(baseline_spec.name))
+            # A fair comparison: the baseline samples with the LVD arm's sampler (Wan: the same UniPC corrector
+            # setting), and its command says so.
+            corrector = sampling.corrector_off_steps if baseline_spec.family == WAN_FAMILY else None
             base_command = commands.build_baseline_command(baseline_spec.name, request.layout.prompt, base_shared,
-                                                           display_path(run_root / "reproduce" / "baseline"))
-            base_args = _parse_generate_args(base_command.config_argv, base_dir)
-            base_configs = _build_configs(base_args, baseline_spec)
+                                                           display_path(run_root / "reproduce" / "baseline"),
+                                                           corrector_off_steps=corrector)
+            base_args = _parse_generate_args(base_command.config_argv)
+            base_configs = _build_configs(base_args)
             base_model = pool.get(baseline_spec)
             started = time.perf_counter()
             # Baselines see the prompt as it is (generate.py's baselines take no layout).
             base_result = _generate_one(base_model, request.layout.prompt, base_configs, seed, None,
                                         on_step(sampling.num_inference_steps, f"{baseline_spec.name}: denoising step"))
             base_elapsed = time.perf_counter() - started
-            _save_run(base_dir, base_args, baseline_spec, base_model, base_configs, base_result, None, base_elapsed,
+            _save_run(base_dir, base_args, base_model, base_configs, base_result, None, base_elapsed,
                       base_command.argv)
             baseline = _video_output(baseline_spec.name, base_dir, base_command.argv, base_elapsed)
 

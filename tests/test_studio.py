@@ -126,8 +126,8 @@ def test_lvd_command_round_trips_through_the_shell_and_generate_parser():
     assert line.startswith("python generate.py --run-model lvd_tiny --seed_offset 123 --num_inference_steps 7 "
                            "--device cpu --loss_scale 2.5 --loss_threshold 0.30000000000000004 --max_iter 1 ")
     assert commands.parse_command(line) == list(command.argv)
-    args = backend._parse_generate_args(command.config_argv, REPO / "unused")
-    configs = backend._build_configs(args, backend.get_spec("lvd_tiny"))
+    args = backend._parse_generate_args(command.config_argv)
+    configs = backend._build_configs(args)
     sampling, guidance, gligen = configs.sampling, configs.guidance, configs.gligen
     assert (args.seed_offset, sampling.num_inference_steps, args.device) == (123, 7, "cpu")
     assert (guidance.loss_scale, guidance.loss_threshold, guidance.max_iter) == (2.5, 0.1 + 0.2, 1)
@@ -334,3 +334,51 @@ def test_generation_rejects_what_the_library_rejects(tmp_path):
     with pytest.raises(backend.StudioError, match="takes no layout"):
         backend.run_generation(dataclasses.replace(request, run_model="baseline_tiny"), settings,
                                backend.ModelPool(settings))
+
+
+# --------------------------------------------------------------------------------------------
+# Both arms of both backbone families equal their own commands (issue 17.1)
+
+
+@pytest.fixture(scope="module", params=["lvd_tiny", "lvd_wan_tiny"])
+def family_run(request, tmp_path_factory):
+    """A studio run of each backbone family, guided on 2 of its 3 steps: the Wan sampler then differs from
+    both the pool model's default (corrector off on 10 steps) and the stock one."""
+    tmp_path = tmp_path_factory.mktemp(f"studio-{request.param}")
+    settings = studio_settings(tmp_path)
+    flags = {"loss_threshold": 0.0, "max_iter": 1, "max_index_step": 2}
+    generation = backend.GenerationRequest(layout=demo_layout(), run_model=request.param, seed=3,
+                                           num_inference_steps=FAST_STEPS, guidance_flags=flags)
+    return backend.run_generation(generation, settings, backend.ModelPool(settings)), tmp_path
+
+
+@pytest.mark.parametrize("which", ["lvd", "baseline"])
+def test_each_arm_equals_its_command_bit_for_bit(family_run, which):
+    import generate
+
+    result, tmp_path = family_run
+    video = getattr(result, which)
+    argv = list(video.command[2:])
+    out = tmp_path / f"rerun-{which}"
+    argv[argv.index("--output-dir") + 1] = str(out)
+    assert generate.main(argv) == 0
+    reproduced = sorted(out.rglob("video_0.joblib"))
+    assert len(reproduced) == 1, reproduced
+    assert np.array_equal(joblib.load(reproduced[0]), joblib.load(video.video_joblib))
+    ours = json.loads((video.run_dir / "config.json").read_text())
+    theirs = json.loads(next(out.rglob("config.json")).read_text())
+    for key in ("sampling", "guidance", "solver"):
+        assert ours[key] == theirs[key], key
+
+
+def test_the_wan_baseline_runs_the_lvd_arms_sampler_and_says_so(family_run):
+    result, _ = family_run
+    lvd, baseline = (json.loads((v.run_dir / "config.json").read_text()) for v in (result.lvd, result.baseline))
+    assert lvd["sampling"]["corrector_off_steps"] == baseline["sampling"]["corrector_off_steps"]
+    if lvd["run_model"]["family"] == "wan":
+        assert lvd["solver"]["corrector_off_steps"] == baseline["solver"]["corrector_off_steps"] == 2
+        assert lvd["sampling"]["corrector_off_steps"] == 2
+        command = list(result.baseline.command)
+        assert command[command.index("--corrector-off-steps") + 1] == "2"
+    else:
+        assert lvd["solver"] is baseline["solver"] is None and "--corrector-off-steps" not in result.baseline.command

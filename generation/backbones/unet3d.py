@@ -110,7 +110,10 @@ class UNet3DBackbone(Backbone):
         return prepare_latents(seed, num_frames, height, width, self.model.unet.config.in_channels, self.device,
                                self.dtype, vae_scale_factor(self.model.vae), noise=noise)
 
-    def make_scheduler(self):
+    def make_scheduler(self, corrector_off_steps: int | None = None):
+        if corrector_off_steps:  # a typed config made by hand can say so; sampling_config_for refuses it
+            raise ValueError(f"the UNet3D family samples with DPM-Solver, which has no corrector to switch off; "
+                             f"corrector_off_steps must be 0 or None, found {corrector_off_steps}")
         return self.model.make_scheduler()
 
     def predict(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
