@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -47,10 +48,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDIO_PROMPT_TYPE = "studio"            # cache files the studio writes: cache_studio_<template>_<name>.json
 STUDIO_CACHE_MODEL = "edited"
 STUDIO_RUNS_DIR = "studio"                # <output dir>/studio/run<k>/
+PREVIEWS_DIR = "previews"                 # <output dir>/studio/previews/: the page's scratch files
+MAX_PREVIEW_FOLDERS = 32                  # newest scratch folders kept (two files per edit)
 PREVIEW_LONG_SIDE_PX = 384                # the layout animation is drawn at this size, the video's aspect
 PREVIEW_BACKGROUND = 232                  # light grey canvas
 PALETTE_SIZE = 32                         # editor colours: track_color(0..31)
 MAX_LOADED_MODELS = 2                     # an LVD run-model and its baseline can need two weight sets
+
+# Bounds of what one request may ask (a request cannot hold the generator, or fill a cache, without end).
+MAX_PROMPT_CHARS = 2000                   # prompt, phrase, background (CLIP keeps 77 tokens, umT5 512)
+MAX_OBJECTS = PALETTE_SIZE                # objects of a layout (the editor has one colour per object)
+MAX_STEPS = 200                           # denoising steps (the paper's 40, Wan's 50)
+MAX_SEED = 2 ** 32 - 1                    # seeds of one run: seed + prompt index + 6789 * repeat stays an int64
+MAX_REPLY_NUMBER = 10_000
 
 PRESET_PAPER = "paper"
 PRESET_WEAK = "README weak"
@@ -60,10 +70,45 @@ GUIDANCE_PRESETS = (PRESET_PAPER, PRESET_WEAK, PRESET_CUSTOM)
 GUIDANCE_FIELDS = ("loss_scale", "loss_threshold", "max_iter", "max_index_step", "fg_top_p", "bg_top_p",
                    "fg_weight", "bg_weight", "com_loss_scale")
 INT_GUIDANCE_FIELDS = ("max_iter", "max_index_step")
+# (low, high, low excluded) of each field: generate.py's flag ranges, with an upper end.
+GUIDANCE_LIMITS = {
+    "loss_scale": (0.0, 1e6, True), "loss_threshold": (-1e9, 1e9, False), "max_iter": (0, 20, False),
+    "max_index_step": (0, MAX_STEPS, False), "fg_top_p": (0.0, 1.0, True), "bg_top_p": (0.0, 1.0, True),
+    "fg_weight": (0.0, 1e6, False), "bg_weight": (0.0, 1e6, False), "com_loss_scale": (0.0, 1e6, False),
+}
 
 
 class StudioError(Exception):
     """A problem to show in the page: the message is complete and meant for the user."""
+
+
+def whole_number(value: Any, what: str, low: int, high: int) -> int:
+    """``value`` (a page number: int or float) as an int in [low, high]; StudioError saying what was expected."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or float(value) != int(value):
+        raise StudioError(f"the {what} must be a whole number, found {value!r}")
+    if not low <= value <= high:
+        raise StudioError(f"the {what} must be from {low} to {high}, found {value!r}")
+    return int(value)
+
+
+def check_text(text: Any, what: str) -> str:
+    """Text of at most MAX_PROMPT_CHARS characters (StudioError otherwise)."""
+    if not isinstance(text, str):
+        raise StudioError(f"the {what} must be text, found {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise StudioError(f"the {what} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+    return text
+
+
+def check_layout_bounds(layout: SceneLayout) -> None:
+    """A layout the studio takes: at most MAX_OBJECTS objects, prompt / background / phrases of bounded length."""
+    check_text(layout.prompt, "prompt")
+    check_text(layout.background, "background")
+    if len(layout.tracks) > MAX_OBJECTS:
+        raise StudioError(f"the layout has {len(layout.tracks)} objects; at most {MAX_OBJECTS} are accepted")
+    for track in layout.tracks:
+        check_text(track.phrase, f"phrase of object {track.id}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -146,6 +191,8 @@ def list_cached_prompts(path: str | os.PathLike) -> list[str]:
 
 def plan_from_cache(path: str | os.PathLike, prompt: str, occurrence: int = 0) -> Plan:
     """Reply ``occurrence`` of ``prompt`` in the cache file, parsed by ``utils.layout.parse_layout``."""
+    check_text(prompt, "prompt")
+    occurrence = whole_number(occurrence, "reply number", 0, MAX_REPLY_NUMBER)
     cache = load_cache(path)
     key = prompt if prompt in cache.entries else next(
         (k for k in cache.entries if normalize_prompt(k) == normalize_prompt(prompt)), None)
@@ -171,6 +218,7 @@ def plan_from_llm(settings: LLMSettings | None, prompt: str, model: str | None =
 
     if settings is None:
         raise StudioError("no LLM endpoint is configured; start the app with --llm-base-url / OPENAI_API_KEY")
+    check_text(prompt, "prompt")
     if not normalize_prompt(prompt):
         raise StudioError("the prompt is empty")
     config = settings.config
@@ -199,6 +247,7 @@ def save_layout_to_cache(layout: SceneLayout, settings: StudioSettings) -> tuple
 
     The file is always ``cache_studio_<template>_edited.json``: a published cache is never written.
     """
+    check_layout_bounds(layout)
     path = settings.studio_cache_path
     reply = format_layout_text(layout)
     # The grammar is the one every stage parses; a layout that does not survive it is not saved.
@@ -361,18 +410,25 @@ def guidance_flags(values: Mapping[str, float | int | None]) -> dict[str, float 
     defaults = guidance_defaults()
     flags = {}
     for name in GUIDANCE_FIELDS:
-        value = values.get(name)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise StudioError(f"guidance value {name} must be a number, found {value!r}")
-        if name in INT_GUIDANCE_FIELDS:
-            if float(value) != int(value):
-                raise StudioError(f"guidance value {name} must be a whole number, found {value!r}")
-            value = int(value)
-        else:
-            value = float(value)
+        value = check_guidance_value(name, values.get(name))
         if value != defaults[name]:
             flags[name] = value
     return flags
+
+
+def check_guidance_value(name: str, value: Any) -> float | int:
+    """One guidance field's value within `GUIDANCE_LIMITS` (an int for the integer fields); raises StudioError."""
+    if name not in GUIDANCE_LIMITS:
+        raise StudioError(f"unknown guidance field {name!r}; expected one of {', '.join(GUIDANCE_FIELDS)}")
+    low, high, low_open = GUIDANCE_LIMITS[name]
+    if name in INT_GUIDANCE_FIELDS:
+        return whole_number(value, f"guidance value {name}", low, high)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise StudioError(f"guidance value {name} must be a number, found {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        raise StudioError(f"guidance value {name} must be {'above' if low_open else 'from'} {low} "
+                          f"{'and at most' if low_open else 'to'} {high}, found {value!r}")
+    return float(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -537,13 +593,16 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     spec = get_spec(request.run_model)
     if spec.method not in LAYOUT_METHODS:
         raise StudioError(f"run-model {spec.name!r} ({spec.method}) takes no layout; pick an LVD run-model")
+    # Everything is checked before any folder is made.
+    check_layout_bounds(request.layout)
     try:
         validate_layout(request.layout)
     except LayoutError as error:
         raise StudioError(str(error)) from None
-    if request.num_inference_steps < 1:
-        raise StudioError(f"steps must be at least 1, found {request.num_inference_steps}")
-    flags = dict(request.guidance_flags) if spec.method in GUIDED_METHODS else {}
+    whole_number(request.num_inference_steps, "number of steps", 1, MAX_STEPS)
+    whole_number(request.seed, "seed", 0, MAX_SEED)
+    flags = ({name: check_guidance_value(name, value) for name, value in request.guidance_flags.items()}
+             if spec.method in GUIDED_METHODS else {})
     problem = _weights_problem(spec, settings.model_paths.get(spec.name))
     if problem:
         raise StudioError(f"{spec.name}: {problem}")
@@ -629,8 +688,31 @@ def _derive_seed(seed_offset: int) -> int:
     return derive_seed(0, 0, seed_offset)
 
 
-def scratch_path(directory: str | os.PathLike, name: str) -> Path:
-    """``<directory>/<fresh folder>/<name>``: a file for the page (preview GIF, layout download)."""
+def preview_dir(settings: StudioSettings) -> Path:
+    """``<output>/studio/previews``: the page's files (preview GIFs, layout downloads), emptied at start."""
+    import shutil
+
+    folder = Path(settings.output_dir) / STUDIO_RUNS_DIR / PREVIEWS_DIR
+    shutil.rmtree(folder, ignore_errors=True)  # a previous server's
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def scratch_path(directory: str | os.PathLike, name: str, keep: int = MAX_PREVIEW_FOLDERS) -> Path:
+    """``<directory>/<fresh folder>/<name>``: a file for the page (preview GIF, layout download). Only the
+    ``keep`` newest folders stay (a page shows the latest ones), so the folder stays small however long the
+    server runs."""
+    import shutil
     import tempfile
 
-    return Path(tempfile.mkdtemp(dir=directory)) / name
+    folder = Path(tempfile.mkdtemp(dir=directory))
+    old = sorted((p for p in Path(directory).iterdir() if p.is_dir() and p != folder),
+                 key=lambda p: p.stat().st_mtime_ns)
+    for stale in old[:max(0, len(old) - keep + 1)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return folder / name
+
+
+def shipped_demo_cache_name(template_version: str = DEFAULT_TEMPLATE_VERSION) -> str:
+    """The demo cache the repository ships (``cache/cache_demo_<template>_handwritten.json``)."""
+    return cache_file_name("demo", template_version, "handwritten")

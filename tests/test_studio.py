@@ -382,3 +382,76 @@ def test_the_wan_baseline_runs_the_lvd_arms_sampler_and_says_so(family_run):
         assert command[command.index("--corrector-off-steps") + 1] == "2"
     else:
         assert lvd["solver"] is baseline["solver"] is None and "--corrector-off-steps" not in result.baseline.command
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded input, errors with text, nothing made before the checks (issue 17.21, 17.22)
+
+
+def _request(**overrides):
+    values = dict(layout=demo_layout(), run_model="lvd_tiny", seed=0, num_inference_steps=1)
+    values.update(overrides)
+    return backend.GenerationRequest(**values)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"seed": 1e308}, "the seed must be from 0 to 4294967295, found 1e+308"),
+    ({"seed": float("nan")}, "the seed must be a whole number, found nan"),
+    ({"num_inference_steps": float("nan")}, "the number of steps must be a whole number, found nan"),
+    ({"num_inference_steps": 10**6}, "the number of steps must be from 1 to 200, found 1000000"),
+    ({"guidance_flags": {"max_iter": 10**6}}, "the guidance value max_iter must be from 0 to 20, found 1000000"),
+    ({"guidance_flags": {"loss_scale": float("inf")}}, "guidance value loss_scale must be a number, found inf"),
+    ({"guidance_flags": {"fg_top_p": 0.0}}, "guidance value fg_top_p must be above 0.0 and at most 1.0, found 0.0"),
+])
+def test_generation_checks_every_number_before_making_anything(tmp_path, overrides, message):
+    settings = studio_settings(tmp_path)
+    with pytest.raises(backend.StudioError) as error:
+        backend.run_generation(_request(**overrides), settings, backend.ModelPool(settings))
+    assert str(error.value).startswith(message)
+    assert not (tmp_path / "img_generations").exists()   # no run folder, no layout.json
+
+
+def test_layouts_prompts_and_reply_numbers_are_bounded(tmp_path):
+    settings = studio_settings(tmp_path)
+    huge = dataclasses.replace(demo_layout(), prompt="a bear " * 10**6)
+    with pytest.raises(backend.StudioError, match="the prompt has 7000000 characters; at most 2000 are accepted"):
+        backend.save_layout_to_cache(huge, settings)
+    assert not settings.studio_cache_path.exists()
+    bear = demo_layout().tracks[0]
+    crowded = dataclasses.replace(demo_layout(), tracks=tuple(dataclasses.replace(bear, id=i) for i in range(20000)))
+    with pytest.raises(backend.StudioError, match="the layout has 20000 objects; at most 32 are accepted"):
+        backend.run_generation(_request(layout=crowded), settings, backend.ModelPool(settings))
+    with pytest.raises(backend.StudioError, match="the reply number must be a whole number, found nan"):
+        backend.plan_from_cache(DEMO_CACHE, DEMO_PROMPT, float("nan"))
+    with pytest.raises(backend.StudioError, match="at most 2000 are accepted"):
+        backend.plan_from_cache(DEMO_CACHE, "x" * 5_000_000)
+
+
+def test_an_editor_state_with_20000_objects_is_refused_at_once():
+    import time
+
+    state = editor.layout_to_state(demo_layout(), width=128, height=128)
+    state["objects"] = [dict(state["objects"][0], id=i) for i in range(20000)]
+    started = time.perf_counter()
+    with pytest.raises(editor.EditorStateError, match="the layout has 20000 objects; at most 32 are accepted"):
+        editor.state_to_layout(state)
+    assert time.perf_counter() - started < 1
+    state["objects"] = state["objects"][:1]
+    state["prompt"] = "A bear " * 1000
+    with pytest.raises(editor.EditorStateError, match="the prompt has 7000 characters"):
+        editor.validate_state(state)
+
+
+def test_app_flags_are_checked_at_parse_time(tmp_path, capsys):
+    import time
+
+    import app
+
+    started = time.perf_counter()
+    assert app.main(["--port", "99999"]) == 2
+    assert "argument --port: must be an integer in [1, 65535], found 99999" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert app.main(["--output-dir", str(blocker / "out")]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+    assert time.perf_counter() - started < 5
