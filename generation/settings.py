@@ -12,7 +12,7 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from models.registry import (GUIDED_METHODS, WAN_FAMILY, RunModelError, RunModelSpec, get_run_model,
+from models.registry import (GUIDED_METHODS, WAN_FAMILY, RunModelSpec, get_run_model,
                              run_model_names, wan_guided_layers)
 from utils.cli import float_in, int_in
 

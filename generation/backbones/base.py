@@ -37,9 +37,6 @@ class TextConditioning:
 class Backbone(abc.ABC):
     """One family of text-to-video diffusion models, as the sampling loop and the guidance see it."""
 
-    #: Module paths a guidance config names when it does not name any (empty: no attention guidance).
-    default_guided_layers: tuple[str, ...] = ()
-
     def __init__(self, model: Any):
         self.model = model
 

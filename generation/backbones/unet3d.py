@@ -24,7 +24,6 @@ from generation.config import NOISE_CPU, NOISE_REFERENCE
 from generation.energies import compute_latent_map_sizes
 from generation.guidance import compute_step_sizes
 from models.attention import AttentionRecorder, check_guided_layers, recording_attention, run_recorded_forward
-from models.registry import LVD_GUIDED_LAYERS
 from utils.layout import LayoutCondition, SceneLayout, build_condition
 
 
@@ -92,8 +91,6 @@ def step_scheduler_over_frames(scheduler, noise: torch.Tensor, timestep: torch.T
 
 class UNet3DBackbone(Backbone):
     """A `models.video_model.VideoModel` (UNet3D, AutoencoderKL, CLIP text encoder, DPM-Solver++)."""
-
-    default_guided_layers = LVD_GUIDED_LAYERS
 
     def encode_text(self, prompts: Sequence[str], negative_prompt: str | None) -> TextConditioning:
         prompts = list(prompts)

@@ -70,11 +70,6 @@ class WanBackbone(Backbone):
         self._recording: WanRecordingContext | None = None
 
     @property
-    def default_guided_layers(self) -> tuple[str, ...]:  # type: ignore[override]
-        spec = self.model.spec
-        return spec.guided_layers if spec is not None else ()
-
-    @property
     def transformer(self):
         return self.model.transformer
 
