@@ -158,7 +158,7 @@ class UsageError(ValueError):
 
 # What stops a run before anything is written: one line on stderr, exit 2.
 _USAGE_ERRORS = (UsageError, RunModelError, SettingsError, PromptListError, LayoutError, CacheFormatError,
-                 OutputDirError)
+                 OutputDirError, ValueError)
 
 
 def check_batch_flags(args, spec) -> None:
