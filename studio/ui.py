@@ -345,8 +345,7 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
                                      elem_id="video-annotated", elem_classes=["lvd-video"], height=256)
             energy = gr.LinePlot(x="iteration", y="energy", tooltip=["iteration", "step", "energy"],
                                  label="Energy over guided iterations (box energy before each latent update)",
-                                 x_title="guided iteration", y_title="energy", x_axis_format="d", height=240,
-                                 elem_id="energy-plot")
+                                 x_title="guided iteration", y_title="energy", height=240, elem_id="energy-plot")
             gr.Markdown("**Reproduce from the command line** (in the repository root):")
             command = gr.Markdown(elem_id="repro-command", elem_classes=["lvd-command"])
             saved = gr.Markdown(elem_id="saved-files")
