@@ -18,13 +18,14 @@ from pathlib import Path
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from studio import backend  # noqa: E402  (after the environment is set)
+from utils.cli import OutputDirError, ensure_writable_dir, int_in  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=int_in(1, 65535), default=7860)
     parser.add_argument("--share", action="store_true", help="ask Gradio for a public share link (needs internet)")
     parser.add_argument("--cache-dir", type=Path, default=Path("cache"),
                         help="folder of the layout caches offered under 'Cache file' (the studio writes its own there)")
@@ -55,15 +56,19 @@ def parse_model_paths(items: list[str]) -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit_:  # argparse's usage errors (exit 2) and --help (0) as return codes
+        return int(exit_.code or 0)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    try:
+    try:  # every flag is checked here, before Gradio and the models are imported
+        ensure_writable_dir(args.output_dir, "--output-dir")
         settings = backend.StudioSettings(cache_dir=args.cache_dir, output_dir=args.output_dir,
                                           template_version=args.template_version, llm=backend.build_llm_settings(args),
                                           device=args.device, dtype=args.dtype,
                                           model_paths=parse_model_paths(args.model_path))
-    except (ValueError, backend.StudioError) as error:
+    except (ValueError, OutputDirError, backend.StudioError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     try:

@@ -13,35 +13,29 @@ Example (no downloads, random tiny model; the output is noise)::
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
 
-from models.registry import WAN_FAMILY, RunModelError, get_run_model, run_model_names, wan_guided_layers
+from generation.settings import (SettingsError, add_settings_arguments, configs_from_args,
+                                 output_options_from_args)
+from models.registry import LAYOUT_METHODS, WAN_FAMILY, RunModelError
 from prompt import (CUSTOM_PROMPT_TYPE, DEFAULT_TEMPLATE_VERSION, PromptList, PromptListError, add_prompt_arguments,
                     prompts_from_args)
 from utils.cache import (CacheFormatError, LayoutCache, cache_path, describe_missing_cache, occurrence_indices,
                          select_window)
-from utils.cli import OutputDirError, ensure_writable_dir, float_in, int_in, run_cli
+from utils.cli import OutputDirError, ensure_writable_dir, int_in, run_cli
 from utils.failures import FAILURES_FILE, describe_error, record_failure
 from utils.layout import LayoutError, SceneLayout, parse_layout_file
 from utils.planner import CacheMissError, load_or_query_layout
 
 logger = logging.getLogger("generate")
 
-LAYOUT_METHODS = ("lvd", "lvd-plus", "lvd-gligen")
-GUIDED_METHODS = ("lvd", "lvd-plus")
-SAVE_FORMATS = ("gif", "joblib", "mp4")
-# --save-formats when the flag is not given (this list object: Wan run-models then add mp4, at their 16 fps).
-DEFAULT_SAVE_FORMATS = ["gif", "joblib"]
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--run-model", default="lvd_modelscope256", choices=run_model_names(),
-                        help="method and video model (see README); *_tiny are random-weight demos")
+    add_settings_arguments(parser)  # how the videos are made and written: generation.settings, shared with the studio
     parser.add_argument("--model", default=None,
                         help="LLM whose layout cache to read, e.g. gpt-4-1106-preview (the demo cache: handwritten)")
     parser.add_argument("--template_version", default=DEFAULT_TEMPLATE_VERSION)
@@ -58,68 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write into run<k> (resumable); default: the first unused run<k>")
     parser.add_argument("--skip_first_prompts", type=int_in(0), default=0)
     parser.add_argument("--num_prompts", type=int_in(1), default=None)
-    parser.add_argument("--seed_offset", type=int_in(0), default=0)
-    parser.add_argument("--num_frames", type=int_in(1), default=None, help="default: the run-model's")
-    parser.add_argument("--height", type=int_in(1), default=None,
-                        help="default: the run-model's (only models that allow other sizes accept it)")
-    parser.add_argument("--width", type=int_in(1), default=None, help="default: the run-model's")
-    parser.add_argument("--num_inference_steps", type=int_in(1), default=None, help="default: the run-model's")
-
-    guidance = parser.add_argument_group("LVD guidance (default: the paper's values, spec 4.8)")
-    guidance.add_argument("--loss_scale", type=float_in(0.0, low_open=True), default=None,
-                          help="scale of the energy in the latent update (5)")
-    guidance.add_argument("--loss_threshold", type=float_in(), default=None,
-                          help="guide while the energy is above this (200)")
-    guidance.add_argument("--max_iter", type=int_in(0), default=None, help="guided iterations per step (5)")
-    guidance.add_argument("--max_index_step", type=int_in(0), default=None, help="guided denoising steps (10)")
-    guidance.add_argument("--fg_top_p", type=float_in(0.0, 1.0, low_open=True), default=None,
-                          help="top-k fraction of the attention inside the box (0.75)")
-    guidance.add_argument("--bg_top_p", type=float_in(0.0, 1.0, low_open=True), default=None,
-                          help="top-k fraction of the attention outside the box (0.75)")
-    guidance.add_argument("--fg_weight", type=float_in(0.0), default=None, help="(1.0)")
-    guidance.add_argument("--bg_weight", type=float_in(0.0), default=None, help="(4.0)")
-    guidance.add_argument("--com_loss_scale", type=float_in(0.0), default=None,
-                          help="centre-of-mass term (0; the benchmark preset: 0.03)")
-    guidance.add_argument("--boxdiff_loss_scale", type=float_in(0.0), default=None, help="BoxDiff term (0)")
-    guidance.add_argument("--boxdiff_normed", type=int_in(0, 1), default=None, help="0/1 (1)")
-    guidance.add_argument("--attn_sync_weight", type=float_in(0.0), default=None, help="attention-sync term (0)")
-    guidance.add_argument("--use_ratio_based_loss", type=int_in(0, 1), default=None, help="0/1 (0)")
-    guidance.add_argument("--guidance-stop", choices=("carried", "per-step"), default="carried",
-                          help="carried: the reference's threshold rule (stops for good once below); "
-                               "per-step: recompute the energy at every guided step (spec 15.2)")
-    parser.add_argument("--gligen_scheduled_sampling_beta", type=float_in(0.0, 1.0), default=None,
-                        help="LVD-GLIGEN / LVD-plus: fraction of steps with the fusers on (1.0)")
-
-    wan = parser.add_argument_group("Wan 2.1 run-models (see README, 'Wan 2.1 (DiT backbone)')")
-    wan.add_argument("--guided-blocks", type=int_in(0), nargs="+", default=None,
-                     help="transformer blocks whose cross-attention (blocks.<i>.attn2) LVD guides (1.3B: 8 10 12 14 "
-                          "16 18; 14B: 11 13 16 19 21 24; a starting point, see scripts/probe_attention.py)")
-    wan.add_argument("--corrector-off-steps", type=int_in(0), default=None,
-                     help="UniPC without its corrector on the first K steps, so guided edits survive (default: "
-                          "max_index_step for lvd_wan*, 0 = stock WanPipeline for wan2.1-*; give both arms of a "
-                          "comparison the same K)")
-    wan.add_argument("--offload-text-encoder", action="store_true",
-                     help="keep umT5 (5.7B parameters) on the CPU between prompts; it visits the GPU to encode")
-
     parser.add_argument("--batch-size", type=int_in(1), default=1,
                         help="videos per forward pass (sweeps); each keeps its own seed and layout")
-    parser.add_argument("--low-memory", action="store_true",
-                        help="less memory for the guided pass, same result, slower: its activations in host memory "
-                             "(UNet3D; 24 GB cards) or gradient checkpointing of its blocks (Wan)")
-    parser.add_argument("--initial-noise", choices=("cpu", "reference"), default="cpu",
-                        help="cpu: float32 noise from a CPU generator, the same on every machine; reference: "
-                             "the original's draw (a generator on the GPU, in fp16), for bit-level comparisons")
-    parser.add_argument("--model-path", default=None, help="local folder with the video model's weights")
-    parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: automatic)")
-    parser.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
-                        help="default: fp16 on CUDA (bf16 for Wan), fp32 on CPU")
-    parser.add_argument("--save-formats", nargs="+", default=DEFAULT_SAVE_FORMATS, choices=SAVE_FORMATS,
-                        help="default: gif joblib (Wan run-models add mp4)")
-    parser.add_argument("--save-latents", action="store_true", help="also save the final latents (.latents.pt)")
-    parser.add_argument("--no-annotate", action="store_true", help="skip the annotated GIF with boxes and phrases")
-    parser.add_argument("--compare-baseline", action="store_true",
-                        help="also generate each video's baseline (the prompt as is, same seed, no layout control) "
-                             "and write video_<r>_compare.gif: baseline | this video | the boxes")
     parser.add_argument("--visualize", action="store_true", help="save the layout box GIF of every prompt")
     parser.add_argument("--dry-run", action="store_true", help="parse the layouts only; load no model")
     parser.add_argument("--fail-fast", "--no-continue-on-error", dest="fail_fast", action="store_true",
@@ -152,64 +86,6 @@ def first_unused_run_index(base: Path) -> int:
     while (base / f"run{index}").exists():
         index += 1
     return index
-
-
-def build_configs(args, spec):
-    """(SamplingConfig, GuidanceConfig | None, ExecutionConfig) from the run-model and the given flags only."""
-    from generation.config import ExecutionConfig, GuidanceConfig, replace_config, sampling_config_for
-
-    sampling = sampling_config_for(spec, num_frames=args.num_frames, height=args.height, width=args.width,
-                                   num_inference_steps=args.num_inference_steps, initial_noise=args.initial_noise)
-    execution = ExecutionConfig(low_memory=args.low_memory)
-    # Each guidance flag, None when not given (the defaults then apply).
-    overrides = dict(
-        loss_scale=args.loss_scale, loss_threshold=args.loss_threshold, max_iter=args.max_iter,
-        max_index_step=args.max_index_step, fg_top_p=args.fg_top_p, bg_top_p=args.bg_top_p,
-        fg_weight=args.fg_weight, bg_weight=args.bg_weight, com_loss_scale=args.com_loss_scale,
-        boxdiff_loss_scale=args.boxdiff_loss_scale, attn_sync_weight=args.attn_sync_weight,
-        use_ratio_based_loss=None if args.use_ratio_based_loss is None else bool(args.use_ratio_based_loss),
-        boxdiff_normed=None if args.boxdiff_normed is None else bool(args.boxdiff_normed))
-    given = sorted(name for name, value in overrides.items() if value is not None)
-    if spec.method not in GUIDED_METHODS:
-        if given:
-            raise RunModelError(f"run-model {spec.name!r} ({spec.method}) has no attention guidance; "
-                                f"remove {', '.join('--' + g for g in given)}")
-        return sampling, None, execution
-    guided_layers = spec.guided_layers
-    if args.guided_blocks is not None:
-        guided_layers = wan_guided_layers(args.guided_blocks)
-    guidance = replace_config(GuidanceConfig(guided_layers=guided_layers, stop_rule=args.guidance_stop),
-                              **overrides)
-    return sampling, guidance, execution
-
-
-def check_wan_flags(args, spec) -> None:
-    """The Wan-only flags apply to Wan run-models (and --guided-blocks to the guided ones); raises RunModelError."""
-    wan_flags = [flag for flag, value in (("--guided-blocks", args.guided_blocks),
-                                          ("--corrector-off-steps", args.corrector_off_steps),
-                                          ("--offload-text-encoder", args.offload_text_encoder or None))
-                 if value is not None]
-    if spec.family != WAN_FAMILY and wan_flags:
-        raise RunModelError(f"{', '.join(wan_flags)} apply to the Wan run-models only, not to {spec.name!r}")
-    if args.guided_blocks is not None and spec.method not in GUIDED_METHODS:
-        raise RunModelError(f"run-model {spec.name!r} ({spec.method}) has no attention guidance; remove --guided-blocks")
-
-
-def wan_solver_steps(args, guidance) -> int:
-    """UniPC corrector-off steps of a Wan run: the flag, else the guided steps (LVD) or 0 (stock baseline)."""
-    if args.corrector_off_steps is not None:
-        return args.corrector_off_steps
-    return guidance.max_index_step if guidance is not None else 0
-
-
-def build_gligen_config(args, spec):
-    """GligenConfig for grounded run-models (lvd-gligen, lvd-plus), else None (spec 6.1: beta defaults to 1.0)."""
-    if not spec.grounded:
-        return None
-    from models.gligen import GligenConfig
-
-    beta = args.gligen_scheduled_sampling_beta
-    return GligenConfig() if beta is None else GligenConfig(scheduled_sampling_beta=beta)
 
 
 def plan_items(prompts: list[str], args) -> list[tuple[int, str, int]]:
@@ -276,6 +152,23 @@ def resolve_prompt_list(args, uses_layout: bool, llm_model: str | None) -> tuple
 # Main
 
 
+class UsageError(ValueError):
+    """Flags this run cannot use together (one line, exit 2)."""
+
+
+# What stops a run before anything is written: one line on stderr, exit 2.
+_USAGE_ERRORS = (UsageError, RunModelError, SettingsError, PromptListError, LayoutError, CacheFormatError,
+                 OutputDirError, ValueError)
+
+
+def check_batch_flags(args, spec) -> None:
+    """The batch flags that need something of the run-model or of each other; raises UsageError."""
+    if args.regenerate > 1 and args.skip_first_prompts != 0:
+        raise UsageError("--regenerate > 1 needs --skip_first_prompts 0")
+    if args.visualize and spec.method not in LAYOUT_METHODS:
+        raise UsageError("--visualize needs a layout method (baselines have no layout)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -284,36 +177,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        spec = get_run_model(args.run_model)
-        check_wan_flags(args, spec)
-        sampling, guidance, execution = build_configs(args, spec)
-        gligen = build_gligen_config(args, spec)
-    except (RunModelError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    if args.regenerate > 1 and args.skip_first_prompts != 0:
-        print("error: --regenerate > 1 needs --skip_first_prompts 0", file=sys.stderr)
-        return 2
-    if args.gligen_scheduled_sampling_beta is not None and not spec.grounded:
-        print(f"error: --gligen_scheduled_sampling_beta does not apply to {spec.name!r}", file=sys.stderr)
-        return 2
-    uses_layout = spec.method in LAYOUT_METHODS
-    if args.visualize and not uses_layout:
-        print("error: --visualize needs a layout method (baselines have no layout)", file=sys.stderr)
-        return 2
-    llm_model = resolve_llm_model(args.model)
-    try:
-        prompt_list, source = resolve_prompt_list(args, uses_layout, llm_model)
-    except (PromptListError, LayoutError, CacheFormatError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    items = plan_items(list(prompt_list.prompts), args)
-
-    if args.dry_run:
-        return _dry_run(items, source, sampling.num_frames)
-    try:
+        configs = configs_from_args(args)
+        check_batch_flags(args, configs.spec)
+        llm_model = resolve_llm_model(args.model)
+        prompt_list, source = resolve_prompt_list(args, configs.spec.method in LAYOUT_METHODS, llm_model)
+        items = plan_items(list(prompt_list.prompts), args)
+        if args.dry_run:
+            return _dry_run(items, source, configs.sampling.num_frames)
         ensure_writable_dir(args.output_dir, "--output-dir")
-    except OutputDirError as error:
+    except _USAGE_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
@@ -323,36 +195,42 @@ def main(argv: list[str] | None = None) -> int:
     # Without CUDA, processes started by a multi-process launcher (accelerate launch --multi_gpu, torchrun)
     # join a CPU (gloo) group; accelerate's own `--cpu` launcher starts one process unless MPI is set up.
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
+    spec = configs.spec
     base = run_base_dir(args, spec, prompt_list.prompt_type)
     run_index = args.force_run_ind if args.force_run_ind is not None else first_unused_run_index(base)
     state.wait_for_everyone()  # every process picked the index before any creates it
     my_items = items[state.process_index::state.num_processes]
 
-    from generation.backbones import backbone_for
-    from models.loading import load_video_model
-
     print(f"loading {spec.model_id or spec.name} ...", file=sys.stderr, flush=True)
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
     try:
-        model = load_video_model(spec, model_path=args.model_path, device=device, dtype=args.dtype)
-        if spec.family == WAN_FAMILY:  # the sampler setting of this run, and where umT5 waits between prompts
-            model = model.with_corrector_off_steps(wan_solver_steps(args, guidance))
-            model = model.with_text_encoder_offload(args.offload_text_encoder)
-            if guidance is not None:  # e.g. --guided-blocks past the model's depth: say so before any video
-                backbone_for(model).check_guided_layers(guidance.guided_layers)
+        model = _load_model(args, configs, device)
     except Exception as error:  # missing weights and the like: one clear line, no traceback, no run folder
         print(f"error: {error}", file=sys.stderr)
         return 2
     if spec.tiny:
         print(f"note: {spec.name} is a tiny random-weight model; its videos are noise (it exercises the code paths)")
-    run = _RunFolder(base / f"run{run_index}", args, spec, sampling, guidance, execution, gligen, llm_model, model,
-                     state, source, prompt_list.prompt_type)
+    run = _RunFolder(base / f"run{run_index}", args, configs, llm_model, model, state, source, prompt_list.prompt_type)
     try:
-        return _generate_all(my_items, args, spec, model, sampling, guidance, execution, gligen, source, run, state)
+        return _generate_all(my_items, args, configs, model, source, run, state)
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished videos are kept in {run.path}; rerun the same command with "
               f"--force_run_ind {run_index} to resume", file=sys.stderr)
         return 130
+
+
+def _load_model(args, configs, device):
+    """The run-model's video model; Wan: where umT5 waits between prompts, and the guided blocks checked against
+    the model's depth before any video (the sampler setting travels in ``configs.sampling``)."""
+    from generation.backbones import backbone_for
+    from models.loading import load_video_model
+
+    model = load_video_model(configs.spec, model_path=args.model_path, device=device, dtype=args.dtype)
+    if configs.spec.family == WAN_FAMILY:
+        model = model.with_text_encoder_offload(args.offload_text_encoder)
+    if configs.guidance is not None:
+        backbone_for(model).check_guided_layers(configs.guidance.guided_layers)
+    return model
 
 
 def _dry_run(items, source: LayoutSource | None, num_frames: int) -> int:
@@ -377,11 +255,9 @@ def _dry_run(items, source: LayoutSource | None, num_frames: int) -> int:
 class _RunFolder:
     """``run<k>``: created, with this process's record in config.json, when the first output is written."""
 
-    def __init__(self, path: Path, args, spec, sampling, guidance, execution, gligen, llm_model, model, state, source,
-                 prompt_type):
+    def __init__(self, path: Path, args, configs, llm_model, model, state, source, prompt_type):
         self.path = path
-        self._record = (args, spec, sampling, guidance, execution, gligen, llm_model, model, state, source,
-                        prompt_type)
+        self._record = (args, configs, llm_model, model, state, source, prompt_type)
         self._ready = False
 
     def ensure(self) -> Path:
@@ -398,49 +274,28 @@ class _RunFolder:
         return self.ensure() / str(index)
 
 
-def _record_invocation(run_dir: Path, args, spec, sampling, guidance, execution, gligen, llm_model, model, state,
-                       source, prompt_type) -> list[str]:
-    from generation.runs import describe_environment, record_invocation
+def _record_invocation(run_dir: Path, args, configs, llm_model, model, state, source, prompt_type) -> list[str]:
+    from generation.runs import record_invocation, run_invocation, run_settings
 
-    settings = {
-        "run_model": dataclasses.asdict(spec), "prompt_type": prompt_type,
-        "template_version": args.template_version, "llm_model": llm_model,
-        "sampling": dataclasses.asdict(sampling),
-        "guidance": dataclasses.asdict(guidance) if guidance is not None else None,
-        "execution": dataclasses.asdict(execution),
-        "gligen": dataclasses.asdict(gligen) if gligen is not None else None,
-        "seed_rule": "prompt_index + 6789 * repeat_index + seed_offset",
-        # Wan: the sampler (UniPC, corrector off on the first K steps; 0 = stock) and text-encoder placement.
-        "solver": ({"name": "unipc", "corrector_off_steps": model.corrector_off_steps,
-                    "offload_text_encoder": model.offload_text_encoder,
-                    "scheduler": dict(model.scheduler.config)} if spec.family == WAN_FAMILY else None),
-    }
+    settings = run_settings(configs, model, prompt_type=prompt_type, template_version=args.template_version,
+                            llm_model=llm_model)
     end = None if args.num_prompts is None else args.skip_first_prompts + args.num_prompts
-    invocation = {
-        "command": sys.argv, "args": vars(args), "rank": state.process_index, "num_processes": state.num_processes,
-        "window": [args.skip_first_prompts, end], "device": str(model.device), "dtype": str(model.dtype),
-        "model_source": model.source, **({} if source is None else source.describe()),
-        **describe_environment(str(model.device)),
-    }
+    invocation = run_invocation(model, command=sys.argv, args=args, window=[args.skip_first_prompts, end],
+                                rank=state.process_index, num_processes=state.num_processes,
+                                **({} if source is None else source.describe()))
     return record_invocation(run_dir, settings, invocation)
 
 
-def _generate_all(items, args, spec, model, sampling, guidance, execution, gligen, source: LayoutSource | None,
-                  run: _RunFolder, state) -> int:
+def _generate_all(items, args, configs, model, source: LayoutSource | None, run: _RunFolder, state) -> int:
     import torch
     from tqdm import tqdm
 
     from generation.backbones import backbone_for
     from generation.config import derive_seed
-    from generation.runs import (OutputOptions, VideoJob, generate_and_save, is_video_done, remove_stale_temp_files,
-                                 write_layout_record)
+    from generation.runs import VideoJob, generate_and_save, is_video_done, remove_stale_temp_files, write_layout_record
 
-    formats = list(args.save_formats)
-    if args.save_formats is DEFAULT_SAVE_FORMATS and spec.family == WAN_FAMILY:  # not given: Wan also writes mp4
-        formats.append("mp4")
-    options = OutputOptions(formats=tuple(dict.fromkeys(formats)), fps=spec.fps,
-                            save_latents=args.save_latents, annotate=not args.no_annotate,
-                            compare_baseline=args.compare_baseline)
+    sampling, guidance, execution, gligen = configs.sampling, configs.guidance, configs.execution, configs.gligen
+    options = output_options_from_args(args, configs.spec)
     backbone = backbone_for(model)
     counts = {"videos": 0, "already_done": 0, "missing_layout": 0, "failed": 0}
     position = state.process_index

@@ -11,7 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from generation.energies import EnergyWeights
-from models.registry import LVD_GUIDED_LAYERS, RunModelSpec, validate_num_frames, validate_size
+from models.registry import (GUIDED_METHODS, LVD_GUIDED_LAYERS, WAN_FAMILY, WAN_LVD_CORRECTOR_OFF_STEPS, RunModelError,
+                             RunModelSpec, validate_num_frames, validate_size)
 
 # Used by every stage-2 method of the reference (spec 5.3).
 NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weird, abrupt"
@@ -36,10 +37,15 @@ class SamplingConfig:
     guidance_scale: float = 9.0          # CFG scale, the pipeline default (spec 5.2)
     negative_prompt: str = NEGATIVE_PROMPT  # spec 5.3
     initial_noise: str = NOISE_CPU          # see the backbone's prepare_latents
+    # Wan's UniPC with its corrector off on the first K steps, so guided edits survive (README, "Wan 2.1"; 0: the
+    # stock sampler). None: the model's sampler as loaded. The UNet3D family's DPM-Solver has no such setting (0).
+    corrector_off_steps: int | None = None
 
     def __post_init__(self):
         if self.initial_noise not in NOISE_KINDS:
             raise ValueError(f"initial_noise must be one of {NOISE_KINDS}, found {self.initial_noise!r}")
+        if self.corrector_off_steps is not None and self.corrector_off_steps < 0:
+            raise ValueError(f"corrector_off_steps must be >= 0, found {self.corrector_off_steps}")
         for name in ("height", "width", "num_frames", "num_inference_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, found {getattr(self, name)}")
@@ -95,16 +101,27 @@ class ExecutionConfig:
 
 def sampling_config_for(spec: RunModelSpec, *, num_frames: int | None = None, height: int | None = None,
                         width: int | None = None, num_inference_steps: int | None = None,
-                        guidance_scale: float | None = None, initial_noise: str = NOISE_CPU) -> SamplingConfig:
-    """The run-model's sampling defaults (size, frames, steps, CFG, negative prompt), with the given overrides
-    validated against what the model allows (raises `models.registry.RunModelError`)."""
+                        guidance_scale: float | None = None, initial_noise: str = NOISE_CPU,
+                        corrector_off_steps: int | None = None) -> SamplingConfig:
+    """The run-model's sampling defaults (size, frames, steps, CFG, negative prompt, sampler), with the given
+    overrides validated against what the model allows (raises `models.registry.RunModelError`).
+
+    ``corrector_off_steps`` defaults to the guided steps of the default schedule for LVD Wan run-models and to
+    0 (the stock sampler) otherwise; only the Wan family takes another value.
+    """
     height, width = validate_size(spec, height, width)
+    if spec.family != WAN_FAMILY and corrector_off_steps:
+        raise RunModelError(f"run-model {spec.name!r} samples with DPM-Solver: corrector_off_steps applies to the "
+                            f"Wan run-models only, found {corrector_off_steps}")
+    if corrector_off_steps is None:
+        guided_wan = spec.family == WAN_FAMILY and spec.method in GUIDED_METHODS
+        corrector_off_steps = WAN_LVD_CORRECTOR_OFF_STEPS if guided_wan else 0
     return SamplingConfig(
         height=height, width=width, num_frames=validate_num_frames(spec, num_frames),
         num_inference_steps=spec.num_inference_steps if num_inference_steps is None else num_inference_steps,
         guidance_scale=spec.guidance_scale if guidance_scale is None else guidance_scale,
         negative_prompt=NEGATIVE_PROMPT if spec.negative_prompt is None else spec.negative_prompt,
-        initial_noise=initial_noise)
+        initial_noise=initial_noise, corrector_off_steps=corrector_off_steps)
 
 
 def weak_guidance_preset(base_model: str = "zeroscope") -> GuidanceConfig:

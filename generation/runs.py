@@ -26,9 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from generation.backbones import backbone_for
 from generation.config import ExecutionConfig, GuidanceConfig, SamplingConfig
 from generation.sampling import StepCallback, VideoRequest, VideoResult, generate_videos
 from models.gligen import GligenConfig
+from models.registry import WAN_FAMILY
 from utils.cache import locked
 from utils.io import atomic_write_json
 from utils.layout import LayoutCondition, SceneLayout, layout_to_dict
@@ -221,6 +223,40 @@ def file_sha256(path: str | os.PathLike) -> str | None:
         return hashlib.sha256(Path(path).read_bytes()).hexdigest()
     except OSError:
         return None
+
+
+SEED_RULE = "prompt_index + 6789 * repeat_index + seed_offset"  # generation.config.derive_seed
+
+
+def run_settings(configs, model, *, prompt_type: str, template_version: str | None = None,
+                 llm_model: str | None = None) -> dict[str, Any]:
+    """The settings of a run's config.json (what evaluation reads and a resume compares), for every writer
+    (generate.py, the studio): the run-model, the typed configs (``generation.settings.RunConfigs``), the seed
+    rule and, for Wan, the sampler as it runs (UniPC, corrector off on the first K steps; 0 = stock) and where
+    umT5 waits between prompts."""
+    solver = None
+    if configs.spec.family == WAN_FAMILY:
+        steps = configs.sampling.corrector_off_steps
+        scheduler = backbone_for(model).make_scheduler(steps)
+        solver = {"name": "unipc", "corrector_off_steps": model.corrector_off_steps if steps is None else steps,
+                  "offload_text_encoder": model.offload_text_encoder, "scheduler": dict(scheduler.config)}
+    return {
+        "run_model": dataclasses.asdict(configs.spec), "prompt_type": prompt_type,
+        "template_version": template_version, "llm_model": llm_model,
+        "sampling": dataclasses.asdict(configs.sampling),
+        "guidance": dataclasses.asdict(configs.guidance) if configs.guidance is not None else None,
+        "execution": dataclasses.asdict(configs.execution),
+        "gligen": dataclasses.asdict(configs.gligen) if configs.gligen is not None else None,
+        "seed_rule": SEED_RULE, "solver": solver,
+    }
+
+
+def run_invocation(model, *, command: Sequence[str], args: Any, window: Sequence[int | None], rank: int = 0,
+                   num_processes: int = 1, **extra: Any) -> dict[str, Any]:
+    """One invocation's record of config.json: its command and flags, shard, device, weights and environment."""
+    return {"command": list(command), **extra, "args": vars(args), "rank": rank, "num_processes": num_processes,
+            "window": list(window), "device": str(model.device), "dtype": str(model.dtype),
+            "model_source": model.source, **describe_environment(str(model.device))}
 
 
 def record_invocation(run_dir: Path, settings: dict[str, Any], invocation: dict[str, Any]) -> list[str]:

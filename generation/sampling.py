@@ -77,7 +77,8 @@ def generate_videos(model, requests: Sequence[VideoRequest], sampling: SamplingC
         return []
     backbone = backbone_for(model)
     execution = execution or ExecutionConfig()
-    scheduler = backbone.make_scheduler()  # fresh: multistep solvers keep the previous outputs as state
+    # Fresh (multistep solvers keep the previous outputs as state), with the run's sampler setting.
+    scheduler = backbone.make_scheduler(sampling.corrector_off_steps)
     texts = [r.condition.prompt if r.condition is not None else r.prompt for r in requests]
     text = backbone.encode_text(texts, sampling.negative_prompt)
     latents = torch.cat([backbone.prepare_latents(r.seed, sampling.num_frames, sampling.height, sampling.width,

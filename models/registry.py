@@ -36,6 +36,9 @@ LVD_GLIGEN_ZEROSCOPE_ID = "longlian/text-to-video-lvd-zs"
 LVD_PLUS_REVISION = "weights_only"
 # Methods whose UNet carries GLIGEN fusers and a position net.
 GROUNDED_METHODS = ("lvd-gligen", "lvd-plus")
+# Methods that take a layout (the others are the text-only baselines), and those with attention guidance.
+LAYOUT_METHODS = ("lvd", "lvd-plus", "lvd-gligen")
+GUIDED_METHODS = ("lvd", "lvd-plus")
 # cross_attention_dim of the published adapters' UNets: the OpenCLIP-H text width of ModelScope / Zeroscope.
 GLIGEN_CROSS_ATTENTION_DIM = 1024
 # Folder names of the architecture configs (no weights) used for random-weight benchmarks.

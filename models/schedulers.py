@@ -1,4 +1,5 @@
-"""Schedulers: DPM-Solver++ built from a model's DDIM config, as the reference does (spec 5.1, 11).
+"""Schedulers: DPM-Solver++ built from a model's DDIM config, as the reference does (spec 5.1, 11), and Wan's
+UniPC with its corrector optionally off on the first steps.
 
 The configs below are verbatim copies of the hub files (``shared/model-configs`` is not available at
 run time); they are used by the tiny models and the saved tiny folders. Real weights bring their own.
@@ -7,9 +8,11 @@ from __future__ import annotations
 
 import os
 import types
-from typing import Any
+from typing import Any, Mapping
 
-from diffusers import DPMSolverMultistepScheduler
+from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+from models.wan_configs import WAN_SCHEDULER_CONFIG, _config_dict
 
 # damo-vilab/text-to-video-ms-1.7b scheduler/scheduler_config.json, verbatim (shared/model-configs is
 # not available at run time). Zeroscope v2 576w's differs only in "_diffusers_version".
@@ -63,3 +66,30 @@ def build_zeroscope_xl_scheduler(ddim_config=None) -> DPMSolverMultistepSchedule
     """DPM-Solver++ from the XL DDIM config (default: `ZEROSCOPE_XL_DDIM_SCHEDULER_CONFIG`): leading spacing."""
     return DPMSolverMultistepScheduler.from_config(dict(ZEROSCOPE_XL_DDIM_SCHEDULER_CONFIG if ddim_config is None
                                                         else ddim_config))
+
+
+def build_wan_scheduler(config: Mapping[str, Any] | None = None, corrector_off_steps: int = 0
+                        ) -> UniPCMultistepScheduler:
+    """UniPC from a Wan scheduler config (default `WAN_SCHEDULER_CONFIG`), with its corrector switched off on
+    the first ``corrector_off_steps`` steps.
+
+    UniPC's corrector at step i rebuilds x_i from x_{i-1} and the new model output, so most of an edit made to
+    x_i before step i (LVD's guidance) is undone; with the corrector off there, x_i is used as it is. Step i's
+    corrector is keyed by i - 1 in UniPC's ``disable_corrector`` (step 0 has none), hence ``range(K - 1)``.
+    0 is the stock sampler (`WanPipeline`).
+    """
+    if corrector_off_steps < 0:
+        raise ValueError(f"corrector_off_steps must be >= 0, got {corrector_off_steps}")
+    base = _config_dict(WAN_SCHEDULER_CONFIG if config is None else config)
+    base["disable_corrector"] = list(range(max(corrector_off_steps - 1, 0)))
+    return UniPCMultistepScheduler.from_config(base)
+
+
+def corrector_off_steps_of(scheduler) -> int:
+    """The ``corrector_off_steps`` a scheduler was built with (inverse of `build_wan_scheduler`)."""
+    disabled = sorted(getattr(scheduler.config, "disable_corrector", None) or [])
+    if not disabled:
+        return 0
+    if disabled != list(range(len(disabled))):
+        raise ValueError(f"the scheduler disables the corrector on steps {disabled}, not on the first steps")
+    return len(disabled) + 1

@@ -181,11 +181,6 @@ def check_wan_guided_layers(transformer: torch.nn.Module, layer_names: Sequence[
             raise ValueError(f"guided layer {name!r} takes image keys (Wan I2V): only text-to-video Wan is supported")
 
 
-def guided_block_indices(layer_names: Sequence[str]) -> list[int]:
-    """Block indices of ``blocks.<i>.attn2`` names."""
-    return [int(_BLOCK_CROSS_ATTENTION.match(name).group(1)) for name in layer_names]
-
-
 @contextlib.contextmanager
 def recording_wan_attention(transformer: torch.nn.Module, recorder: AttentionRecorder
                             ) -> Iterator[WanRecordingState]:

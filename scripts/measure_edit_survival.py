@@ -93,8 +93,10 @@ def run(args) -> dict:
         arm = model.with_corrector_off_steps(steps)
         rows = measure_edit_survival(arm, sampling, condition, guidance, ExecutionConfig(), seed=args.seed)
         # The whole effect: how far guidance moves the final latents from the same arm's unguided ones.
-        guided = generate_video(arm, condition.prompt, sampling, args.seed, condition=condition, guidance=guidance)
-        unguided = generate_video(arm, condition.prompt, sampling, args.seed)
+        arm_sampling = dataclasses.replace(sampling, corrector_off_steps=steps)
+        guided = generate_video(model, condition.prompt, arm_sampling, args.seed, condition=condition,
+                                guidance=guidance)
+        unguided = generate_video(model, condition.prompt, arm_sampling, args.seed)
         change = float((guided.latents - unguided.latents).norm() / unguided.latents.norm())
         results[name] = {"corrector_off_steps": steps, "steps": rows, "final_latent_change": change}
     return {"run_model": spec.name, "num_inference_steps": sampling.num_inference_steps,

@@ -3,9 +3,10 @@ run-model registry, model loading, sampling and generate.py's output writers is 
 
 The rest of ``studio/`` (the editor state, the command lines, the Gradio page) talks to this module
 only, so when stage 2 is refactored only this file has to follow. Nothing here re-implements the
-library: layouts are parsed and validated by ``utils.layout``, configs are built by generate.py's own
-``build_configs`` from the very command line the page shows, videos come from
-``generation.sampling.generate_video`` and are written by generate.py's writers.
+library: layouts are parsed and validated by ``utils.layout``, configs are built by
+``generation.settings`` (generate.py's flags and their configs) from the very command line the page shows,
+videos come from ``generation.sampling.generate_video`` and are written, with config.json's run record,
+by ``generation.runs`` as generate.py writes them.
 
 Heavy imports (torch, diffusers, openai) happen inside the functions that need them, so importing
 this module for the layout types costs no more than ``utils.layout``.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import threading
 import time
@@ -23,9 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-# generate.py's method groups (which run-models take a layout, which have attention guidance).
-from generate import GUIDED_METHODS, LAYOUT_METHODS
-from models.registry import RUN_MODELS, RunModelError, RunModelSpec, get_run_model
+from models.registry import GUIDED_METHODS, LAYOUT_METHODS, RUN_MODELS, WAN_FAMILY, RunModelError, RunModelSpec, get_run_model
 from prompt import DEFAULT_TEMPLATE_VERSION
 from utils.cache import CacheFormatError, LayoutCache, cache_file_name
 from utils.io import atomic_write_json, atomic_write_text
@@ -48,10 +48,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STUDIO_PROMPT_TYPE = "studio"            # cache files the studio writes: cache_studio_<template>_<name>.json
 STUDIO_CACHE_MODEL = "edited"
 STUDIO_RUNS_DIR = "studio"                # <output dir>/studio/run<k>/
+PREVIEWS_DIR = "previews"                 # <output dir>/studio/previews/: the page's scratch files
+MAX_PREVIEW_FOLDERS = 32                  # newest scratch folders kept (two files per edit)
 PREVIEW_LONG_SIDE_PX = 384                # the layout animation is drawn at this size, the video's aspect
 PREVIEW_BACKGROUND = 232                  # light grey canvas
 PALETTE_SIZE = 32                         # editor colours: track_color(0..31)
 MAX_LOADED_MODELS = 2                     # an LVD run-model and its baseline can need two weight sets
+
+# Bounds of what one request may ask (a request cannot hold the generator, or fill a cache, without end).
+MAX_PROMPT_CHARS = 2000                   # prompt, phrase, background (CLIP keeps 77 tokens, umT5 512)
+MAX_OBJECTS = PALETTE_SIZE                # objects of a layout (the editor has one colour per object)
+MAX_STEPS = 200                           # denoising steps (the paper's 40, Wan's 50)
+MAX_SEED = 2 ** 32 - 1                    # seeds of one run: seed + prompt index + 6789 * repeat stays an int64
+MAX_REPLY_NUMBER = 10_000
 
 PRESET_PAPER = "paper"
 PRESET_WEAK = "README weak"
@@ -61,10 +70,45 @@ GUIDANCE_PRESETS = (PRESET_PAPER, PRESET_WEAK, PRESET_CUSTOM)
 GUIDANCE_FIELDS = ("loss_scale", "loss_threshold", "max_iter", "max_index_step", "fg_top_p", "bg_top_p",
                    "fg_weight", "bg_weight", "com_loss_scale")
 INT_GUIDANCE_FIELDS = ("max_iter", "max_index_step")
+# (low, high, low excluded) of each field: generate.py's flag ranges, with an upper end.
+GUIDANCE_LIMITS = {
+    "loss_scale": (0.0, 1e6, True), "loss_threshold": (-1e9, 1e9, False), "max_iter": (0, 20, False),
+    "max_index_step": (0, MAX_STEPS, False), "fg_top_p": (0.0, 1.0, True), "bg_top_p": (0.0, 1.0, True),
+    "fg_weight": (0.0, 1e6, False), "bg_weight": (0.0, 1e6, False), "com_loss_scale": (0.0, 1e6, False),
+}
 
 
 class StudioError(Exception):
     """A problem to show in the page: the message is complete and meant for the user."""
+
+
+def whole_number(value: Any, what: str, low: int, high: int) -> int:
+    """``value`` (a page number: int or float) as an int in [low, high]; StudioError saying what was expected."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or float(value) != int(value):
+        raise StudioError(f"the {what} must be a whole number, found {value!r}")
+    if not low <= value <= high:
+        raise StudioError(f"the {what} must be from {low} to {high}, found {value!r}")
+    return int(value)
+
+
+def check_text(text: Any, what: str) -> str:
+    """Text of at most MAX_PROMPT_CHARS characters (StudioError otherwise)."""
+    if not isinstance(text, str):
+        raise StudioError(f"the {what} must be text, found {type(text).__name__}")
+    if len(text) > MAX_PROMPT_CHARS:
+        raise StudioError(f"the {what} has {len(text)} characters; at most {MAX_PROMPT_CHARS} are accepted")
+    return text
+
+
+def check_layout_bounds(layout: SceneLayout) -> None:
+    """A layout the studio takes: at most MAX_OBJECTS objects, prompt / background / phrases of bounded length."""
+    check_text(layout.prompt, "prompt")
+    check_text(layout.background, "background")
+    if len(layout.tracks) > MAX_OBJECTS:
+        raise StudioError(f"the layout has {len(layout.tracks)} objects; at most {MAX_OBJECTS} are accepted")
+    for track in layout.tracks:
+        check_text(track.phrase, f"phrase of object {track.id}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,6 +191,8 @@ def list_cached_prompts(path: str | os.PathLike) -> list[str]:
 
 def plan_from_cache(path: str | os.PathLike, prompt: str, occurrence: int = 0) -> Plan:
     """Reply ``occurrence`` of ``prompt`` in the cache file, parsed by ``utils.layout.parse_layout``."""
+    check_text(prompt, "prompt")
+    occurrence = whole_number(occurrence, "reply number", 0, MAX_REPLY_NUMBER)
     cache = load_cache(path)
     key = prompt if prompt in cache.entries else next(
         (k for k in cache.entries if normalize_prompt(k) == normalize_prompt(prompt)), None)
@@ -172,6 +218,7 @@ def plan_from_llm(settings: LLMSettings | None, prompt: str, model: str | None =
 
     if settings is None:
         raise StudioError("no LLM endpoint is configured; start the app with --llm-base-url / OPENAI_API_KEY")
+    check_text(prompt, "prompt")
     if not normalize_prompt(prompt):
         raise StudioError("the prompt is empty")
     config = settings.config
@@ -200,6 +247,7 @@ def save_layout_to_cache(layout: SceneLayout, settings: StudioSettings) -> tuple
 
     The file is always ``cache_studio_<template>_edited.json``: a published cache is never written.
     """
+    check_layout_bounds(layout)
     path = settings.studio_cache_path
     reply = format_layout_text(layout)
     # The grammar is the one every stage parses; a layout that does not survive it is not saved.
@@ -362,18 +410,25 @@ def guidance_flags(values: Mapping[str, float | int | None]) -> dict[str, float 
     defaults = guidance_defaults()
     flags = {}
     for name in GUIDANCE_FIELDS:
-        value = values.get(name)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise StudioError(f"guidance value {name} must be a number, found {value!r}")
-        if name in INT_GUIDANCE_FIELDS:
-            if float(value) != int(value):
-                raise StudioError(f"guidance value {name} must be a whole number, found {value!r}")
-            value = int(value)
-        else:
-            value = float(value)
+        value = check_guidance_value(name, values.get(name))
         if value != defaults[name]:
             flags[name] = value
     return flags
+
+
+def check_guidance_value(name: str, value: Any) -> float | int:
+    """One guidance field's value within `GUIDANCE_LIMITS` (an int for the integer fields); raises StudioError."""
+    if name not in GUIDANCE_LIMITS:
+        raise StudioError(f"unknown guidance field {name!r}; expected one of {', '.join(GUIDANCE_FIELDS)}")
+    low, high, low_open = GUIDANCE_LIMITS[name]
+    if name in INT_GUIDANCE_FIELDS:
+        return whole_number(value, f"guidance value {name}", low, high)
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise StudioError(f"guidance value {name} must be a number, found {value!r}")
+    if value < low or value > high or (low_open and value == low):
+        raise StudioError(f"guidance value {name} must be {'above' if low_open else 'from'} {low} "
+                          f"{'and at most' if low_open else 'to'} {high}, found {value!r}")
+    return float(value)
 
 
 # --------------------------------------------------------------------------------------------
@@ -476,61 +531,38 @@ def allocate_run_root(output_dir: str | os.PathLike) -> Path:
             index += 1
 
 
-def _parse_generate_args(config_argv: Sequence[str], output_dir: Path) -> argparse.Namespace:
-    """generate.py's own parser on the command's configuration flags, so that the configs below are
-    built exactly as the command line builds them.
-
-    The layout/prompt flags (--layout-file, --prompts) are left out: they select what to generate, not
-    how, and older generate.py versions lack them.
-    """
-    import generate
+def _parse_generate_args(config_argv: Sequence[str]) -> argparse.Namespace:
+    """generate.py's settings flags (``generation.settings``) parsed from the command's configuration part, so
+    that the configs below are built exactly as the command line builds them."""
+    from generation.settings import SettingsError, parse_settings_argv
 
     try:
-        return generate.build_parser().parse_args([*config_argv, "--output-dir", str(output_dir)])
-    except SystemExit as exit_:  # argparse already printed why
-        raise StudioError(f"generate.py rejects the settings {' '.join(config_argv)} (exit {exit_.code})") from None
-
-
-@dataclass(frozen=True)
-class _Configs:
-    """What generate.py's ``build_configs`` / ``build_gligen_config`` make of a command line."""
-
-    sampling: Any
-    guidance: Any
-    execution: Any
-    gligen: Any
-
-
-def _build_configs(args: argparse.Namespace, spec: RunModelSpec) -> _Configs:
-    import generate
-
-    try:
-        sampling, guidance, execution = generate.build_configs(args, spec)
-    except ValueError as error:  # RunModelError is a ValueError
+        return parse_settings_argv(config_argv)
+    except SettingsError as error:
         raise StudioError(str(error)) from None
-    return _Configs(sampling, guidance, execution, generate.build_gligen_config(args, spec))
 
 
-def _save_run(run_dir: Path, args: argparse.Namespace, spec: RunModelSpec, model, configs: _Configs,
-              result, condition, elapsed_s: float, command: Sequence[str]) -> None:
+def _build_configs(args: argparse.Namespace):
+    """``generation.settings.RunConfigs`` of the parsed flags (what generate.py runs for the same command)."""
+    from generation.settings import configs_from_args
+
+    try:
+        return configs_from_args(args)
+    except ValueError as error:  # RunModelError and SettingsError are ValueErrors
+        raise StudioError(str(error)) from None
+
+
+def _save_run(run_dir: Path, args: argparse.Namespace, model, configs, result, condition, elapsed_s: float,
+              command: Sequence[str]) -> None:
     """config.json and ``0/video_0.*`` as generate.py writes them (``generation.runs``); the config's
     "command" is the reproduction command, not the app's own argv."""
-    from generation.runs import (OutputOptions, describe_environment, record_invocation,
-                                 save_video_outputs)
+    from generation.runs import record_invocation, run_invocation, run_settings, save_video_outputs
+    from generation.settings import output_options_from_args
 
-    settings = {"run_model": dataclasses.asdict(spec), "prompt_type": "custom", "template_version": None,
-                "llm_model": None, "sampling": dataclasses.asdict(configs.sampling),
-                "guidance": dataclasses.asdict(configs.guidance) if configs.guidance is not None else None,
-                "execution": dataclasses.asdict(configs.execution),
-                "gligen": dataclasses.asdict(configs.gligen) if configs.gligen is not None else None,
-                "seed_rule": "prompt_index + 6789 * repeat_index + seed_offset"}
-    invocation = {"command": list(command), "written_by": "studio (app.py)", "args": vars(args), "rank": 0,
-                  "num_processes": 1, "window": [0, 1], "device": str(model.device), "dtype": str(model.dtype),
-                  "model_source": model.source, **describe_environment(str(model.device))}
+    settings = run_settings(configs, model, prompt_type="custom")
+    invocation = run_invocation(model, command=command, args=args, window=[0, 1], written_by="studio (app.py)")
     record_invocation(run_dir, settings, invocation)
-    options = OutputOptions(formats=tuple(dict.fromkeys(args.save_formats)), fps=spec.fps,
-                            save_latents=args.save_latents, annotate=not args.no_annotate)
-    save_video_outputs(result, run_dir / "0", 0, condition, options, elapsed_s)
+    save_video_outputs(result, run_dir / "0", 0, condition, output_options_from_args(args, configs.spec), elapsed_s)
 
 
 def _video_output(spec_name: str, run_dir: Path, command: Sequence[str], elapsed_s: float) -> VideoOutput:
@@ -542,7 +574,7 @@ def _video_output(spec_name: str, run_dir: Path, command: Sequence[str], elapsed
                        command=tuple(command), elapsed_s=elapsed_s)
 
 
-def _generate_one(model, prompt: str, configs: _Configs, seed: int, condition,
+def _generate_one(model, prompt: str, configs, seed: int, condition,
                   on_step: Callable[[int, int], None] | None):
     from generation.sampling import generate_video
 
@@ -561,13 +593,16 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     spec = get_spec(request.run_model)
     if spec.method not in LAYOUT_METHODS:
         raise StudioError(f"run-model {spec.name!r} ({spec.method}) takes no layout; pick an LVD run-model")
+    # Everything is checked before any folder is made.
+    check_layout_bounds(request.layout)
     try:
         validate_layout(request.layout)
     except LayoutError as error:
         raise StudioError(str(error)) from None
-    if request.num_inference_steps < 1:
-        raise StudioError(f"steps must be at least 1, found {request.num_inference_steps}")
-    flags = dict(request.guidance_flags) if spec.method in GUIDED_METHODS else {}
+    whole_number(request.num_inference_steps, "number of steps", 1, MAX_STEPS)
+    whole_number(request.seed, "seed", 0, MAX_SEED)
+    flags = ({name: check_guidance_value(name, value) for name, value in request.guidance_flags.items()}
+             if spec.method in GUIDED_METHODS else {})
     problem = _weights_problem(spec, settings.model_paths.get(spec.name))
     if problem:
         raise StudioError(f"{spec.name}: {problem}")
@@ -576,7 +611,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
                                       device=settings.device, dtype=settings.dtype,
                                       model_path=settings.model_paths.get(spec.name))
     config_argv = commands.build_lvd_command(spec.name, "", shared, flags, "").config_argv
-    configs = _build_configs(_parse_generate_args(config_argv, Path(settings.output_dir)), spec)
+    configs = _build_configs(_parse_generate_args(config_argv))
     sampling = configs.sampling
     seed = _derive_seed(request.seed)
 
@@ -592,7 +627,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
         lvd_dir, layout_file = run_root / "lvd", run_root / "lvd" / "0" / "layout.json"
         lvd_command = commands.build_lvd_command(spec.name, display_path(layout_file), shared, flags,
                                                  display_path(run_root / "reproduce" / "lvd"))
-        args = _parse_generate_args(lvd_command.config_argv, lvd_dir)
+        args = _parse_generate_args(lvd_command.config_argv)
         write_layout_file(layout_file, request.layout, condition)
         baseline_spec = baseline_for(spec) if request.with_baseline else None
         if baseline_spec is not None and _weights_problem(baseline_spec, settings.model_paths.get(baseline_spec.name)):
@@ -606,7 +641,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
         result = _generate_one(model, request.layout.prompt, configs, seed, condition,
                                on_step(0, f"{spec.name}: denoising step"))
         elapsed = time.perf_counter() - started
-        _save_run(lvd_dir, args, spec, model, configs, result, condition, elapsed, lvd_command.argv)
+        _save_run(lvd_dir, args, model, configs, result, condition, elapsed, lvd_command.argv)
         lvd = _video_output(spec.name, lvd_dir, lvd_command.argv, elapsed)
 
         baseline = None
@@ -616,17 +651,21 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
         if baseline_spec is not None:
             base_dir = run_root / "baseline"
             base_shared = dataclasses.replace(shared, model_path=settings.model_paths.get(baseline_spec.name))
+            # A fair comparison: the baseline samples with the LVD arm's sampler (Wan: the same UniPC corrector
+            # setting), and its command says so.
+            corrector = sampling.corrector_off_steps if baseline_spec.family == WAN_FAMILY else None
             base_command = commands.build_baseline_command(baseline_spec.name, request.layout.prompt, base_shared,
-                                                           display_path(run_root / "reproduce" / "baseline"))
-            base_args = _parse_generate_args(base_command.config_argv, base_dir)
-            base_configs = _build_configs(base_args, baseline_spec)
+                                                           display_path(run_root / "reproduce" / "baseline"),
+                                                           corrector_off_steps=corrector)
+            base_args = _parse_generate_args(base_command.config_argv)
+            base_configs = _build_configs(base_args)
             base_model = pool.get(baseline_spec)
             started = time.perf_counter()
             # Baselines see the prompt as it is (generate.py's baselines take no layout).
             base_result = _generate_one(base_model, request.layout.prompt, base_configs, seed, None,
                                         on_step(sampling.num_inference_steps, f"{baseline_spec.name}: denoising step"))
             base_elapsed = time.perf_counter() - started
-            _save_run(base_dir, base_args, baseline_spec, base_model, base_configs, base_result, None, base_elapsed,
+            _save_run(base_dir, base_args, base_model, base_configs, base_result, None, base_elapsed,
                       base_command.argv)
             baseline = _video_output(baseline_spec.name, base_dir, base_command.argv, base_elapsed)
 
@@ -649,8 +688,31 @@ def _derive_seed(seed_offset: int) -> int:
     return derive_seed(0, 0, seed_offset)
 
 
-def scratch_path(directory: str | os.PathLike, name: str) -> Path:
-    """``<directory>/<fresh folder>/<name>``: a file for the page (preview GIF, layout download)."""
+def preview_dir(settings: StudioSettings) -> Path:
+    """``<output>/studio/previews``: the page's files (preview GIFs, layout downloads), emptied at start."""
+    import shutil
+
+    folder = Path(settings.output_dir) / STUDIO_RUNS_DIR / PREVIEWS_DIR
+    shutil.rmtree(folder, ignore_errors=True)  # a previous server's
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def scratch_path(directory: str | os.PathLike, name: str, keep: int = MAX_PREVIEW_FOLDERS) -> Path:
+    """``<directory>/<fresh folder>/<name>``: a file for the page (preview GIF, layout download). Only the
+    ``keep`` newest folders stay (a page shows the latest ones), so the folder stays small however long the
+    server runs."""
+    import shutil
     import tempfile
 
-    return Path(tempfile.mkdtemp(dir=directory)) / name
+    folder = Path(tempfile.mkdtemp(dir=directory))
+    old = sorted((p for p in Path(directory).iterdir() if p.is_dir() and p != folder),
+                 key=lambda p: p.stat().st_mtime_ns)
+    for stale in old[:max(0, len(old) - keep + 1)]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return folder / name
+
+
+def shipped_demo_cache_name(template_version: str = DEFAULT_TEMPLATE_VERSION) -> str:
+    """The demo cache the repository ships (``cache/cache_demo_<template>_handwritten.json``)."""
+    return cache_file_name("demo", template_version, "handwritten")

@@ -8,7 +8,7 @@ which are always spelled out.
 
 Each command is split into ``config_argv`` (how to generate: run-model, seed, steps, guidance, device)
 and the rest (what to generate and where), because the studio builds its configs by handing
-``config_argv`` to generate.py's own parser.
+``config_argv`` to the parser of generate.py's settings flags (``generation.settings``).
 """
 from __future__ import annotations
 
@@ -74,10 +74,14 @@ def build_lvd_command(run_model: str, layout_file: str, settings: CommandSetting
     return GenerateCommand(tuple(config), ("--layout-file", layout_file, "--output-dir", output_dir))
 
 
-def build_baseline_command(run_model: str, prompt: str, settings: CommandSettings,
-                           output_dir: str) -> GenerateCommand:
-    """The unguided video of the same prompt and seed: ``--prompts "<prompt>"``, no layout."""
-    return GenerateCommand(tuple(_shared_argv(run_model, settings)), ("--prompts", prompt, "--output-dir", output_dir))
+def build_baseline_command(run_model: str, prompt: str, settings: CommandSettings, output_dir: str,
+                           corrector_off_steps: int | None = None) -> GenerateCommand:
+    """The unguided video of the same prompt and seed: ``--prompts "<prompt>"``, no layout. Wan baselines get
+    ``--corrector-off-steps K``: the LVD arm's sampler, so that the two differ by the guidance only."""
+    config = _shared_argv(run_model, settings)
+    if corrector_off_steps is not None:
+        config += ["--corrector-off-steps", str(corrector_off_steps)]
+    return GenerateCommand(tuple(config), ("--prompts", prompt, "--output-dir", output_dir))
 
 
 def format_command(argv: Sequence[str]) -> str:

@@ -21,9 +21,11 @@ import copy
 import math
 from typing import Any, Mapping, Sequence
 
-from studio.backend import CANVAS_SIZE, NUM_KEYFRAMES, Box, ObjectTrack, SceneLayout, validate_layout
+from studio.backend import (CANVAS_SIZE, MAX_OBJECTS, MAX_PROMPT_CHARS, NUM_KEYFRAMES, Box, ObjectTrack, SceneLayout,
+                            validate_layout)
 
 STATE_VERSION = 1
+MAX_KEYFRAMES = 64  # the layout model's keyframes (the LLM gives 6)
 # A new object starts as a centred box of a quarter of the canvas side, in every keyframe.
 DEFAULT_NEW_BOX = (192 / CANVAS_SIZE, 192 / CANVAS_SIZE, 320 / CANVAS_SIZE, 320 / CANVAS_SIZE)
 
@@ -57,12 +59,18 @@ def layout_to_state(layout: SceneLayout, *, width: int, height: int, palette: Se
 def _where(index: int, obj: Mapping[str, Any]) -> str:
     phrase = obj.get("phrase") if isinstance(obj, Mapping) else None
     object_id = obj.get("id", index) if isinstance(obj, Mapping) else index
-    return f"object {object_id}" + (f" ({phrase!r})" if isinstance(phrase, str) and phrase else "")
+    return f"object {_snippet(object_id)}" + (f" ({_snippet(phrase)})" if isinstance(phrase, str) and phrase else "")
+
+
+def _snippet(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a message never echoes a huge input)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
 def _number(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EditorStateError(f"{what} must be a finite number, found {value!r}")
+        raise EditorStateError(f"{what} must be a finite number, found {_snippet(value)}")
     return float(value)
 
 
@@ -79,30 +87,41 @@ def validate_state(state: Any) -> list[str]:
                                "plan a layout first")
     prompt = state.get("prompt")
     if not isinstance(prompt, str) or not prompt.strip():
-        raise EditorStateError(f"the layout needs a prompt, found {prompt!r}")
+        raise EditorStateError(f"the layout needs a prompt, found {_snippet(prompt)}")
     num_keyframes = state.get("num_keyframes", NUM_KEYFRAMES)
-    if isinstance(num_keyframes, bool) or not isinstance(num_keyframes, int) or num_keyframes < 1:
-        raise EditorStateError(f"num_keyframes must be a positive integer, found {num_keyframes!r}")
-    if not isinstance(state.get("background", ""), str):
-        raise EditorStateError(f"the background must be text, found {state.get('background')!r}")
+    if isinstance(num_keyframes, bool) or not isinstance(num_keyframes, int) or not 1 <= num_keyframes <= \
+            MAX_KEYFRAMES:
+        raise EditorStateError(f"num_keyframes must be an integer from 1 to {MAX_KEYFRAMES}, found "
+                               f"{_snippet(num_keyframes)}")
+    for name in ("prompt", "background", "reasoning"):
+        value = state.get(name, "")
+        if not isinstance(value, str):
+            raise EditorStateError(f"the {name} must be text, found {_snippet(value)}")
+        if len(value) > MAX_PROMPT_CHARS:
+            raise EditorStateError(f"the {name} has {len(value)} characters; at most {MAX_PROMPT_CHARS} are accepted")
     objects = state.get("objects")
     if not isinstance(objects, list):
         raise EditorStateError(f"expected a list of objects, found {type(objects).__name__}")
+    if len(objects) > MAX_OBJECTS:
+        raise EditorStateError(f"the layout has {len(objects)} objects; at most {MAX_OBJECTS} are accepted")
     warnings = []
     seen_ids: set[int] = set()
     for index, obj in enumerate(objects):
         where = _where(index, obj)
         if not isinstance(obj, Mapping):
-            raise EditorStateError(f"object #{index}: expected a dict with id, phrase and boxes, found {obj!r}")
+            raise EditorStateError(f"object #{index}: expected a dict with id, phrase and boxes, found {_snippet(obj)}")
         object_id = obj.get("id")
         if isinstance(object_id, bool) or not isinstance(object_id, int):
-            raise EditorStateError(f"object #{index}: the id must be an integer, found {object_id!r}")
+            raise EditorStateError(f"object #{index}: the id must be an integer, found {_snippet(object_id)}")
         if object_id in seen_ids:
             raise EditorStateError(f"{where}: the id {object_id} is used by another object")
         seen_ids.add(object_id)
         phrase = obj.get("phrase")
         if not isinstance(phrase, str) or not phrase.strip():
             raise EditorStateError(f"{where}: the phrase is empty; name the object (e.g. 'a brown bear')")
+        if len(phrase) > MAX_PROMPT_CHARS:
+            raise EditorStateError(f"object {object_id}: the phrase has {len(phrase)} characters; at most "
+                                   f"{MAX_PROMPT_CHARS} are accepted")
         boxes = obj.get("boxes")
         if not isinstance(boxes, list) or len(boxes) != num_keyframes:
             found = len(boxes) if isinstance(boxes, list) else type(boxes).__name__
@@ -114,7 +133,7 @@ def validate_state(state: Any) -> list[str]:
                 continue
             at = f"{where}, keyframe {frame + 1}"
             if not isinstance(box, (list, tuple)) or len(box) != 4:
-                raise EditorStateError(f"{at}: expected a box [x_min, y_min, x_max, y_max], found {box!r}")
+                raise EditorStateError(f"{at}: expected a box [x_min, y_min, x_max, y_max], found {_snippet(box)}")
             x_min, y_min, x_max, y_max = (_number(v, f"{at}: a box coordinate") for v in box)
             if x_max < x_min or y_max < y_min:
                 raise EditorStateError(f"{at}: the box is inverted (x_max < x_min or y_max < y_min): xyxy "

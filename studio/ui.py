@@ -8,7 +8,6 @@ reached through ``studio.backend`` only.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,13 +33,13 @@ def _error(prefix: str, error: BaseException) -> str:
 
 
 class Studio:
-    """The state behind one app: settings, the model pool and a scratch folder for page files."""
+    """The state behind one app: settings, the model pool and a scratch folder for page files (previews and
+    layout downloads: under the output folder, the newest few kept)."""
 
     def __init__(self, settings: StudioSettings):
         self.settings = settings
         self.pool = backend.ModelPool(settings)
-        self._scratch = tempfile.TemporaryDirectory(prefix="lvd-studio-")
-        self.scratch_dir = Path(self._scratch.name)
+        self.scratch_dir = backend.preview_dir(settings)
         self.run_models = backend.list_run_models(settings)
         self.palette = backend.editor_palette()
 
@@ -50,9 +49,11 @@ class Studio:
         return [path.name for path in backend.list_cache_files(self.settings.cache_dir)]
 
     def default_cache(self) -> str | None:
+        """The shipped demo cache when it is there, else another demo cache, else the first."""
         choices = self.cache_choices()
+        shipped = backend.shipped_demo_cache_name(self.settings.template_version)
         demo = [name for name in choices if name.startswith("cache_demo_")]
-        return (demo or choices or [None])[0]
+        return shipped if shipped in choices else (demo or choices or [None])[0]
 
     def available_run_models(self) -> list[str]:
         return [status.name for status in self.run_models if status.available]
@@ -100,7 +101,8 @@ class Studio:
             else:
                 if not cache_name:
                     raise StudioError(f"no cache file is selected; put one in {self.settings.cache_dir}/")
-                occurrence = int(reply_number or 0)
+                occurrence = backend.whole_number(0 if reply_number is None else reply_number, "reply number", 0,
+                                                  backend.MAX_REPLY_NUMBER)
                 planned = backend.plan_from_cache(Path(self.settings.cache_dir) / cache_name, prompt or "", occurrence)
             status = self.status_of(run_model)
         except StudioError as error:
@@ -178,8 +180,10 @@ class Studio:
             if not status.available:
                 raise StudioError(f"{run_model}: {status.hint}")
             flags = backend.guidance_flags(dict(zip(backend.GUIDANCE_FIELDS, values))) if status.guided else {}
-            request = backend.GenerationRequest(layout=layout, run_model=run_model, seed=_as_int(seed, "seed"),
-                                                num_inference_steps=_as_int(steps, "steps"),
+            request = backend.GenerationRequest(layout=layout, run_model=run_model,
+                                                seed=backend.whole_number(seed, "seed", 0, backend.MAX_SEED),
+                                                num_inference_steps=backend.whole_number(
+                                                    steps, "number of steps", 1, backend.MAX_STEPS),
                                                 guidance_flags=flags, with_baseline=bool(with_baseline))
 
             def report(what: str, done: int, total: int) -> None:
@@ -206,6 +210,10 @@ class Studio:
         text += [f"- {note}" for note in result.notes]
         if not result.guidance_log:
             text.append("- no guided iterations (guidance off for this run-model, or the layout has no objects)")
+        elif len(result.guidance_log) == 1:  # a plot of one point says nothing: a sentence instead
+            record = result.guidance_log[0]
+            text.append(f"- one guided iteration, at denoising step {record['step']}: energy "
+                        f"{float(record['energy']):.4g} before its latent update")
         saved = [f"- run folder: `{backend.display_path(result.run_root)}`",
                  f"- LVD: `{backend.display_path(lvd.video_joblib)}` and `config.json` in "
                  f"`{backend.display_path(lvd.run_dir)}`",
@@ -218,9 +226,12 @@ class Studio:
 
     @staticmethod
     def energy_frame(guidance_log):
-        """The guidance log as a table for the plot: guided iteration number, energy, denoising step."""
+        """The guidance log as a table for the plot: guided iteration number, energy, denoising step (empty
+        for a single iteration, which the status states in a sentence)."""
         import pandas as pd  # a Gradio dependency
 
+        if len(guidance_log) < 2:
+            guidance_log = []
         return pd.DataFrame({"iteration": list(range(1, len(guidance_log) + 1)),
                              "energy": [float(record["energy"]) for record in guidance_log],
                              "step": [f"step {record['step']}" for record in guidance_log]})
@@ -233,12 +244,6 @@ def _shell_block(lines: list[str]) -> str:
     text = "\n".join(lines)
     fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", text)), default=0))
     return f"{fence}shell\n{text}\n{fence}"
-
-
-def _as_int(value: Any, what: str) -> int:
-    if value is None or float(value) != int(value):
-        raise StudioError(f"the {what} must be a whole number, found {value!r}")
-    return int(value)
 
 
 def _escape(text: str) -> str:
@@ -280,7 +285,10 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
                                          elem_id="cache-file")
                 cached = gr.Dropdown(choices=studio.cached_prompts(default_cache)["choices"], value=None,
                                      label="Cached prompts", elem_id="cached-prompts")
-                reply_number = gr.Number(value=0, precision=0, minimum=0, label="Reply number", elem_id="reply-number")
+                # precision None: the handlers check whole numbers and ranges themselves, with a message (Gradio's
+                # rounding fails without one on NaN).
+                reply_number = gr.Number(value=0, minimum=0, maximum=backend.MAX_REPLY_NUMBER, label="Reply number",
+                                         elem_id="reply-number")
             with gr.Row(visible=False) as llm_row:
                 llm_model = gr.Textbox(value=settings.llm.config.model if settings.llm else "", label="LLM model",
                                        elem_id="llm-model")
@@ -310,8 +318,8 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
             with gr.Row():
                 run_model = gr.Dropdown(run_model_choices, value=default_run_model, label="Run-model",
                                         elem_id="run-model")
-                seed = gr.Number(value=0, precision=0, minimum=0, label="Seed", elem_id="seed")
-                steps = gr.Number(value=DEFAULT_STEPS, precision=0, minimum=1, maximum=1000, label="Steps",
+                seed = gr.Number(value=0, minimum=0, maximum=backend.MAX_SEED, label="Seed", elem_id="seed")
+                steps = gr.Number(value=DEFAULT_STEPS, minimum=1, maximum=backend.MAX_STEPS, label="Steps",
                                   elem_id="steps")
                 with_baseline = gr.Checkbox(value=True, label="Baseline beside it (same prompt and seed)",
                                             elem_id="with-baseline")
@@ -320,9 +328,8 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
             preset = gr.Radio(list(backend.GUIDANCE_PRESETS), value=backend.PRESET_PAPER, label="Guidance preset",
                               elem_id="preset")
             with gr.Row():
-                fields = [gr.Number(value=paper[name], label=name, precision=0 if name in backend.INT_GUIDANCE_FIELDS
-                                    else None, interactive=default_status.guided, elem_id=f"guidance-{name}",
-                                    min_width=90)
+                fields = [gr.Number(value=paper[name], label=name, interactive=default_status.guided,
+                                    elem_id=f"guidance-{name}", min_width=90)
                           for name in backend.GUIDANCE_FIELDS]
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
             generate_status = gr.Markdown(elem_id="generate-status")
@@ -362,12 +369,15 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
             number.input(lambda: backend.PRESET_CUSTOM, outputs=preset)
         generate_button.click(studio.generate, inputs=[layout_editor, run_model, seed, steps, with_baseline, *fields],
                               outputs=[generate_status, lvd_video, base_video, annotated, energy, command, saved],
-                              concurrency_limit=1, concurrency_id=GENERATION_CONCURRENCY_ID)
+                              concurrency_limit=1, concurrency_id=GENERATION_CONCURRENCY_ID,
+                              show_progress_on=[generate_status])  # one progress bar, not one per pane
     app.studio = studio  # for tests and app.py (allowed paths)
     return app
 
 
 def launch_kwargs(settings: StudioSettings, studio: Studio) -> dict:
     """``launch()`` arguments that keep the page offline-safe and its files servable."""
-    return {"css": PAGE_CSS, "ssr_mode": False,
+    # show_error: a request the handlers never see (e.g. a wrong number of inputs) is answered with Gradio's
+    # message instead of {"error": null}.
+    return {"css": PAGE_CSS, "ssr_mode": False, "show_error": True,
             "allowed_paths": [str(Path(settings.output_dir).resolve()), str(studio.scratch_dir)]}

@@ -126,8 +126,8 @@ def test_lvd_command_round_trips_through_the_shell_and_generate_parser():
     assert line.startswith("python generate.py --run-model lvd_tiny --seed_offset 123 --num_inference_steps 7 "
                            "--device cpu --loss_scale 2.5 --loss_threshold 0.30000000000000004 --max_iter 1 ")
     assert commands.parse_command(line) == list(command.argv)
-    args = backend._parse_generate_args(command.config_argv, REPO / "unused")
-    configs = backend._build_configs(args, backend.get_spec("lvd_tiny"))
+    args = backend._parse_generate_args(command.config_argv)
+    configs = backend._build_configs(args)
     sampling, guidance, gligen = configs.sampling, configs.guidance, configs.gligen
     assert (args.seed_offset, sampling.num_inference_steps, args.device) == (123, 7, "cpu")
     assert (guidance.loss_scale, guidance.loss_threshold, guidance.max_iter) == (2.5, 0.1 + 0.2, 1)
@@ -334,3 +334,124 @@ def test_generation_rejects_what_the_library_rejects(tmp_path):
     with pytest.raises(backend.StudioError, match="takes no layout"):
         backend.run_generation(dataclasses.replace(request, run_model="baseline_tiny"), settings,
                                backend.ModelPool(settings))
+
+
+# --------------------------------------------------------------------------------------------
+# Both arms of both backbone families equal their own commands (issue 17.1)
+
+
+@pytest.fixture(scope="module", params=["lvd_tiny", "lvd_wan_tiny"])
+def family_run(request, tmp_path_factory):
+    """A studio run of each backbone family, guided on 2 of its 3 steps: the Wan sampler then differs from
+    both the pool model's default (corrector off on 10 steps) and the stock one."""
+    tmp_path = tmp_path_factory.mktemp(f"studio-{request.param}")
+    settings = studio_settings(tmp_path)
+    flags = {"loss_threshold": 0.0, "max_iter": 1, "max_index_step": 2}
+    generation = backend.GenerationRequest(layout=demo_layout(), run_model=request.param, seed=3,
+                                           num_inference_steps=FAST_STEPS, guidance_flags=flags)
+    return backend.run_generation(generation, settings, backend.ModelPool(settings)), tmp_path
+
+
+@pytest.mark.parametrize("which", ["lvd", "baseline"])
+def test_each_arm_equals_its_command_bit_for_bit(family_run, which):
+    import generate
+
+    result, tmp_path = family_run
+    video = getattr(result, which)
+    argv = list(video.command[2:])
+    out = tmp_path / f"rerun-{which}"
+    argv[argv.index("--output-dir") + 1] = str(out)
+    assert generate.main(argv) == 0
+    reproduced = sorted(out.rglob("video_0.joblib"))
+    assert len(reproduced) == 1, reproduced
+    assert np.array_equal(joblib.load(reproduced[0]), joblib.load(video.video_joblib))
+    ours = json.loads((video.run_dir / "config.json").read_text())
+    theirs = json.loads(next(out.rglob("config.json")).read_text())
+    for key in ("sampling", "guidance", "solver"):
+        assert ours[key] == theirs[key], key
+
+
+def test_the_wan_baseline_runs_the_lvd_arms_sampler_and_says_so(family_run):
+    result, _ = family_run
+    lvd, baseline = (json.loads((v.run_dir / "config.json").read_text()) for v in (result.lvd, result.baseline))
+    assert lvd["sampling"]["corrector_off_steps"] == baseline["sampling"]["corrector_off_steps"]
+    if lvd["run_model"]["family"] == "wan":
+        assert lvd["solver"]["corrector_off_steps"] == baseline["solver"]["corrector_off_steps"] == 2
+        assert lvd["sampling"]["corrector_off_steps"] == 2
+        command = list(result.baseline.command)
+        assert command[command.index("--corrector-off-steps") + 1] == "2"
+    else:
+        assert lvd["solver"] is baseline["solver"] is None and "--corrector-off-steps" not in result.baseline.command
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded input, errors with text, nothing made before the checks (issue 17.21, 17.22)
+
+
+def _request(**overrides):
+    values = dict(layout=demo_layout(), run_model="lvd_tiny", seed=0, num_inference_steps=1)
+    values.update(overrides)
+    return backend.GenerationRequest(**values)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"seed": 1e308}, "the seed must be from 0 to 4294967295, found 1e+308"),
+    ({"seed": float("nan")}, "the seed must be a whole number, found nan"),
+    ({"num_inference_steps": float("nan")}, "the number of steps must be a whole number, found nan"),
+    ({"num_inference_steps": 10**6}, "the number of steps must be from 1 to 200, found 1000000"),
+    ({"guidance_flags": {"max_iter": 10**6}}, "the guidance value max_iter must be from 0 to 20, found 1000000"),
+    ({"guidance_flags": {"loss_scale": float("inf")}}, "guidance value loss_scale must be a number, found inf"),
+    ({"guidance_flags": {"fg_top_p": 0.0}}, "guidance value fg_top_p must be above 0.0 and at most 1.0, found 0.0"),
+])
+def test_generation_checks_every_number_before_making_anything(tmp_path, overrides, message):
+    settings = studio_settings(tmp_path)
+    with pytest.raises(backend.StudioError) as error:
+        backend.run_generation(_request(**overrides), settings, backend.ModelPool(settings))
+    assert str(error.value).startswith(message)
+    assert not (tmp_path / "img_generations").exists()   # no run folder, no layout.json
+
+
+def test_layouts_prompts_and_reply_numbers_are_bounded(tmp_path):
+    settings = studio_settings(tmp_path)
+    huge = dataclasses.replace(demo_layout(), prompt="a bear " * 10**6)
+    with pytest.raises(backend.StudioError, match="the prompt has 7000000 characters; at most 2000 are accepted"):
+        backend.save_layout_to_cache(huge, settings)
+    assert not settings.studio_cache_path.exists()
+    bear = demo_layout().tracks[0]
+    crowded = dataclasses.replace(demo_layout(), tracks=tuple(dataclasses.replace(bear, id=i) for i in range(20000)))
+    with pytest.raises(backend.StudioError, match="the layout has 20000 objects; at most 32 are accepted"):
+        backend.run_generation(_request(layout=crowded), settings, backend.ModelPool(settings))
+    with pytest.raises(backend.StudioError, match="the reply number must be a whole number, found nan"):
+        backend.plan_from_cache(DEMO_CACHE, DEMO_PROMPT, float("nan"))
+    with pytest.raises(backend.StudioError, match="at most 2000 are accepted"):
+        backend.plan_from_cache(DEMO_CACHE, "x" * 5_000_000)
+
+
+def test_an_editor_state_with_20000_objects_is_refused_at_once():
+    import time
+
+    state = editor.layout_to_state(demo_layout(), width=128, height=128)
+    state["objects"] = [dict(state["objects"][0], id=i) for i in range(20000)]
+    started = time.perf_counter()
+    with pytest.raises(editor.EditorStateError, match="the layout has 20000 objects; at most 32 are accepted"):
+        editor.state_to_layout(state)
+    assert time.perf_counter() - started < 1
+    state["objects"] = state["objects"][:1]
+    state["prompt"] = "A bear " * 1000
+    with pytest.raises(editor.EditorStateError, match="the prompt has 7000 characters"):
+        editor.validate_state(state)
+
+
+def test_app_flags_are_checked_at_parse_time(tmp_path, capsys):
+    import time
+
+    import app
+
+    started = time.perf_counter()
+    assert app.main(["--port", "99999"]) == 2
+    assert "argument --port: must be an integer in [1, 65535], found 99999" in capsys.readouterr().err
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert app.main(["--output-dir", str(blocker / "out")]) == 2
+    assert "--output-dir" in capsys.readouterr().err
+    assert time.perf_counter() - started < 5

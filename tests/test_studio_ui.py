@@ -99,3 +99,60 @@ def test_a_failed_generation_is_a_message_and_the_next_one_works(studio, monkeyp
     assert command.startswith("```shell\npython generate.py --run-model lvd_tiny --seed_offset 3 "
                               "--num_inference_steps 2 --layout-file ") and command.endswith("\n```")
     assert "--run-model baseline_tiny" in command.splitlines()[2] and "commands.sh" in saved
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 17: errors with text, bounded files, the shipped cache first, one progress bar, a one-point plot
+
+
+def test_nan_and_huge_numbers_are_messages_and_make_nothing(studio):
+    state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
+    values = list(backend.guidance_preset_values(backend.PRESET_PAPER, "lvd_tiny").values())
+    plan = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, float("nan"), "", "lvd_tiny")
+    assert plan[1] == "**Plan failed:** the reply number must be a whole number, found nan"
+    no_progress = {"progress": lambda *a, **k: None}
+    for seed, steps, message in ((float("nan"), 2, "the seed must be a whole number, found nan"),
+                                 (0, float("nan"), "the number of steps must be a whole number, found nan"),
+                                 (1e308, 2, "the seed must be from 0 to 4294967295, found 1e+308")):
+        outputs = studio.generate(state, "lvd_tiny", seed, steps, True, *values, **no_progress)
+        assert outputs[0] == f"**Cannot generate:** {message}"
+    nan_iter = [float("nan") if name == "max_iter" else v for name, v in zip(backend.GUIDANCE_FIELDS, values)]
+    outputs = studio.generate(state, "lvd_tiny", 0, 2, True, *nan_iter, **no_progress)
+    assert outputs[0] == "**Cannot generate:** the guidance value max_iter must be a whole number, found nan"
+    assert not (studio.settings.output_dir / "studio" / "run0").exists()
+
+
+def test_requests_the_handlers_never_see_are_answered_with_gradios_message(studio):
+    assert ui.launch_kwargs(studio.settings, studio)["show_error"] is True
+
+
+def test_page_files_stay_in_the_output_folder_and_bounded(studio):
+    assert studio.scratch_dir.resolve().is_relative_to(studio.settings.output_dir.resolve())
+    state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
+    for step in range(40):
+        studio.edited(editor.move_box(state, 0, 0, step / 512, 0), "lvd_tiny")
+    files = [p for p in studio.scratch_dir.rglob("*") if p.is_file()]
+    assert len(files) <= backend.MAX_PREVIEW_FOLDERS
+    again = ui.Studio(studio.settings)   # a new server starts with an empty folder
+    assert list(again.scratch_dir.iterdir()) == []
+
+
+def test_the_default_cache_is_the_shipped_one(tmp_path):
+    settings = studio_settings(tmp_path)
+    (settings.cache_dir / "cache_demo_v0.1_aaa-model.json").write_text("{}")
+    assert ui.Studio(settings).default_cache() == DEMO_CACHE.name
+
+
+def test_one_progress_bar_for_a_generation(tmp_path):
+    app = ui.build_app(studio_settings(tmp_path))
+    generate = next(d for d in app.get_config_file()["dependencies"] if d["api_name"] == "generate")
+    assert generate["show_progress_on"] == generate["outputs"][:1]   # the status pane only
+
+
+def test_a_single_guided_iteration_is_a_sentence_not_a_plot(studio):
+    state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
+    values = dict(backend.guidance_preset_values(backend.PRESET_PAPER, "lvd_tiny"), max_iter=1, loss_threshold=0.0)
+    status, *_, energy, command, saved = studio.generate(state, "lvd_tiny", 0, 1, False, *values.values(),
+                                                         progress=lambda *a, **k: None)
+    assert "- one guided iteration, at denoising step 0: energy " in status
+    assert energy.empty and list(energy.columns) == ["iteration", "energy", "step"]

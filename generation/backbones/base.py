@@ -37,9 +37,6 @@ class TextConditioning:
 class Backbone(abc.ABC):
     """One family of text-to-video diffusion models, as the sampling loop and the guidance see it."""
 
-    #: Module paths a guidance config names when it does not name any (empty: no attention guidance).
-    default_guided_layers: tuple[str, ...] = ()
-
     def __init__(self, model: Any):
         self.model = model
 
@@ -69,8 +66,9 @@ class Backbone(abc.ABC):
         """(1, C, latent frames, h, w) initial noise of one video from its seed."""
 
     @abc.abstractmethod
-    def make_scheduler(self):
-        """A fresh scheduler of this model (schedulers keep solver state between steps)."""
+    def make_scheduler(self, corrector_off_steps: int | None = None):
+        """A fresh scheduler of this model (schedulers keep solver state between steps); ``corrector_off_steps``
+        is `SamplingConfig.corrector_off_steps` (None: the model's sampler as loaded)."""
 
     @abc.abstractmethod
     def predict(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,

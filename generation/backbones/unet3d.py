@@ -24,7 +24,6 @@ from generation.config import NOISE_CPU, NOISE_REFERENCE
 from generation.energies import compute_latent_map_sizes
 from generation.guidance import compute_step_sizes
 from models.attention import AttentionRecorder, check_guided_layers, recording_attention, run_recorded_forward
-from models.registry import LVD_GUIDED_LAYERS
 from utils.layout import LayoutCondition, SceneLayout, build_condition
 
 
@@ -93,8 +92,6 @@ def step_scheduler_over_frames(scheduler, noise: torch.Tensor, timestep: torch.T
 class UNet3DBackbone(Backbone):
     """A `models.video_model.VideoModel` (UNet3D, AutoencoderKL, CLIP text encoder, DPM-Solver++)."""
 
-    default_guided_layers = LVD_GUIDED_LAYERS
-
     def encode_text(self, prompts: Sequence[str], negative_prompt: str | None) -> TextConditioning:
         prompts = list(prompts)
         if negative_prompt is None:
@@ -110,7 +107,10 @@ class UNet3DBackbone(Backbone):
         return prepare_latents(seed, num_frames, height, width, self.model.unet.config.in_channels, self.device,
                                self.dtype, vae_scale_factor(self.model.vae), noise=noise)
 
-    def make_scheduler(self):
+    def make_scheduler(self, corrector_off_steps: int | None = None):
+        if corrector_off_steps:  # a typed config made by hand can say so; sampling_config_for refuses it
+            raise ValueError(f"the UNet3D family samples with DPM-Solver, which has no corrector to switch off; "
+                             f"corrector_off_steps must be 0 or None, found {corrector_off_steps}")
         return self.model.make_scheduler()
 
     def predict(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,

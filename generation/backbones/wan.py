@@ -70,11 +70,6 @@ class WanBackbone(Backbone):
         self._recording: WanRecordingContext | None = None
 
     @property
-    def default_guided_layers(self) -> tuple[str, ...]:  # type: ignore[override]
-        spec = self.model.spec
-        return spec.guided_layers if spec is not None else ()
-
-    @property
     def transformer(self):
         return self.model.transformer
 
@@ -113,8 +108,10 @@ class WanBackbone(Backbone):
         return prepare_wan_latents(seed, num_frames, height, width, self.transformer.config.in_channels, self.device,
                                    self.spatial_factor, self.temporal_factor, noise=noise)
 
-    def make_scheduler(self):
-        return self.model.make_scheduler()
+    def make_scheduler(self, corrector_off_steps: int | None = None):
+        if corrector_off_steps is None:
+            return self.model.make_scheduler()
+        return self.model.with_corrector_off_steps(corrector_off_steps).make_scheduler()
 
     def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         return self.transformer(hidden_states=latents.to(self.dtype), timestep=timestep.expand(latents.shape[0]),

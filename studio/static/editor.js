@@ -5,6 +5,8 @@
 (function () {
   const GRID = 512;            // the LLM's canvas: moved coordinates snap to multiples of 1/512
   const MIN_SIZE = 8 / GRID;   // a resized box keeps at least 8 canvas pixels per side
+  const LABEL_FONT = 0.065;      // label font size, a fraction of the canvas's short side
+  const LABEL_CHAR_WIDTH = 0.62; // average sans-serif character width, in em (labels are shortened to fit)
   const SVG_NS = 'http://www.w3.org/2000/svg';
   const root = element.querySelector('.lvd-editor');
   let state = null;
@@ -101,8 +103,19 @@
     const side = Math.min(width, height) * 0.06;
     handle.setAttribute('x', x1 * width - side); handle.setAttribute('y', y1 * height - side);
     handle.setAttribute('width', side); handle.setAttribute('height', side);
+    // The label stays inside the part of the box that is on the canvas, shortened with an ellipsis to fit.
     const label = group.querySelector('.lvd-label');
-    label.setAttribute('x', x0 * width + 3); label.setAttribute('y', y0 * height + Math.min(width, height) * 0.07);
+    const left = Math.max(0, x0) * width, right = Math.min(1, x1) * width;
+    label.setAttribute('x', left + 3);
+    label.setAttribute('y', Math.max(0, y0) * height + Math.min(width, height) * 0.07);
+    label.textContent = fitLabel(label.getAttribute('data-phrase') || '', right - left - 6,
+                                 Math.min(width, height) * LABEL_FONT);
+  }
+
+  function fitLabel(phrase, room, fontSize) {
+    const fits = Math.floor(room / (fontSize * LABEL_CHAR_WIDTH));  // sans-serif: about 0.6 em a character
+    if (phrase.length <= fits) return phrase;
+    return fits >= 2 ? phrase.slice(0, fits - 1) + '\u2026' : '';
   }
 
   function startDrag(event, canvas, obj, frame, group, mode) {
@@ -159,8 +172,8 @@
         const group = svg('g', {class: 'lvd-box', 'data-id': String(obj.id), 'data-frame': String(frame)});
         const stroke = colour(index);
         group.appendChild(svg('rect', {class: 'lvd-rect', stroke: stroke, fill: stroke, 'stroke-width': Math.min(width, height) * 0.012}));
-        const label = svg('text', {class: 'lvd-label', 'font-size': Math.min(width, height) * 0.065});
-        label.textContent = obj.phrase;
+        const label = svg('text', {class: 'lvd-label', 'font-size': Math.min(width, height) * LABEL_FONT,
+                                   'data-phrase': obj.phrase});
         group.appendChild(label);
         group.appendChild(svg('rect', {class: 'lvd-handle', stroke: stroke}));
         drawBox(group, box, width, height);
