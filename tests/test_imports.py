@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("models", "generation", "utils", "studio")
+PACKAGES = ("models", "generation", "utils", "shapes", "studio")
 TOP_LEVEL = ("prompt", "prompt_batch", "generate", "app")
 SCRIPTS = ("prompt_batch", "generate", "app")  # CLIs: nothing in the library may import them
 # Floors, lowest first: a module may import modules of its own floor or of lower ones, never of a higher one.
@@ -26,6 +26,7 @@ FLOORS = (
     ("utils",),                       # layouts, caches, I/O, the LLM client, plotting
     ("models",),                      # model building and loading, attention processors, tokenizers
     ("generation", "utils.eval"),     # stage 2 (sampling, guidance, runs, settings) and stage 3 (evaluation)
+    ("shapes",),                      # the shapes world: data, planner, detector, training (LVD-Shapes)
     ("prompt",),                      # stage-1 data: templates and prompt sets
     ("studio",),                      # the studio's backend and page
     SCRIPTS,                          # the CLIs
