@@ -131,6 +131,13 @@ def weak_guidance_preset(base_model: str = "zeroscope") -> GuidanceConfig:
                           bg_weight=2.0)
 
 
+def shapes_preset() -> GuidanceConfig:
+    """LVD-Shapes (models/shapes.py; measured in docs/BENCHMARKS.md): its energies stay below the paper's
+    threshold of 200, which stops guidance after one iteration, so every guided iteration runs
+    (threshold 0) with a stronger step (loss_scale 20)."""
+    return GuidanceConfig(loss_scale=20.0, loss_threshold=0.0)
+
+
 def benchmark_preset() -> GuidanceConfig:
     """The benchmark runs: the defaults plus ``com_loss_scale 0.03`` (spec 4.8)."""
     return GuidanceConfig(com_loss_scale=0.03)

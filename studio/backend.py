@@ -64,8 +64,9 @@ MAX_REPLY_NUMBER = 10_000
 
 PRESET_PAPER = "paper"
 PRESET_WEAK = "README weak"
+PRESET_SHAPES = "shapes tuned"
 PRESET_CUSTOM = "custom"
-GUIDANCE_PRESETS = (PRESET_PAPER, PRESET_WEAK, PRESET_CUSTOM)
+GUIDANCE_PRESETS = (PRESET_PAPER, PRESET_WEAK, PRESET_SHAPES, PRESET_CUSTOM)
 # The guidance flags the page exposes (generate.py flag names = GuidanceConfig fields).
 GUIDANCE_FIELDS = ("loss_scale", "loss_threshold", "max_iter", "max_index_step", "fg_top_p", "bg_top_p",
                    "fg_weight", "bg_weight", "com_loss_scale")
@@ -386,12 +387,20 @@ def guidance_defaults() -> dict[str, float | int]:
     return {name: getattr(defaults, name) for name in GUIDANCE_FIELDS}
 
 
+def default_preset(run_model: str) -> str:
+    """The preset the page opens with: the tuned one for the shipped shapes models, else the paper's."""
+    return PRESET_SHAPES if get_spec(run_model).bundled else PRESET_PAPER
+
+
 def guidance_preset_values(preset: str, run_model: str) -> dict[str, float | int]:
     """All exposed guidance fields under ``preset`` (custom starts from the paper's values)."""
-    from generation.config import weak_guidance_preset
+    from generation.config import shapes_preset, weak_guidance_preset
 
     values = guidance_defaults()
-    if preset == PRESET_WEAK:
+    if preset == PRESET_SHAPES:
+        tuned = shapes_preset()
+        values.update({name: getattr(tuned, name) for name in GUIDANCE_FIELDS})
+    elif preset == PRESET_WEAK:
         spec = get_spec(run_model)
         # README: threshold 350 on Zeroscope (576x320), 250 on ModelScope; the tiny models take ModelScope's.
         base = "zeroscope" if (spec.width, spec.height) == (576, 320) else "modelscope"
@@ -713,6 +722,16 @@ def scratch_path(directory: str | os.PathLike, name: str, keep: int = MAX_PREVIE
     return folder / name
 
 
-def shipped_demo_cache_name(template_version: str = DEFAULT_TEMPLATE_VERSION) -> str:
-    """The demo cache the repository ships (``cache/cache_demo_<template>_handwritten.json``)."""
+def opening_prompt(run_model: str) -> str:
+    """The prompt the page opens with: one of the shipped cache of ``run_model`` (`shipped_cache_name`)."""
+    if get_spec(run_model).bundled:
+        return "a green square moving from the left to the right"
+    return "A bear walks from the left to the right"
+
+
+def shipped_cache_name(run_model: str, template_version: str = DEFAULT_TEMPLATE_VERSION) -> str:
+    """The shipped cache a run-model opens with: the shapes benchmark's rule-based layouts for the shipped
+    shapes models (``cache/cache_shapes_<template>_rule-based.json``), else the hand-written demo cache."""
+    if get_spec(run_model).bundled:
+        return cache_file_name("shapes", template_version, "rule-based")
     return cache_file_name("demo", template_version, "handwritten")

@@ -49,9 +49,10 @@ class Studio:
         return [path.name for path in backend.list_cache_files(self.settings.cache_dir)]
 
     def default_cache(self) -> str | None:
-        """The shipped demo cache when it is there, else another demo cache, else the first."""
+        """The shipped cache of the run-model the page opens on (the shapes benchmark's for the shapes models),
+        else the shipped demo cache, else another demo cache, else the first."""
         choices = self.cache_choices()
-        shipped = backend.shipped_demo_cache_name(self.settings.template_version)
+        shipped = backend.shipped_cache_name(self.default_run_model(), self.settings.template_version)
         demo = [name for name in choices if name.startswith("cache_demo_")]
         return shipped if shipped in choices else (demo or choices or [None])[0]
 
@@ -261,14 +262,18 @@ PAGE_CSS = """
 """
 
 
-def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from the left to the right") -> gr.Blocks:
-    """The studio page for ``settings`` (call ``.queue()`` / ``.launch()`` on it)."""
+def build_app(settings: StudioSettings, default_prompt: str | None = None) -> gr.Blocks:
+    """The studio page for ``settings`` (call ``.queue()`` / ``.launch()`` on it); ``default_prompt`` defaults
+    to a prompt of the opening run-model's shipped cache."""
     studio = Studio(settings)
     run_model_choices = studio.available_run_models()
     default_run_model = studio.default_run_model()
     default_status = studio.status_of(default_run_model)
-    paper = backend.guidance_preset_values(backend.PRESET_PAPER, default_run_model)
+    opening_preset = backend.default_preset(default_run_model)
+    paper = backend.guidance_preset_values(opening_preset, default_run_model)
     default_cache = studio.default_cache()
+    if default_prompt is None:
+        default_prompt = backend.opening_prompt(default_run_model)
 
     with gr.Blocks(title="LVD Studio", analytics_enabled=False) as app:
         gr.Markdown("# LVD Studio\nPrompt → LLM layout → boxes edited by hand → layout-guided video beside its "
@@ -325,7 +330,7 @@ def build_app(settings: StudioSettings, default_prompt: str = "A bear walks from
                                             elem_id="with-baseline")
             tiny_note = gr.Markdown(TINY_NOTE, visible=default_status.tiny, elem_id="tiny-note")
             gr.HTML(studio.unavailable_html(), elem_id="unavailable-models")
-            preset = gr.Radio(list(backend.GUIDANCE_PRESETS), value=backend.PRESET_PAPER, label="Guidance preset",
+            preset = gr.Radio(list(backend.GUIDANCE_PRESETS), value=opening_preset, label="Guidance preset",
                               elem_id="preset")
             with gr.Row():
                 fields = [gr.Number(value=paper[name], label=name, interactive=default_status.guided,

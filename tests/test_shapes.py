@@ -244,3 +244,26 @@ def test_compare_baseline_writes_baseline_lvd_and_boxes_side_by_side(tiny_model,
     assert np.abs(first_panel - enlarged).mean() < 12
     lvd = load_video(tmp_path / "video_0.joblib").repeat(factor, axis=1).repeat(factor, axis=2)
     assert np.abs(compare[:, title:, 256:512].astype(int) - lvd).mean() < 12
+
+
+def test_the_studio_opens_on_the_shapes_model_its_cache_and_tuned_guidance(tmp_path):
+    pytest.importorskip("gradio")
+    import shutil
+
+    from studio import backend, ui
+    from tests.studio_fixtures import studio_settings
+
+    _shipped_folder()
+    settings = studio_settings(tmp_path)
+    shutil.copy("cache/cache_shapes_v0.1_rule-based.json", settings.cache_dir)
+    studio = ui.Studio(settings)
+    assert studio.default_run_model() == "lvd_shapes"
+    assert studio.default_cache() == "cache_shapes_v0.1_rule-based.json"
+    assert backend.default_preset("lvd_shapes") == backend.PRESET_SHAPES
+    assert backend.default_preset("lvd_tiny") == backend.PRESET_PAPER
+    values = backend.guidance_preset_values(backend.PRESET_SHAPES, "lvd_shapes")
+    assert values["loss_threshold"] == 0.0 and values["loss_scale"] == 20.0
+    # The opening prompt has a layout in that cache.
+    plan = backend.plan_from_cache(settings.cache_dir / "cache_shapes_v0.1_rule-based.json",
+                                   backend.opening_prompt("lvd_shapes"))
+    assert [track.phrase for track in plan.layout.tracks] == ["green square"]
