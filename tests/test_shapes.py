@@ -251,7 +251,7 @@ def test_the_studio_opens_on_the_shapes_model_its_cache_and_tuned_guidance(tmp_p
     import shutil
 
     from studio import backend, ui
-    from tests.studio_fixtures import studio_settings
+    from studio_fixtures import studio_settings
 
     _shipped_folder()
     settings = studio_settings(tmp_path)
