@@ -31,6 +31,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="default: .train_shapes/<family>/ in the repository")
     parser.add_argument("--out", type=Path, default=None, help="pipeline folder to write (default: the shipped one)")
+    parser.add_argument("--init-from", type=Path, default=None,
+                        help="without a checkpoint, continue from an exported folder (e.g. shapes/weights/unet3d: "
+                             "its weights and recorded progress; the optimiser state starts afresh)")
     parser.add_argument("--export-partial", action="store_true",
                         help="write the pipeline folder even if training stopped before its last step")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
     try:
         state = train_unet3d(components, config, checkpoint_dir,
                              max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
-                             progress=progress)
+                             progress=progress, init_from=args.init_from)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint is in {checkpoint_dir}: rerun the same command to resume",
               file=sys.stderr)

@@ -121,6 +121,33 @@ def load_checkpoint(folder: Path, components: dict) -> tuple[TrainState, dict] |
     return TrainState(**payload["state"]), payload["optimizers"]
 
 
+def load_exported_model(folder: Path, components: dict) -> TrainState:
+    """Start from an exported model folder (e.g. the shipped weights) instead of nothing: its weights (fp16
+    copies are upcast) and the progress its ``training.json`` records. The optimiser state is not exported, so
+    a run continued this way is close to, not equal to, one continued from its checkpoint."""
+    import json
+
+    from diffusers import AutoencoderKL, UNet3DConditionModel
+    from transformers import CLIPTextModel
+
+    record_path = folder / "training.json"
+    if not record_path.is_file():
+        raise FileNotFoundError(f"{record_path} not found: --init-from expects a folder written by train_shapes.py")
+    record = json.loads(record_path.read_text())
+    loaded = {"unet": UNet3DConditionModel.from_pretrained(str(folder / "unet")),
+              "vae": AutoencoderKL.from_pretrained(str(folder / "vae")),
+              "text_encoder": CLIPTextModel.from_pretrained(str(folder / "text_encoder"))}
+    for name, module in loaded.items():
+        components[name].load_state_dict({k: v.float() for k, v in module.state_dict().items()})
+    components["vae"].register_to_config(scaling_factor=loaded["vae"].config.scaling_factor)
+    done = record["steps_done"]
+    vae_finished = done["vae"] >= record["config"]["vae_steps"]
+    history = record.get("loss_history", {})
+    return TrainState(stage="denoiser" if vae_finished else "vae", step=done["denoiser"] if vae_finished else 0,
+                      seconds=60.0 * record["wall_time_minutes"],
+                      losses={"vae": list(history.get("vae", [])), "denoiser": list(history.get("denoiser", []))})
+
+
 # --------------------------------------------------------------------------------------------
 # VAE
 
@@ -260,10 +287,12 @@ def learning_rate(config: TrainConfig, step: int, base: float) -> float:
 
 
 def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
-                 max_seconds: float | None = None, progress: Callable | None = None) -> TrainState:
+                 max_seconds: float | None = None, progress: Callable | None = None,
+                 init_from: Path | None = None) -> TrainState:
     """Train (or resume) the VAE then the denoiser + text encoder in place; returns the final state.
 
-    ``progress(stage, step, total, loss_text)`` is called after every step (the CLI's tqdm).
+    ``progress(stage, step, total, loss_text)`` is called after every step (the CLI's tqdm). Without a
+    checkpoint, ``init_from`` starts from an exported folder (`load_exported_model`) instead of nothing.
     Stops after the first step past ``max_seconds`` of this call (checkpointed, resumable) or when done.
     """
     from diffusers import DDPMScheduler
@@ -275,6 +304,9 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
     optimizers = {"vae": vae_opt, "denoiser": denoiser_opt}
     state = TrainState()
     loaded = load_checkpoint(checkpoint_dir, components)
+    if loaded is None and init_from is not None:
+        state = load_exported_model(init_from, components)
+        logger.info("starting from %s: stage %s, step %d", init_from, state.stage, state.step)
     if loaded is not None:
         state, optimizer_states = loaded
         for name, opt in optimizers.items():
@@ -393,6 +425,8 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
         "final_loss_epsilon_last50": round(final_eps, 5),
         "final_loss_attention_last50": round(final_attention, 4),
         "parameters": num_parameters,
+        "loss_history": {"vae": [round(v, 6) for v in state.losses.get("vae", [])],
+                         "denoiser": [[round(a, 6), round(b, 5)] for a, b in denoiser]},
     }
     atomic_write_json(folder / "training.json", record)
     lines = [

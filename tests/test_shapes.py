@@ -267,3 +267,25 @@ def test_the_studio_opens_on_the_shapes_model_its_cache_and_tuned_guidance(tmp_p
     plan = backend.plan_from_cache(settings.cache_dir / "cache_shapes_v0.1_rule-based.json",
                                    backend.opening_prompt("lvd_shapes"))
     assert [track.phrase for track in plan.layout.tracks] == ["green square"]
+
+
+@pytest.mark.slow
+def test_training_continues_from_an_exported_folder(tmp_path):
+    from models.shapes import build_shapes_unet3d_components, save_unet3d_pipeline_folder
+    from shapes.training import TrainConfig, load_exported_model, train_unet3d, write_model_card
+
+    config = TrainConfig(vae_steps=1, vae_batch_frames=2, steps=3, batch_size=1, warmup_steps=1)
+    components = build_shapes_unet3d_components(0)
+    state = train_unet3d(components, config, tmp_path / "ck", max_seconds=0.0)   # the VAE step
+    state = train_unet3d(components, config, tmp_path / "ck", max_seconds=0.0)   # one denoiser step
+    assert (state.stage, state.step) == ("denoiser", 1)
+    save_unet3d_pipeline_folder(tmp_path / "out", components)
+    write_model_card(tmp_path / "out", family="unet3d", config=config, state=state, num_parameters={},
+                     device="cpu", threads=1)
+    fresh = build_shapes_unet3d_components(0)
+    restored = load_exported_model(tmp_path / "out", fresh)
+    assert (restored.stage, restored.step) == ("denoiser", 1) and len(restored.losses["denoiser"]) == 1
+    assert torch.equal(fresh["unet"].conv_in.weight, components["unet"].conv_in.weight)
+    assert fresh["vae"].config.scaling_factor == components["vae"].config.scaling_factor
+    final = train_unet3d(fresh, config, tmp_path / "ck2", init_from=tmp_path / "out")
+    assert final.stage == "done" and final.step == 3 and len(final.losses["denoiser"]) == 3
