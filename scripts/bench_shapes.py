@@ -5,7 +5,8 @@ For each arm (baseline, LVD with the paper's defaults, LVD with a tuned preset) 
 index, as the benchmark does), evaluates the run with ``scripts/eval_owl_vit.py --detector shapes`` (five-task
 accuracy), and measures, the same way for every arm, prompt following (every requested (colour, shape)
 detected in at least half of the frames where the planned layout has it) and adherence to the planned layout
-(mIoU, coverage, CD, AP50 over all frames; `shapes.measure`). It prints a markdown table (and writes it
+(mIoU, coverage, CD, AP50 over all frames; `shapes.measure`), and, colour-blind, the mIoU of the largest
+salient blob against the box of one-object prompts (it sees where a partly trained model put *something*). It prints a markdown table (and writes it
 with the raw figures as JSON); wall time is each arm's
 mean seconds per video (video_<r>.json) relative to the baseline's, in this one run.
 """
@@ -82,7 +83,7 @@ def measure_videos(run_dir: Path) -> dict:
     (shapes.measure, all frames): the same measurement for every arm, baselines included (which have no
     layout of their own)."""
     from prompt import get_prompt_entries
-    from shapes.measure import detect_video, follows_prompt, score_video_adherence
+    from shapes.measure import compute_salient_miou, detect_video, follows_prompt, score_video_adherence
     from shapes.planner import plan_scene
     from utils.eval.metrics import summarize_adherence
     from utils.video_io import load_video
@@ -90,7 +91,7 @@ def measure_videos(run_dir: Path) -> dict:
     entries = get_prompt_entries("shapes")
     single = {"followed": 0, "total": 0}
     every = {"followed": 0, "total": 0}
-    adherence = []
+    adherence, salient = [], []
     for folder in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.isdigit()):
         video_path = folder / "video_0.joblib"
         if not video_path.is_file():
@@ -103,8 +104,11 @@ def measure_videos(run_dir: Path) -> dict:
             tally["followed"] += followed
             tally["total"] += 1
         adherence.append(score_video_adherence(scene, detections, *frames.shape[1:3]).to_dict())
+        if len(scene.objects) == 1:
+            salient.append(compute_salient_miou(scene, frames))
     return {"prompt_following": {"single_object": single, "all": every},
-            "adherence": summarize_adherence(adherence)}
+            "adherence": summarize_adherence(adherence),
+            "salient_miou_single_object": sum(salient) / len(salient) if salient else None}
 
 
 def mean_seconds_per_video(run_dir: Path) -> float:
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
                         **measure_videos(run_dir), "tasks": summary["tasks"], "overall": summary["overall"]}
     base_time = results.get("baseline", {}).get("seconds_per_video")
     header = ["arm", "single-object prompt following", "all prompts", *TASKS, "overall", "mIoU", "coverage", "CD",
-              "AP50", "s/video", "time vs baseline"]
+              "AP50", "salient mIoU (1 object)", "s/video", "time vs baseline"]
     lines = [f"Shapes benchmark, {args.family}, first {args.per_task} prompts of each task (seed = prompt index).",
              "",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -141,6 +145,7 @@ def main(argv=None) -> int:
                  *tasks, f"{r['overall']['correct']}/{r['overall']['total']}",
                  *("-" if adherence.get(k) is None else f"{adherence[k]:.3f}"
                    for k in ("miou", "coverage", "centroid_distance", "ap50")),
+                 "-" if r["salient_miou_single_object"] is None else f"{r['salient_miou_single_object']:.3f}",
                  f"{r['seconds_per_video']:.1f}",
                  f"{r['seconds_per_video'] / base_time:.2f}x" if base_time else "-"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -59,3 +59,42 @@ def _kind(query: str) -> tuple[str | None, str | None]:
     from shapes.detector import parse_query
 
     return parse_query(query)
+
+
+# A pixel is salient when its colour is this far (L1, 0..765) from the frame's median colour (the background).
+SALIENCY_MIN_DISTANCE = 90
+
+
+def compute_salient_boxes(frames: np.ndarray, min_distance: float = SALIENCY_MIN_DISTANCE) -> np.ndarray:
+    """(F, 4) normalised xyxy box of the largest salient component of each frame (zeros where none).
+
+    A colour- and shape-agnostic object finder: it sees where *something* was drawn even when a partly trained
+    model draws it in the wrong colour, which the shapes detector rightly refuses to name.
+    """
+    from scipy import ndimage
+
+    num_frames, height, width, _ = frames.shape
+    boxes = np.zeros((num_frames, 4))
+    for index, frame in enumerate(frames.astype(np.int64)):
+        background = np.median(frame.reshape(-1, 3), axis=0)
+        salient = np.abs(frame - background).sum(-1) > min_distance
+        labels, count = ndimage.label(salient)
+        if not count:
+            continue
+        largest = 1 + int(np.argmax(ndimage.sum_labels(salient, labels, range(1, count + 1))))
+        ys, xs = np.nonzero(labels == largest)
+        boxes[index] = (xs.min() / width, ys.min() / height, (xs.max() + 1) / width, (ys.max() + 1) / height)
+    return boxes
+
+
+def compute_salient_miou(scene: Scene, frames: np.ndarray) -> float:
+    """Mean IoU, over the frames where the plan has its first object, between that object's box and the
+    largest salient component (0 where there is none): layout adherence of a one-object scene, colour-blind."""
+    from utils.eval.metrics import compute_iou_matrix
+
+    planned = scene_boxes(scene, frames.shape[0])[0]
+    found = compute_salient_boxes(frames)
+    present = planned.any(axis=-1)
+    ious = [compute_iou_matrix(planned[f][None], found[f][None])[0, 0] if found[f].any() else 0.0
+            for f in np.nonzero(present)[0]]
+    return float(np.mean(ious)) if ious else 0.0

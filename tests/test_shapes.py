@@ -178,15 +178,17 @@ EFFECT_PROMPT_INDICES = (60, 61, 62, 63, 80, 81, 82, 83)
 
 @pytest.mark.slow
 def test_lvd_follows_the_layout_better_than_the_baseline_on_shapes_prompts():
-    """Both arms from the shipped weights, same seeds; LVD's per-video mIoU minus the baseline's must be
-    positive by more than twice its standard error over the videos (a paired test)."""
+    """Both arms from the shipped weights, same seeds, the shapes preset; per video, LVD's mIoU to the planned
+    box minus the baseline's must be positive by more than twice its standard error (a paired test). mIoU is
+    measured on the largest salient blob (`shapes.measure.compute_salient_miou`): colour-blind, so it also reads
+    a partly trained model; the detector-based figures are in docs/BENCHMARKS.md (scripts/bench_shapes.py)."""
     from generation.backbones import backbone_for
-    from generation.config import GuidanceConfig, sampling_config_for
+    from generation.config import sampling_config_for, shapes_preset
     from generation.sampling import VideoRequest, generate_videos
     from models.loading import load_video_model
     from models.registry import get_run_model
     from prompt import get_prompt_entries
-    from shapes.measure import detect_video, score_video_adherence
+    from shapes.measure import compute_salient_miou
     from shapes.planner import plan_scene
 
     _shipped_folder()
@@ -196,15 +198,12 @@ def test_lvd_follows_the_layout_better_than_the_baseline_on_shapes_prompts():
     backbone = backbone_for(model)
     entries = get_prompt_entries("shapes")
     scenes = {index: plan_scene(entries[index][0]) for index in EFFECT_PROMPT_INDICES}
+    assert all(len(scene.objects) == 1 for scene in scenes.values())
     lvd = generate_videos(model, [VideoRequest(entries[i][0], i, backbone.build_condition(scenes[i].layout(), 16))
-                                  for i in EFFECT_PROMPT_INDICES], sampling, guidance=GuidanceConfig())
+                                  for i in EFFECT_PROMPT_INDICES], sampling, guidance=shapes_preset())
     baseline = generate_videos(model, [VideoRequest(entries[i][0], i) for i in EFFECT_PROMPT_INDICES], sampling)
-
-    def miou(result, index) -> float:
-        value = score_video_adherence(scenes[index], detect_video(result.frames), 64, 64).miou
-        return 0.0 if value is None else value
-
-    differences = np.asarray([miou(a, i) - miou(b, i) for a, b, i in zip(lvd, baseline, EFFECT_PROMPT_INDICES)])
+    differences = np.asarray([compute_salient_miou(scenes[i], a.frames) - compute_salient_miou(scenes[i], b.frames)
+                              for a, b, i in zip(lvd, baseline, EFFECT_PROMPT_INDICES)])
     margin = 2 * differences.std(ddof=1) / np.sqrt(len(differences))
     assert differences.mean() > margin, f"LVD - baseline mIoU per video: {np.round(differences, 3)}"
 
