@@ -10,14 +10,19 @@ Per frame:
    residual is the distance to it. A pixel belongs to the colour with the smallest residual if its alpha is
    at least ``min_alpha`` and its residual at most ``max_residual`` grey levels: tolerant of blur (partial
    alpha), texture and the off-colour, low-contrast pixels of generated videos.
-3. **Components.** ``scipy.ndimage.label`` per colour; components below ``min_area_px`` are noise.
-4. **Shape.** The alpha-weighted moments of a component (area, centroid, variances) give, for each shape,
-   the box that shape would need (square: side ``sqrt(12 var)``, circle: ``4 sd``, triangle: width
-   ``sqrt(24 var_x)``, height ``sqrt(18 var_y)``, centroid 2/3 down); each candidate is drawn with the
-   world's own rasteriser and compared with the alpha map. The misfits give the shape probabilities
-   (softmax with ``shape_temperature``) and the best one the box. A component cut by the frame border is
-   refitted (centre and side of a square box, the world's boxes being square) so its box reaches past
-   the border like the layout's.
+3. **Components.** ``scipy.ndimage.label`` per colour. A component's alpha is divided by its own strength
+   (the 90th percentile inside it), so a faded object weighs like a vivid one; below ``min_area_px`` it is
+   noise. Its colour beliefs come from the hue of its inner pixels (hue survives fading, desaturation and
+   mixing with a grey background), compared with the palette's hues.
+4. **Shape.** The alpha-weighted moments of a component (area, centroid, variances) give, for each shape
+   and each input blur tried, the box that shape would need (square: side ``sqrt(12 var)``, circle:
+   ``4 sd``, triangle: width ``sqrt(24 var_x)``, height ``sqrt(18 var_y)``, centroid 2/3 down; a blur adds
+   its variance); each candidate is drawn with the world's own rasteriser and compared with the alpha map.
+   The misfits give the shape probabilities (softmax with ``shape_temperature``) and the best one the box.
+   A component that the frame border cuts is refitted (centre and side of a square box, the world's boxes
+   being square); boxes are reported clipped to the frame, as a detector sees them.
+
+Limits: objects of one colour that touch (or, blurred, nearly touch) merge into one component and one box.
 
 Scores are OWL-like: per query, ``score = p(colour) * p(shape) * quality``, where a query's words name a
 colour, a shape, both or neither ("a photo of a red circle", "circles", "red"); the box's label is the
