@@ -10,14 +10,19 @@ Per frame:
    residual is the distance to it. A pixel belongs to the colour with the smallest residual if its alpha is
    at least ``min_alpha`` and its residual at most ``max_residual`` grey levels: tolerant of blur (partial
    alpha), texture and the off-colour, low-contrast pixels of generated videos.
-3. **Components.** ``scipy.ndimage.label`` per colour; components below ``min_area_px`` are noise.
-4. **Shape.** The alpha-weighted moments of a component (area, centroid, variances) give, for each shape,
-   the box that shape would need (square: side ``sqrt(12 var)``, circle: ``4 sd``, triangle: width
-   ``sqrt(24 var_x)``, height ``sqrt(18 var_y)``, centroid 2/3 down); each candidate is drawn with the
-   world's own rasteriser and compared with the alpha map. The misfits give the shape probabilities
-   (softmax with ``shape_temperature``) and the best one the box. A component cut by the frame border is
-   refitted (centre and side of a square box, the world's boxes being square) so its box reaches past
-   the border like the layout's.
+3. **Components.** ``scipy.ndimage.label`` per colour. A component's alpha is divided by its own strength
+   (the 90th percentile inside it), so a faded object weighs like a vivid one; below ``min_area_px`` it is
+   noise. Its colour beliefs come from the hue of its inner pixels (hue survives fading, desaturation and
+   mixing with a grey background), compared with the palette's hues.
+4. **Shape.** The alpha-weighted moments of a component (area, centroid, variances) give, for each shape
+   and each input blur tried, the box that shape would need (square: side ``sqrt(12 var)``, circle:
+   ``4 sd``, triangle: width ``sqrt(24 var_x)``, height ``sqrt(18 var_y)``, centroid 2/3 down; a blur adds
+   its variance); each candidate is drawn with the world's own rasteriser and compared with the alpha map.
+   The misfits give the shape probabilities (softmax with ``shape_temperature``) and the best one the box.
+   A component that the frame border cuts is refitted (centre and side of a square box, the world's boxes
+   being square); boxes are reported clipped to the frame, as a detector sees them.
+
+Limits: objects of one colour that touch (or, blurred, nearly touch) merge into one component and one box.
 
 Scores are OWL-like: per query, ``score = p(colour) * p(shape) * quality``, where a query's words name a
 colour, a shape, both or neither ("a photo of a red circle", "circles", "red"); the box's label is the
@@ -49,11 +54,11 @@ _PLURALS = {f"{shape}s": shape for shape in SHAPES}
 class ShapesDetectorConfig:
     """Tunables of the shapes detector (fixed by tests on the world's clean and degraded videos)."""
 
-    min_alpha: float = 0.45           # a pixel is a shape's when at least this much of it is the colour
+    min_alpha: float = 0.3            # a pixel is a shape's when at least this much of it is the colour
     max_residual: float = 70.0        # ... and it lies at most this far (RGB grey levels) off the mix line
     min_area_px: float = 8.0          # smaller components (alpha-weighted area) are noise
     background_window: int = 15       # pixels; the local background is averaged over this window
-    colour_sigma: float = 45.0        # grey levels; p(colour) = softmax(-d^2 / (2 sigma^2)) over the palette
+    hue_sigma_degrees: float = 12.0   # p(colour) = softmax(-(hue distance)^2 / (2 sigma^2)) over the palette
     shape_temperature: float = 0.02   # p(shape) = softmax(-misfit / temperature)
     support_dilation: int = 2         # pixels around a component whose partial alpha counts (edges, blur)
     fit_smoothing: float = 1.0        # pixels; Gaussian smoothing of alpha map and drawn shape before comparing
@@ -106,6 +111,25 @@ def score_queries(detection: ShapeDetection, queries: Sequence[str]) -> np.ndarr
 
 _PALETTE = np.asarray([COLOURS[name] for name in COLOURS], dtype=np.float64)  # (colours, 3)
 _COLOUR_NAMES = tuple(COLOURS)
+
+
+def _hues(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(hue in degrees, chroma) of (..., 3) RGB values (the hexagonal hue of HSV)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    high, low = rgb.max(-1), rgb.min(-1)
+    chroma = np.maximum(high - low, 1e-6)
+    hue = np.where(high == r, ((g - b) / chroma) % 6, np.where(high == g, (b - r) / chroma + 2, (r - g) / chroma + 4))
+    return 60.0 * hue, high - low
+
+
+def _mean_hue(rgb: np.ndarray) -> float:
+    """The chroma-weighted circular mean hue of (n, 3) RGB pixels, in degrees."""
+    hue, chroma = _hues(np.asarray(rgb, dtype=np.float64))
+    angle = np.deg2rad(hue)
+    return float(np.rad2deg(np.arctan2((chroma * np.sin(angle)).sum(), (chroma * np.cos(angle)).sum())) % 360.0)
+
+
+_PALETTE_HUES = _hues(_PALETTE)[0]
 
 
 def _mix_projection(frame: np.ndarray, background: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -234,7 +258,10 @@ def detect_frame(frame: np.ndarray, config: ShapesDetectorConfig = ShapesDetecto
             support = ndimage.binary_dilation(mask, iterations=config.support_dilation)
             # Other objects' cores (any colour) are not this one's partial pixels.
             support &= ~(all_cores & ~mask)
-            weights = weights_full * support
+            # A washed-out object (generated videos) shows only part of its palette colour: its alpha is
+            # measured against its own strength, the upper alpha of its core.
+            strength = float(np.clip(np.percentile(alpha[index][mask], 90), config.min_alpha, 1.0))
+            weights = np.clip(weights_full * support / strength, 0.0, 1.0)
             area = float(weights.sum())
             if area < config.min_area_px:
                 continue
@@ -265,14 +292,12 @@ def _describe_component(name: str, mask: np.ndarray, weights: np.ndarray, frame:
     misfit_values = np.asarray([misfits[s] for s in SHAPES])
     shape_probs = _softmax(-misfit_values / config.shape_temperature)
     best_shape = SHAPES[int(np.argmin(misfit_values))]
-    # The object's own colour: the pixel's offset from the background, scaled up by its alpha.
-    core = mask & (weights >= 0.5)
-    if not core.any():
-        core = mask
-    pure = background[core] + (frame[core] - background[core]) / np.maximum(weights[core], 0.5)[:, None]
-    colour_estimate = np.median(pure, axis=0)
-    distance2 = ((_PALETTE - colour_estimate) ** 2).sum(-1)
-    colour_probs = _softmax(-distance2 / (2 * config.colour_sigma ** 2))
+    # The object's colour: the hue of its inner pixels against the palette's hues. Hue survives fading and
+    # desaturation (generated videos) and mixing with a grey background (blur).
+    inner = mask & (weights >= 0.8)
+    hue = _mean_hue(frame[inner if inner.any() else mask])
+    distance = np.abs((_PALETTE_HUES - hue + 180.0) % 360.0 - 180.0)
+    colour_probs = _softmax(-distance ** 2 / (2 * config.hue_sigma_degrees ** 2))
     quality = float(np.clip(1.0 - misfits[best_shape], 0.0, 1.0))
     # What is visible, as an object detector reports it: a shape cut by the border ends at the border.
     box = np.clip(boxes[best_shape], 0.0, [width, height, width, height])

@@ -50,6 +50,13 @@ def _degrade(video: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarr
         video = ndimage.gaussian_filter(video, sigma=(0, 1.0, 1.0, 0))
     if kind in ("shift", "all"):
         video = video + rng.uniform(-25, 25, size=3)      # an off-colour frame: every channel shifted
+    if kind == "fade":          # half the contrast, towards mid grey
+        video = 0.5 * video + 0.5 * 128
+    if kind == "desaturate":    # half the saturation
+        video = 0.5 * video + 0.5 * video.mean(-1, keepdims=True)
+    if kind == "soft":          # a decoder's look: blurred, washed out, a little noisy
+        video = ndimage.gaussian_filter(video, sigma=(0, 1.2, 1.2, 0))
+        video = 0.7 * video + 0.3 * video.mean(-1, keepdims=True) + rng.normal(0, 6, size=video.shape)
     if kind in ("noise", "all"):
         video = video + rng.normal(0, 12, size=video.shape)
     return np.clip(np.rint(video), 0, 255).astype(np.uint8)
@@ -89,7 +96,7 @@ def test_parse_query(query, expected):
 
 def test_clean_videos_every_object_found_with_iou_at_least_0_9():
     """All tasks and backgrounds: every separate object is found, IoU >= 0.9, right colour and shape."""
-    ious, labels_ok, right, wrong = _measure(range(40))
+    ious, labels_ok, right, wrong = _measure(range(30))
     assert len(ious) > 150
     assert ious.min() >= 0.9 and np.median(ious) >= 0.97
     assert labels_ok.all()
@@ -97,7 +104,7 @@ def test_clean_videos_every_object_found_with_iou_at_least_0_9():
 
 
 def test_clean_videos_no_spurious_detections():
-    for seed in range(20):
+    for seed in range(10):
         scene, video = world.sample_video(seed, world.TASKS[seed % 5], background="beige")  # textured
         for frame in EVAL_FRAMES:
             separate = _separate_objects(scene, frame)
@@ -107,13 +114,22 @@ def test_clean_videos_no_spurious_detections():
                 assert count == present, (seed, frame, scene.caption)
 
 
-@pytest.mark.parametrize("degradation", ["blur", "noise", "shift", "all"])
+@pytest.mark.parametrize("degradation", ["blur", "noise", "shift", "all", "fade", "desaturate"])
 def test_degraded_videos(degradation):
-    """Blurred (sigma 1 px), noisy (sigma 12), colour-shifted (+-25 per channel) frames, and all three."""
-    ious, labels_ok, right, wrong = _measure(range(0, 30, 2), degradation)
+    """Blurred (sigma 1 px), noisy (sigma 12), colour-shifted (+-25 per channel), all three; faded to half
+    the contrast, half the saturation: every separate object found with its colour and shape."""
+    ious, labels_ok, right, wrong = _measure(range(0, 30, 3), degradation)
     assert labels_ok.all()
-    assert ious.min() >= 0.75 and ious.mean() >= 0.92
-    assert np.median(right) >= 0.8 and np.median(wrong) < 0.05
+    assert ious.min() >= 0.8 and ious.mean() >= 0.94
+    assert np.median(right) >= 0.9 and right.min() >= 0.5 and np.median(wrong) < 0.01 and wrong.max() < 0.1
+
+
+def test_soft_videos_like_a_decoder_output():
+    """Blurred by 1.2 px, 30 % desaturated, noisy: squares start to look round and objects 2-3 px apart can
+    merge, so a few objects are lost; the rest keep their boxes and labels."""
+    ious, labels_ok, right, wrong = _measure(range(0, 30, 3), "soft")
+    assert labels_ok.mean() >= 0.95 and np.median(ious) >= 0.93 and np.percentile(ious, 5) >= 0.85
+    assert np.median(right) >= 0.85 and np.median(wrong) < 0.05
 
 
 def test_run_detector_interface_pads_and_labels():
@@ -139,7 +155,7 @@ def test_identity_names_the_settings():
     from dataclasses import replace
 
     detector = build_shapes_detector()
-    changed = ShapesDetector(config=replace(detector.config, min_alpha=0.3))
+    changed = ShapesDetector(config=replace(detector.config, min_alpha=0.4))
     assert detector.identity != changed.identity and detector.identity.startswith("shapes-detector")
 
 
@@ -188,7 +204,7 @@ def test_ground_truth_run_scores_every_task(tmp_path):
     judged = _evaluate_ground_truth(tmp_path, indices)
     assert {r.item.task for r in judged} == set(world.TASKS)
     assert all(r.verdict.success for r in judged), [r.verdict.reason for r in judged if not r.verdict.success]
-    assert min(r.adherence.miou for r in judged) >= 0.95
+    assert min(r.adherence.miou for r in judged) >= 0.93 and np.mean([r.adherence.miou for r in judged]) >= 0.97
     assert all(r.adherence.coverage == 1.0 and r.adherence.ap50 == 1.0 for r in judged)
 
 
