@@ -307,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     items = plan_items(list(prompt_list.prompts), args)
 
     if args.dry_run:
-        return _dry_run(items, source, sampling.num_frames)
+        return _dry_run(items, source, sampling.num_frames, spec)
     try:
         ensure_writable_dir(args.output_dir, "--output-dir")
     except OutputDirError as error:
@@ -352,9 +352,15 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _dry_run(items, source: LayoutSource | None, num_frames: int) -> int:
+def _dry_run(items, source: LayoutSource | None, num_frames: int, spec) -> int:
     from utils.layout import build_condition
 
+    # The UNet run-models' CLIP tokenizer (built offline, no model): phrases past its 77 tokens fail here too.
+    tokenizer = None
+    if source is not None and spec.family != WAN_FAMILY:
+        from models.tokenizer import build_clip_tokenizer
+
+        tokenizer = build_clip_tokenizer()
     missing = 0
     for index, prompt, occurrence in items:
         if source is None:
@@ -362,11 +368,11 @@ def _dry_run(items, source: LayoutSource | None, num_frames: int) -> int:
             continue
         try:
             layout = source.layout(index, prompt, occurrence)
+            condition = build_condition(layout, num_frames, tokenizer)
         except (CacheMissError, LayoutError) as error:
             missing += 1
             print(f"[{index}] {error}")
             continue
-        condition = build_condition(layout, num_frames)
         print(f"[{index}] {condition.prompt} | objects: {', '.join(condition.phrases) or 'none'}")
     return 1 if missing else 0
 

@@ -339,3 +339,47 @@ def test_a_bad_layout_file_is_one_line_naming_it(tmp_path, capsys):
     assert generate.main(["--run-model", "lvd_tiny", "--layout-file", str(bad), "--model", "x",
                           "--output-dir", str(tmp_path)]) == 2
     assert "drop --model" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts whose phrases do not fit in CLIP's 77 tokens (issue 17, items 12 and 19)
+
+TOYS = [f"a very big {animal} toy" for animal in ("cat dog horse cow sheep goat pig duck goose chicken fox wolf bear "
+                                                  "deer rabbit mouse rat owl eagle hawk").split()]
+
+
+def _toys_layout():
+    from utils.layout import build_layout_from_frames
+
+    frames = [[{"id": i, "name": name, "box": [20 * i, 10, 50, 50]} for i, name in enumerate(TOYS)] for _ in range(6)]
+    return build_layout_from_frames(frames, prompt="A zoo scene with many animals", background="grassy field")
+
+
+def test_dry_run_rejects_phrases_past_the_token_limit_from_a_cache_and_a_file(tmp_path, capsys):
+    from utils.layout import format_layout_text, layout_to_json
+
+    layout = _toys_layout()
+    cache_dir = tmp_path / "cache"
+    path = cache_path("custom", "v0.1", "test-llm", cache_dir=cache_dir)
+    path.parent.mkdir(parents=True)
+    path.write_text(serialize_cache({layout.prompt: [format_layout_text(layout)]}))
+    assert generate.main(["--run-model", "lvd_tiny", "--prompts", layout.prompt, "--model", "test-llm",
+                          "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 1
+    assert "object 11 ('a very big wolf toy')" in capsys.readouterr().out
+    layout_file = tmp_path / "toys.json"
+    layout_file.write_text(layout_to_json(layout))
+    assert generate.main(["--run-model", "lvd_tiny", "--layout-file", str(layout_file), "--output-dir",
+                          str(tmp_path / "out"), "--dry-run"]) == 1
+    assert "object 11 ('a very big wolf toy')" in capsys.readouterr().out
+
+
+def test_a_run_rejects_phrases_past_the_token_limit_without_a_video(tmp_path, capsys):
+    from utils.layout import layout_to_json
+
+    layout_file = tmp_path / "toys.json"
+    layout_file.write_text(layout_to_json(_toys_layout()))
+    assert generate.main(["--run-model", "lvd_tiny", "--layout-file", str(layout_file), "--output-dir",
+                          str(tmp_path / "out"), *FAST]) == 1
+    run_dir = tmp_path / "out" / "imgs_custom_templatev0.1_lvd_tiny" / "run0"
+    assert not list(run_dir.glob("*/video_0.joblib"))
+    assert "object 11 ('a very big wolf toy')" in (run_dir / "failures.jsonl").read_text()
