@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-annotate", action="store_true", help="skip the annotated GIF with boxes and phrases")
     parser.add_argument("--visualize", action="store_true", help="save the layout box GIF of every prompt")
     parser.add_argument("--dry-run", action="store_true", help="parse the layouts only; load no model")
+    parser.add_argument("--allow-mixed-settings", action="store_true",
+                        help="resume a run<k> made with other sampling/guidance settings (both are recorded); "
+                             "without it such a resume stops, so that one run never mixes videos of two settings")
     parser.add_argument("--fail-fast", "--no-continue-on-error", dest="fail_fast", action="store_true",
                         help="stop at the first failing prompt instead of logging it and going on")
     parser.add_argument("--verbose", action="store_true")
@@ -326,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     my_items = items[state.process_index::state.num_processes]
 
     from generation.backbones import backbone_for
+    from generation.runs import RunSettingsError
     from models.loading import load_video_model
 
     print(f"loading {spec.model_id or spec.name} ...", file=sys.stderr, flush=True)
@@ -345,7 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     run = _RunFolder(base / f"run{run_index}", args, spec, sampling, guidance, execution, gligen, llm_model, model,
                      state, source, prompt_list.prompt_type)
     try:
+        if (run.path / "config.json").is_file():
+            run.ensure()  # a resume: its settings are checked before any video
         return _generate_all(my_items, args, spec, model, sampling, guidance, execution, gligen, source, run, state)
+    except RunSettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished videos are kept in {run.path}; rerun the same command with "
               f"--force_run_ind {run_index} to resume", file=sys.stderr)
@@ -425,7 +434,7 @@ def _record_invocation(run_dir: Path, args, spec, sampling, guidance, execution,
         "model_source": model.source, **({} if source is None else source.describe()),
         **describe_environment(str(model.device)),
     }
-    return record_invocation(run_dir, settings, invocation)
+    return record_invocation(run_dir, settings, invocation, allow_changed=args.allow_mixed_settings)
 
 
 def _generate_all(items, args, spec, model, sampling, guidance, execution, gligen, source: LayoutSource | None,

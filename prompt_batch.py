@@ -341,7 +341,8 @@ def run_batch(config: BatchConfig, client_factory: Callable[[], LLMClient] | Non
             return
         if is_miss:
             guard.record(None)
-            summary.new += 1
+        if planned.source == "llm":
+            summary.new += 1  # saved by this process (another one may have stored this occurrence first)
         else:
             summary.hits += 1
             if config.visualize_cache_hit:

@@ -211,3 +211,12 @@ def test_a_detector_failure_costs_only_its_video(tmp_path, cli, monkeypatch, cap
     with pytest.raises(RuntimeError):
         cli.main(["--run_base_path", str(run), "--detector", "tiny", "--num_prompts", "2", "--fail-fast",
                   "--no-detection-cache"])
+
+
+def test_frames_too_small_to_judge_are_skipped_with_a_reason(tmp_path, tiny):
+    # Issue 17, item 26: 1x1-pixel frames were scored without a word.
+    run = write_run(tmp_path / "run0", [])
+    write_prompt_folder(run, 0, draw_video(height=1, width=1), get_benchmark("lvd")[0].prompt)
+    items = collect_eval_items(run, "lvd", get_prompt_entries("lvd"), RunSelection(num_prompts=1))
+    results, _ = evaluate_items(items, tiny, EvalConfig())
+    assert "1x1 pixels are too small" in results[0].skipped and not results[0].error

@@ -106,7 +106,7 @@ def test_config_keeps_one_record_per_shard(tmp_path, lvd_cache):
         assert record["layout_cache"]["path"] == str(cache_file) and len(record["layout_cache"]["sha256"]) == 64
         assert record["changed_settings"] == []
     assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", "--repeats", "2", "--fg_top_p", "0.5",
-                cache_dir=lvd_cache) == 0
+                "--allow-mixed-settings", cache_dir=lvd_cache) == 0
     config = json.loads((_run_dir(tmp_path) / "config.json").read_text())
     assert config["guidance"]["fg_top_p"] == 0.75  # the run's first settings stay at the top ...
     assert config["invocations"][-1]["changed_settings"] == ["guidance"]  # ... a change is recorded
@@ -383,3 +383,26 @@ def test_a_run_rejects_phrases_past_the_token_limit_without_a_video(tmp_path, ca
     run_dir = tmp_path / "out" / "imgs_custom_templatev0.1_lvd_tiny" / "run0"
     assert not list(run_dir.glob("*/video_0.joblib"))
     assert "object 11 ('a very big wolf toy')" in (run_dir / "failures.jsonl").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Nonsense accepted, mixed runs (issue 17, item 26)
+
+@pytest.mark.parametrize("extra", [["--num_frames", "1"], ["--num_frames", "10000", "--dry-run"]])
+def test_frame_counts_no_video_model_takes_are_one_line(tmp_path, capsys, extra):
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--template_version", "v0.1", "--output-dir", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "num_frames" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_resuming_a_run_with_other_sampling_settings_is_refused(tmp_path, lvd_cache, capsys):
+    assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    run_dir = _run_dir(tmp_path)
+    before = (run_dir / "config.json").read_text()
+    assert _run(tmp_path, "--num_prompts", "2", "--force_run_ind", "0", "--num_inference_steps", "2",
+                cache_dir=lvd_cache) == 2
+    err = capsys.readouterr().err
+    assert "num_inference_steps 3 -> 2" in err and "--allow-mixed-settings" in err
+    assert not (run_dir / "1").exists() and (run_dir / "config.json").read_text() == before

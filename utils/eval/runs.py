@@ -43,6 +43,9 @@ SKIP_NO_VIDEO = "no video file"
 SKIP_REPEATS = "several repeats"
 SKIP_UNREADABLE = "unreadable video"
 SKIP_TOO_SHORT = "too few frames"
+SKIP_TOO_SMALL = "frames too small"
+# Smallest frame side evaluation judges: OWL-ViT sees 32-pixel patches, so a smaller frame holds no object.
+MIN_FRAME_SIDE = 32
 SKIP_OTHER_PROMPT = "layout of another prompt"
 SKIP_NOTHING_TO_JUDGE = "no check and no layout"
 SKIP_FAILED = "unexpected error"
