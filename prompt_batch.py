@@ -45,7 +45,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from prompt import (ALL_PROMPT_TYPES, CUSTOM_PROMPT_TYPE, DEFAULT_TEMPLATE_VERSION, PromptListError, Template,
                     build_messages, format_messages, get_prompts, load_template, resolve_prompts)
 from utils.cache import (DEFAULT_CACHE_DIR, CacheFormatError, LayoutCache, cache_path, describe_missing_cache,
-                         occurrence_indices, select_window)
+                         occurrence_indices, recover_interrupted_writes, select_window)
 from utils.cli import ensure_writable_dir, int_in, run_cli
 from utils.io import atomic_path
 from utils.layout import (BACKGROUND_LABEL, LayoutError, SceneLayout, parse_layout, validate_layout,
@@ -255,6 +255,8 @@ def run_batch(config: BatchConfig, client_factory: Callable[[], LLMClient] | Non
     template = load_template(config.template_version)
     if window and not config.cache_path.exists():
         ensure_writable_dir(config.cache_path.parent, "--cache-dir")  # a new cache will be written there
+    if config.cache_path.exists():
+        recover_interrupted_writes(config.cache_path)  # temp files of a killed cache write
     cache = LayoutCache.load(config.cache_path)
     misses = [i for i in window if cache.get(prompts[i], occurrences[i]) is None]
     logger.info("%s: %d prompts in the window, %d cached, %d to query", config.cache_path, len(window),

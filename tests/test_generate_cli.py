@@ -406,3 +406,13 @@ def test_resuming_a_run_with_other_sampling_settings_is_refused(tmp_path, lvd_ca
     err = capsys.readouterr().err
     assert "num_inference_steps 3 -> 2" in err and "--allow-mixed-settings" in err
     assert not (run_dir / "1").exists() and (run_dir / "config.json").read_text() == before
+
+
+def test_a_resume_removes_stale_run_root_temp_files_and_leaves_no_lock_file(tmp_path, lvd_cache):
+    # Issue 17, items 14 and 24: kill -9 on the first config.json write left run0/.config.<random>.tmp.json.
+    assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    run_dir = _run_dir(tmp_path)
+    assert not (run_dir / ".config.json.lock").exists()
+    (run_dir / ".config.k1ll3d.tmp.json").write_text('{"half": ')
+    assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []

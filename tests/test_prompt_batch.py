@@ -501,3 +501,14 @@ def test_a_reply_another_process_saved_first_is_not_counted_as_new(tmp_path, ser
     summary, _ = run(config, client_factory(server))
     assert (summary.new, summary.hits, summary.ok) == (0, 2, True)
     assert all("other" in replies[0] for replies in load_cache_entries(config.cache_path).values())
+
+
+def test_a_start_removes_the_temp_files_of_a_killed_cache_write(tmp_path, server):
+    # Issue 17, item 24: kill -9 inside a cache write left .cache_<...>.tmp.json beside the cache after the resume.
+    config = batch_config(tmp_path, num_prompts=2)
+    run(config, client_factory(server))
+    stale = config.cache_path.parent / f".{config.cache_path.stem}.x9k.tmp.json"
+    stale.write_text('{"half": ')
+    summary, _ = run(config, client_factory(server))
+    assert summary.hits == 2 and not stale.exists()
+    assert sorted(p.name for p in config.cache_path.parent.iterdir()) == [config.cache_path.name]
