@@ -291,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     except (RunModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if guidance is not None and guidance.disabled_reason():  # kept (the reference's quirk), said once
+        print(f"warning: guidance is off for this run: {guidance.disabled_reason()}", file=sys.stderr)
     if args.regenerate > 1 and args.skip_first_prompts != 0:
         print("error: --regenerate > 1 needs --skip_first_prompts 0", file=sys.stderr)
         return 2

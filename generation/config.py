@@ -20,6 +20,9 @@ STOP_CARRIED = "carried"    # reference rule: compare the carried loss; stop for
 STOP_PER_STEP = "per-step"  # corrected rule (spec 15.2): recompute at every step, stop that step when below
 STOP_RULES = (STOP_CARRIED, STOP_PER_STEP)
 
+# The reference starts its carried loss (loss_scale * energy) at this sentinel (spec 4.5).
+INITIAL_LOSS = 10000.0
+
 NOISE_CPU = "cpu"              # float32 noise from a CPU generator: the same on every machine (default)
 NOISE_REFERENCE = "reference"  # the reference's draw: a generator on the model's device, in its dtype
 NOISE_KINDS = (NOISE_CPU, NOISE_REFERENCE)
@@ -73,6 +76,22 @@ class GuidanceConfig:
         if isinstance(self.max_iter, int):
             return self.max_iter
         return self.max_iter[step_index] if step_index < len(self.max_iter) else 0
+
+    def disabled_reason(self) -> str | None:
+        """Why these settings can run no guided iteration at all, in one sentence; None when they can.
+
+        Faithful: the settings are kept (the reference ran such videos unguided without a word); callers warn.
+        """
+        if self.max_index_step == 0:
+            return "max_index_step is 0, so no denoising step is guided"
+        if not any(self.iterations_at(step) for step in range(self.max_index_step)):
+            return f"max_iter is {self.max_iter}, so no guided iteration runs"
+        start = INITIAL_LOSS / self.loss_scale
+        if self.stop_rule == STOP_CARRIED and not start > self.loss_threshold:
+            return (f"the reference's carried energy starts at {INITIAL_LOSS:g} / loss_scale = {start:g}, which is not "
+                    f"above loss_threshold {self.loss_threshold:g}, so guidance never starts (lower loss_scale or "
+                    f"loss_threshold, or use the per-step stop rule)")
+        return None
 
     def energy_weights(self) -> EnergyWeights:
         return EnergyWeights(fg_top_p=self.fg_top_p, bg_top_p=self.bg_top_p, fg_weight=self.fg_weight,

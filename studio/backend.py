@@ -611,6 +611,8 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
 
         baseline = None
         notes = []
+        if configs.guidance is not None and configs.guidance.disabled_reason():
+            notes.append(f"guidance off: {configs.guidance.disabled_reason()}")
         if baseline_spec is None and request.with_baseline:
             notes.append(f"no baseline: no unguided run-model with the weights of {spec.name} is available")
         if baseline_spec is not None:

@@ -204,7 +204,7 @@ class Studio:
         if status.tiny:
             text.append("These videos are noise (tiny random-weight model).")
         text += [f"- {note}" for note in result.notes]
-        if not result.guidance_log:
+        if not result.guidance_log and not any(note.startswith("guidance off") for note in result.notes):
             text.append("- no guided iterations (guidance off for this run-model, or the layout has no objects)")
         saved = [f"- run folder: `{backend.display_path(result.run_root)}`",
                  f"- LVD: `{backend.display_path(lvd.video_joblib)}` and `config.json` in "

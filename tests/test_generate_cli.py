@@ -416,3 +416,10 @@ def test_a_resume_removes_stale_run_root_temp_files_and_leaves_no_lock_file(tmp_
     (run_dir / ".config.k1ll3d.tmp.json").write_text('{"half": ')
     assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_settings_that_make_guidance_impossible_warn_once(tmp_path, capsys):
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--template_version", "v0.1", "--loss_scale", "1e308", "--dry-run"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "guidance is off" in warnings[0] and "loss_scale" in warnings[0]
