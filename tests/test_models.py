@@ -376,3 +376,11 @@ def test_random_model_from_configs_materialises_on_cpu(tmp_path):
     assert _state_dicts_equal(model.text_encoder, tiny.build_tiny_text_encoder(5))
     assert model.tokenizer("a red car").input_ids == [49406, 320, 736, 1615, 49407]
     assert not any(p.requires_grad for p in model.unet.parameters()) and model.vae.use_slicing
+
+
+def test_missing_weights_messages_name_the_cli_flag_not_a_library_parameter(tmp_path):
+    # Issue 17, item 15: messages ended with "(model_path=DIR)".
+    for model_id in ("lvd-tests/none", None):
+        with pytest.raises(MissingWeightsError) as info:
+            resolve_model_folder(model_id, model_path=tmp_path / "absent", path_flag="--detector-path")
+        assert "--detector-path DIR" in str(info.value) and "model_path" not in str(info.value)
