@@ -423,3 +423,15 @@ def test_settings_that_make_guidance_impossible_warn_once(tmp_path, capsys):
                           "--template_version", "v0.1", "--loss_scale", "1e308", "--dry-run"]) == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "guidance is off" in warnings[0] and "loss_scale" in warnings[0]
+
+
+def test_a_missing_demo_cache_names_the_published_one_or_the_shipped_one(tmp_path, capsys):
+    # Issue 17, item 5: the README's stage-2 examples read cache_demo_v0.1_gpt-4-1106-preview.json.
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "gpt-4-1106-preview",
+                          "--template_version", "v0.1", "--cache-dir", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "cache_demo_v0.1_gpt-4-1106-preview.json is one of the authors' published caches" in err
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "my-llm",
+                          "--template_version", "v0.1", "--cache-dir", str(tmp_path), "--dry-run"]) == 2
+    assert "shipped demo cache is cache/cache_demo_v0.1_handwritten.json" in capsys.readouterr().err

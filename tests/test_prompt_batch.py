@@ -512,3 +512,15 @@ def test_a_start_removes_the_temp_files_of_a_killed_cache_write(tmp_path, server
     summary, _ = run(config, client_factory(server))
     assert summary.hits == 2 and not stale.exists()
     assert sorted(p.name for p in config.cache_path.parent.iterdir()) == [config.cache_path.name]
+
+
+def test_a_new_model_name_starts_a_new_cache_without_the_published_caches_warning(tmp_path, server, caplog):
+    # Issue 17, item 17: every --prompts run with a new model name printed a long warning about published caches.
+    import logging
+
+    config = batch_config(tmp_path, prompt_type="custom", prompts=("A cat walks",), model="my-new-llm")
+    with caplog.at_level(logging.INFO, logger="prompt_batch"):
+        summary, _ = run(config, client_factory(server))
+    assert summary.new == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("new layout cache" in r.getMessage() for r in caplog.records)

@@ -39,9 +39,13 @@ JSON_INDENT = 4  # the published format
 logger = logging.getLogger(__name__)
 
 
-# Where the authors' published caches are (LVD release): named by every "no cache" message.
-PUBLISHED_CACHE_FILES = ("cache_lvd_v0.1_gpt-4-1106-preview.json", "cache_lvd_v0.1_gpt-3.5-turbo.json")
+# Where the authors' published caches are (LVD release): named by every "no cache" message. The demo cache
+# (the README's stage-2 examples, --prompt-type demo --model gpt-4-1106-preview) is published with them.
+PUBLISHED_CACHE_FILES = ("cache_lvd_v0.1_gpt-4-1106-preview.json", "cache_lvd_v0.1_gpt-3.5-turbo.json",
+                         "cache_demo_v0.1_gpt-4-1106-preview.json")
 PUBLISHED_CACHE_SOURCE = "the cache/ folder of github.com/TonyLianLong/LLM-groundedVideoDiffusion"
+# The hand-written demo cache shipped in cache/ (no download, no API key).
+SHIPPED_DEMO_CACHE = "cache_demo_v0.1_handwritten.json"
 
 
 class CacheFormatError(ValueError):
@@ -49,10 +53,16 @@ class CacheFormatError(ValueError):
 
 
 def describe_missing_cache(path: str | os.PathLike, flag: str = "--cache-dir", *, how_to_make: bool = True) -> str:
-    """One line for a cache file that does not exist: the path, the flag to point elsewhere, where the
-    authors' published caches come from and (``how_to_make``) how to make one."""
+    """One line for a cache file that does not exist: the path, the flag to point elsewhere, and what to get:
+    the published cache of that name, else where the published caches and the shipped demo cache are and
+    (``how_to_make``) how to make one."""
+    name = Path(path).name
+    if name in PUBLISHED_CACHE_FILES:
+        return (f"no layout cache at {path} ({flag}); {name} is one of the authors' published caches, in "
+                f"{PUBLISHED_CACHE_SOURCE}: download it and pass --cache-dir DIR (its folder), or copy it into cache/")
     text = (f"no layout cache at {path} ({flag}); the authors' published caches ({', '.join(PUBLISHED_CACHE_FILES)}) "
-            f"are in {PUBLISHED_CACHE_SOURCE}: download them and pass --cache-dir DIR, or copy them into cache/")
+            f"are in {PUBLISHED_CACHE_SOURCE}: download them and pass --cache-dir DIR, or copy them into cache/; "
+            f"the shipped demo cache is cache/{SHIPPED_DEMO_CACHE} (--prompt-type demo --model handwritten)")
     return text + ("; to make a cache of your own, run prompt_batch.py --auto-query" if how_to_make else "")
 
 
