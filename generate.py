@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generate the layouts of these JSON files (a layout.json generate.py wrote, or a bare "
                              "serialised layout) instead of reading an LLM cache; prompt type custom")
     parser.add_argument("--cache-dir", default="cache", help="folder of the layout caches")
+    parser.add_argument("--auto-query", action="store_true",
+                        help="ask the LLM (--model at --llm-base-url, or OpenAI) for the layouts the cache lacks and "
+                             "save them there first, as prompt_batch.py --auto-query --always-save does")
     parser.add_argument("--output-dir", default="img_generations", help="root of the run directories")
     parser.add_argument("--save-suffix", default=None, help="appended as _<suffix> to the run directory name")
     parser.add_argument("--repeats", type=int_in(1), default=1, help="videos per prompt (seeds differ by 6789)")
@@ -125,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fail-fast", "--no-continue-on-error", dest="fail_fast", action="store_true",
                         help="stop at the first failing prompt instead of logging it and going on")
     parser.add_argument("--verbose", action="store_true")
+    from utils.llm import add_llm_arguments
+
+    add_llm_arguments(parser)
     return parser
 
 
@@ -267,7 +273,7 @@ def resolve_prompt_list(args, uses_layout: bool, llm_model: str | None) -> tuple
                               "(e.g. --model gpt-4-1106-preview, or --model handwritten for the demo), or pass "
                               "--layout-file FILE")
     path = cache_path(prompts.prompt_type, args.template_version, llm_model, cache_dir=args.cache_dir)
-    if not path.is_file():
+    if not path.is_file() and not args.auto_query:  # with --auto-query a new cache is started
         raise CacheFormatError(describe_missing_cache(path))
     return prompts, LayoutSource(cache=LayoutCache.load(path))
 
@@ -310,6 +316,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     items = plan_items(list(prompt_list.prompts), args)
+    if args.auto_query and not args.dry_run and source is not None and source.cache is not None:
+        code = _query_missing_layouts(args, items, source.cache)
+        if code:
+            return code
 
     if args.dry_run:
         return _dry_run(items, source, sampling.num_frames, spec)
@@ -361,6 +371,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ninterrupted: finished videos are kept in {run.path}; rerun the same command with "
               f"--force_run_ind {run_index} to resume", file=sys.stderr)
         return 130
+
+
+def _query_missing_layouts(args, items, cache: LayoutCache) -> int:
+    """--auto-query: plan the layouts the cache lacks (utils.planner) before any model loads; 0, or the exit code."""
+    from models.tokenizer import build_clip_tokenizer
+    from prompt import build_messages, load_template
+    from utils.layout import validate_layout_for_generation
+    from utils.llm import LLMConfigError, build_client, llm_config_from_args, query_layout
+    from utils.planner import plan_missing_layouts
+    from utils.redact import redact_secrets
+
+    wanted = [(prompt, occurrence) for _, prompt, occurrence in items if cache.get(prompt, occurrence) is None]
+    if not wanted:
+        return 0
+    try:
+        template = load_template(args.template_version)
+        ensure_writable_dir(cache.path.parent, "--cache-dir")
+        client = build_client(llm_config_from_args(args), args.llm_api_key_file)
+    except (LLMConfigError, OutputDirError, ValueError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    tokenizer = build_clip_tokenizer()  # saved replies must build the stage-2 condition, as in prompt_batch.py
+    print(f"asking {client.config.model} for {len(wanted)} layout(s) the cache lacks ({cache.path}) ...",
+          file=sys.stderr, flush=True)
+    try:
+        report = plan_missing_layouts(
+            cache, wanted, lambda prompt: query_layout(
+                client, build_messages(template, prompt), prompt, max_parse_attempts=args.parse_attempts,
+                parse_retry_delay_s=args.parse_retry_delay,
+                validate=lambda layout: validate_layout_for_generation(layout, tokenizer)),
+            max_endpoint_failures=args.llm_max_endpoint_failures,
+            on_failure=lambda prompt, occurrence, problem: print(
+                f"FAILED {prompt!r}: {redact_secrets(problem, client.secrets)}", file=sys.stderr))
+    finally:
+        client.close()
+    print(f"{report.new} new layout(s) saved to {cache.path}, {len(report.failures)} failed", file=sys.stderr)
+    if report.stopped is not None:
+        print(f"error: {redact_secrets(report.stopped, client.secrets)}; the layouts saved so far are kept, rerun "
+              "the same command to resume", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _dry_run(items, source: LayoutSource | None, num_frames: int, spec) -> int:

@@ -435,3 +435,38 @@ def test_a_missing_demo_cache_names_the_published_one_or_the_shipped_one(tmp_pat
     assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "my-llm",
                           "--template_version", "v0.1", "--cache-dir", str(tmp_path), "--dry-run"]) == 2
     assert "shipped demo cache is cache/cache_demo_v0.1_handwritten.json" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# One command from text to video (issue 17, item 18)
+
+def test_auto_query_plans_missing_layouts_saves_them_and_generates(tmp_path, capsys):
+    from openai_server import FakeOpenAIServer
+
+    cache_dir = tmp_path / "cache"
+    with FakeOpenAIServer() as server:
+        argv = ["--run-model", "lvd_tiny", "--prompts", "A cat walks to the right", "--model", "test-llm",
+                "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path / "out"), "--auto-query",
+                "--llm-base-url", server.base_url, "--llm-max-retries", "0", *FAST]
+        assert generate.main(argv) == 0
+        assert server.captions() == ["A cat walks to the right"]
+        assert generate.main(argv + ["--force_run_ind", "0"]) == 0  # cached now: no second request
+        assert server.request_count == 1
+    entries = json.loads(cache_path("custom", "v0.1", "test-llm", cache_dir=cache_dir).read_text())
+    assert list(entries) == ["A cat walks to the right"] and len(entries["A cat walks to the right"]) == 1
+    run_dir = tmp_path / "out" / "imgs_custom_templatev0.1_test-llm_lvd_tiny" / "run0"
+    assert (run_dir / "0" / "video_0.joblib").is_file()
+    assert "1 new layout(s) saved" in capsys.readouterr().err
+
+
+def test_auto_query_stops_in_one_line_when_the_endpoint_is_unusable(tmp_path, capsys):
+    from openai_server import Fail, FakeOpenAIServer
+
+    with FakeOpenAIServer() as server:
+        server.default = Fail(404, "no such model")
+        assert generate.main(["--run-model", "lvd_tiny", "--prompts", "A", "B", "C", "--model", "test-llm",
+                              "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out"),
+                              "--auto-query", "--llm-base-url", server.base_url, *FAST]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "3 prompt(s) in a row failed" in errors[0] and "rerun the same command" in errors[0]
+    assert not (tmp_path / "out").exists()
