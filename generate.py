@@ -329,6 +329,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    if not spec.tiny or args.model_path is not None:  # missing weights: one line before the heavy imports
+        from models.hub import MissingWeightsError
+        from models.weights import find_model_folder
+
+        try:
+            find_model_folder(spec, args.model_path)
+        except MissingWeightsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
     import torch
     from accelerate import PartialState
 

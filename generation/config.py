@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from generation.energies import EnergyWeights
 from models.registry import LVD_GUIDED_LAYERS, RunModelSpec, validate_num_frames, validate_size
+
+if TYPE_CHECKING:
+    from generation.energies import EnergyWeights
 
 # Used by every stage-2 method of the reference (spec 5.3).
 NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weird, abrupt"
@@ -93,7 +96,10 @@ class GuidanceConfig:
                     f"loss_threshold, or use the per-step stop rule)")
         return None
 
-    def energy_weights(self) -> EnergyWeights:
+    def energy_weights(self) -> "EnergyWeights":
+        # Imported here: energies needs torch, and configs are built on paths that need none (--help, --dry-run).
+        from generation.energies import EnergyWeights
+
         return EnergyWeights(fg_top_p=self.fg_top_p, bg_top_p=self.bg_top_p, fg_weight=self.fg_weight,
                              bg_weight=self.bg_weight, com_loss_scale=self.com_loss_scale,
                              use_ratio_based_loss=self.use_ratio_based_loss,

@@ -34,8 +34,9 @@ from tokenizers import Regex, Tokenizer, decoders, models as tokenizer_models, n
 from transformers import T5TokenizerFast, UMT5Config, UMT5EncoderModel
 
 from models.devices import build_seeded, resolve_device, resolve_dtype
-from models.hub import MissingWeightsError, resolve_model_folder
+from models.hub import MissingWeightsError
 from models.registry import WAN_NUM_LAYERS_14B, WAN_TINY_NUM_LAYERS, RunModelSpec, get_run_model
+from models.weights import WAN_MODEL_CONFIG_FILES, WAN_MODEL_WEIGHT_FOLDERS, find_model_folder  # noqa: F401
 from utils.io import atomic_folder, atomic_write_json
 from utils.layout import LayoutValidationError, refine_phrase
 
@@ -463,23 +464,12 @@ def save_tiny_wan_model(folder: str | os.PathLike, seed: int = 0, *, overwrite: 
     return Path(folder)
 
 
-# A hub-like Wan folder (the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers).
-WAN_MODEL_CONFIG_FILES = (
-    "transformer/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-    "tokenizer/tokenizer_config.json",
-    "scheduler/scheduler_config.json",
-)
-WAN_MODEL_WEIGHT_FOLDERS = ("transformer", "vae", "text_encoder")
 
 
 def resolve_wan_model_folder(spec: RunModelSpec, model_path: str | os.PathLike | None = None, *,
                              local_files_only: bool = False, cache_dir: str | os.PathLike | None = None) -> Path:
     """The local folder of ``spec``'s Wan weights (`models.hub.resolve_model_folder`: a clear, fast error)."""
-    return resolve_model_folder(spec.model_id, model_path, spec.revision, required_files=WAN_MODEL_CONFIG_FILES,
-                                weight_folders=WAN_MODEL_WEIGHT_FOLDERS, local_files_only=local_files_only,
-                                cache_dir=cache_dir)
+    return find_model_folder(spec, model_path, local_files_only=local_files_only, cache_dir=cache_dir)
 
 
 def load_wan_components_from_folder(folder: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:
