@@ -168,6 +168,7 @@ def describe_environment(device: str) -> dict[str, Any]:
         gpu = torch.cuda.get_device_name(torch.device(device))
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "gpu": gpu,
             "python": platform.python_version(), "git_commit": git_commit(Path(__file__).resolve().parents[1]),
+            "torch_threads": torch.get_num_threads(),  # on CPU the count changes the last bits of sums
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__}}
 

@@ -92,6 +92,7 @@ class StudioSettings:
     device: str | None = None
     dtype: str | None = None
     model_paths: Mapping[str, str] = field(default_factory=dict)  # run-model name -> local folder
+    threads: int | None = None  # torch CPU threads; None: models.devices.choose_cpu_threads (generate.py's rule)
 
     @property
     def studio_cache_path(self) -> Path:
@@ -581,6 +582,9 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     seed = _derive_seed(request.seed)
 
     with pool.lock:
+        from models.devices import apply_cpu_threads, choose_cpu_threads
+
+        apply_cpu_threads(choose_cpu_threads(settings.threads, small_model=spec.tiny))  # as generate.py does
         model = pool.get(spec)
         try:  # the layout is checked against the tokenizer before any folder is made
             from generation.backbones import backbone_for

@@ -470,3 +470,19 @@ def test_auto_query_stops_in_one_line_when_the_endpoint_is_unusable(tmp_path, ca
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "3 prompt(s) in a row failed" in errors[0] and "rerun the same command" in errors[0]
     assert not (tmp_path / "out").exists()
+
+
+def test_threads_flag_sets_and_records_the_torch_thread_count(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--template_version", "v0.1", "--output-dir", str(tmp_path), *FAST]) == 0
+    assert torch.get_num_threads() == 1  # tiny run-models: one thread
+    config = json.loads((tmp_path / "imgs_demo_templatev0.1_handwritten_lvd_tiny" / "run0" / "config.json").read_text())
+    assert config["invocations"][0]["torch_threads"] == 1
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--template_version", "v0.1", "--output-dir", str(tmp_path), "--threads", "2",
+                          "--dry-run"]) == 0
+    assert generate.main(["--run-model", "lvd_tiny", "--template_version", "v0.1", "--threads", "0"]) == 2

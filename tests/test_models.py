@@ -384,3 +384,15 @@ def test_missing_weights_messages_name_the_cli_flag_not_a_library_parameter(tmp_
         with pytest.raises(MissingWeightsError) as info:
             resolve_model_folder(model_id, model_path=tmp_path / "absent", path_flag="--detector-path")
         assert "--detector-path DIR" in str(info.value) and "model_path" not in str(info.value)
+
+
+def test_cpu_threads_default_to_one_for_tiny_models_unless_asked():
+    # Issue 17, item 7: torch's default threads made tiny models crawl on a busy machine.
+    from models.devices import choose_cpu_threads
+
+    assert choose_cpu_threads(None, small_model=True, environ={}) == 1
+    assert choose_cpu_threads(None, small_model=False, environ={}) is None  # torch's default
+    assert choose_cpu_threads(3, small_model=True, environ={"OMP_NUM_THREADS": "2"}) == 3  # --threads wins
+    assert choose_cpu_threads(None, small_model=True, environ={"OMP_NUM_THREADS": "2"}) is None  # torch follows it
+    with pytest.raises(ValueError):
+        choose_cpu_threads(0, small_model=True)
