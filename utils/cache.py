@@ -58,8 +58,9 @@ def describe_missing_cache(path: str | os.PathLike, flag: str = "--cache-dir", *
     (``how_to_make``) how to make one."""
     name = Path(path).name
     if name in PUBLISHED_CACHE_FILES:
+        where = "--cache-path FILE" if flag == "--cache-path" else "--cache-dir DIR (its folder)"
         return (f"no layout cache at {path} ({flag}); {name} is one of the authors' published caches, in "
-                f"{PUBLISHED_CACHE_SOURCE}: download it and pass --cache-dir DIR (its folder), or copy it into cache/")
+                f"{PUBLISHED_CACHE_SOURCE}: download it and pass {where}, or copy it into cache/")
     text = (f"no layout cache at {path} ({flag}); the authors' published caches ({', '.join(PUBLISHED_CACHE_FILES)}) "
             f"are in {PUBLISHED_CACHE_SOURCE}: download them and pass --cache-dir DIR, or copy them into cache/; "
             f"the shipped demo cache is cache/{SHIPPED_DEMO_CACHE} (--prompt-type demo --model handwritten)")
