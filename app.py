@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="LLM name for 'LLM endpoint' (as for prompt_batch.py)")
     parser.add_argument("--template_version", default=backend.DEFAULT_TEMPLATE_VERSION)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: automatic)")
+    parser.add_argument("--threads", type=int_in(1), default=None,
+                        help="torch CPU threads (default: generate.py's: $OMP_NUM_THREADS if set, else 1 for the tiny "
+                             "run-models, else one per core)")
     parser.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
                         help="default: fp16 on CUDA, fp32 on CPU")
     parser.add_argument("--model-path", action="append", default=[], metavar="RUN_MODEL=DIR",
@@ -67,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = backend.StudioSettings(cache_dir=args.cache_dir, output_dir=args.output_dir,
                                           template_version=args.template_version, llm=backend.build_llm_settings(args),
                                           device=args.device, dtype=args.dtype,
-                                          model_paths=parse_model_paths(args.model_path))
+                                          model_paths=parse_model_paths(args.model_path), threads=args.threads)
     except (ValueError, OutputDirError, backend.StudioError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

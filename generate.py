@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="generate the layouts of these JSON files (a layout.json generate.py wrote, or a bare "
                              "serialised layout) instead of reading an LLM cache; prompt type custom")
     parser.add_argument("--cache-dir", default="cache", help="folder of the layout caches")
+    parser.add_argument("--auto-query", action="store_true",
+                        help="ask the LLM (--model at --llm-base-url, or OpenAI) for the layouts the cache lacks and "
+                             "save them there first, as prompt_batch.py --auto-query --always-save does")
     parser.add_argument("--output-dir", default="img_generations", help="root of the run directories")
     parser.add_argument("--save-suffix", default=None, help="appended as _<suffix> to the run directory name")
     parser.add_argument("--repeats", type=int_in(1), default=1, help="videos per prompt (seeds differ by 6789)")
@@ -56,9 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="videos per forward pass (sweeps); each keeps its own seed and layout")
     parser.add_argument("--visualize", action="store_true", help="save the layout box GIF of every prompt")
     parser.add_argument("--dry-run", action="store_true", help="parse the layouts only; load no model")
+    parser.add_argument("--allow-mixed-settings", action="store_true",
+                        help="resume a run<k> made with other sampling/guidance settings (both are recorded); "
+                             "without it such a resume stops, so that one run never mixes videos of two settings")
     parser.add_argument("--fail-fast", "--no-continue-on-error", dest="fail_fast", action="store_true",
                         help="stop at the first failing prompt instead of logging it and going on")
     parser.add_argument("--verbose", action="store_true")
+    from utils.llm import add_llm_arguments
+
+    add_llm_arguments(parser)
     return parser
 
 
@@ -143,7 +152,7 @@ def resolve_prompt_list(args, uses_layout: bool, llm_model: str | None) -> tuple
                               "(e.g. --model gpt-4-1106-preview, or --model handwritten for the demo), or pass "
                               "--layout-file FILE")
     path = cache_path(prompts.prompt_type, args.template_version, llm_model, cache_dir=args.cache_dir)
-    if not path.is_file():
+    if not path.is_file() and not args.auto_query:  # with --auto-query a new cache is started
         raise CacheFormatError(describe_missing_cache(path))
     return prompts, LayoutSource(cache=LayoutCache.load(path))
 
@@ -182,24 +191,50 @@ def main(argv: list[str] | None = None) -> int:
         llm_model = resolve_llm_model(args.model)
         prompt_list, source = resolve_prompt_list(args, configs.spec.method in LAYOUT_METHODS, llm_model)
         items = plan_items(list(prompt_list.prompts), args)
-        if args.dry_run:
-            return _dry_run(items, source, configs.sampling.num_frames)
+    except _USAGE_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    spec = configs.spec
+    if configs.guidance is not None and configs.guidance.disabled_reason():  # the reference's quirk, said once
+        print(f"warning: guidance is off for this run: {configs.guidance.disabled_reason()}", file=sys.stderr)
+    if args.auto_query and not args.dry_run and source is not None and source.cache is not None:
+        code = _query_missing_layouts(args, items, source.cache)
+        if code:
+            return code
+    if args.dry_run:
+        return _dry_run(items, source, configs.sampling.num_frames, spec)
+    try:
         ensure_writable_dir(args.output_dir, "--output-dir")
     except _USAGE_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
+    if not spec.tiny or args.model_path is not None:  # missing weights: one line before the heavy imports
+        from models.hub import MissingWeightsError
+        from models.weights import find_model_folder
+
+        try:
+            find_model_folder(spec, args.model_path)
+        except MissingWeightsError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+
     import torch
     from accelerate import PartialState
+
+    from models.devices import apply_cpu_threads, choose_cpu_threads
+
+    apply_cpu_threads(choose_cpu_threads(args.threads, small_model=spec.tiny))
 
     # Without CUDA, processes started by a multi-process launcher (accelerate launch --multi_gpu, torchrun)
     # join a CPU (gloo) group; accelerate's own `--cpu` launcher starts one process unless MPI is set up.
     state = PartialState(cpu=args.device == "cpu" or not torch.cuda.is_available())
-    spec = configs.spec
     base = run_base_dir(args, spec, prompt_list.prompt_type)
     run_index = args.force_run_ind if args.force_run_ind is not None else first_unused_run_index(base)
     state.wait_for_everyone()  # every process picked the index before any creates it
     my_items = items[state.process_index::state.num_processes]
+
+    from generation.runs import RunSettingsError
 
     print(f"loading {spec.model_id or spec.name} ...", file=sys.stderr, flush=True)
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
@@ -212,7 +247,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {spec.name} is a tiny random-weight model; its videos are noise (it exercises the code paths)")
     run = _RunFolder(base / f"run{run_index}", args, configs, llm_model, model, state, source, prompt_list.prompt_type)
     try:
+        if (run.path / "config.json").is_file():
+            run.ensure()  # a resume: its settings are checked before any video
         return _generate_all(my_items, args, configs, model, source, run, state)
+    except RunSettingsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"\ninterrupted: finished videos are kept in {run.path}; rerun the same command with "
               f"--force_run_ind {run_index} to resume", file=sys.stderr)
@@ -233,9 +273,56 @@ def _load_model(args, configs, device):
     return model
 
 
-def _dry_run(items, source: LayoutSource | None, num_frames: int) -> int:
+def _query_missing_layouts(args, items, cache: LayoutCache) -> int:
+    """--auto-query: plan the layouts the cache lacks (utils.planner) before any model loads; 0, or the exit code."""
+    from models.tokenizer import build_clip_tokenizer
+    from prompt import build_messages, load_template
+    from utils.layout import validate_layout_for_generation
+    from utils.llm import LLMConfigError, build_client, llm_config_from_args, query_layout
+    from utils.planner import plan_missing_layouts
+    from utils.redact import redact_secrets
+
+    wanted = [(prompt, occurrence) for _, prompt, occurrence in items if cache.get(prompt, occurrence) is None]
+    if not wanted:
+        return 0
+    try:
+        template = load_template(args.template_version)
+        ensure_writable_dir(cache.path.parent, "--cache-dir")
+        client = build_client(llm_config_from_args(args), args.llm_api_key_file)
+    except (LLMConfigError, OutputDirError, ValueError, OSError) as error:
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+    tokenizer = build_clip_tokenizer()  # saved replies must build the stage-2 condition, as in prompt_batch.py
+    print(f"asking {client.config.model} for {len(wanted)} layout(s) the cache lacks ({cache.path}) ...",
+          file=sys.stderr, flush=True)
+    try:
+        report = plan_missing_layouts(
+            cache, wanted, lambda prompt: query_layout(
+                client, build_messages(template, prompt), prompt, max_parse_attempts=args.parse_attempts,
+                parse_retry_delay_s=args.parse_retry_delay,
+                validate=lambda layout: validate_layout_for_generation(layout, tokenizer)),
+            max_endpoint_failures=args.llm_max_endpoint_failures,
+            on_failure=lambda prompt, occurrence, problem: print(
+                f"FAILED {prompt!r}: {redact_secrets(problem, client.secrets)}", file=sys.stderr))
+    finally:
+        client.close()
+    print(f"{report.new} new layout(s) saved to {cache.path}, {len(report.failures)} failed", file=sys.stderr)
+    if report.stopped is not None:
+        print(f"error: {redact_secrets(report.stopped, client.secrets)}; the layouts saved so far are kept, rerun "
+              "the same command to resume", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _dry_run(items, source: LayoutSource | None, num_frames: int, spec) -> int:
     from utils.layout import build_condition
 
+    # The UNet run-models' CLIP tokenizer (built offline, no model): phrases past its 77 tokens fail here too.
+    tokenizer = None
+    if source is not None and spec.family != WAN_FAMILY:
+        from models.tokenizer import build_clip_tokenizer
+
+        tokenizer = build_clip_tokenizer()
     missing = 0
     for index, prompt, occurrence in items:
         if source is None:
@@ -243,11 +330,11 @@ def _dry_run(items, source: LayoutSource | None, num_frames: int) -> int:
             continue
         try:
             layout = source.layout(index, prompt, occurrence)
+            condition = build_condition(layout, num_frames, tokenizer)
         except (CacheMissError, LayoutError) as error:
             missing += 1
             print(f"[{index}] {error}")
             continue
-        condition = build_condition(layout, num_frames)
         print(f"[{index}] {condition.prompt} | objects: {', '.join(condition.phrases) or 'none'}")
     return 1 if missing else 0
 
@@ -283,7 +370,7 @@ def _record_invocation(run_dir: Path, args, configs, llm_model, model, state, so
     invocation = run_invocation(model, command=sys.argv, args=args, window=[args.skip_first_prompts, end],
                                 rank=state.process_index, num_processes=state.num_processes,
                                 **({} if source is None else source.describe()))
-    return record_invocation(run_dir, settings, invocation)
+    return record_invocation(run_dir, settings, invocation, allow_changed=args.allow_mixed_settings)
 
 
 def _generate_all(items, args, configs, model, source: LayoutSource | None, run: _RunFolder, state) -> int:

@@ -44,8 +44,8 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from prompt import (ALL_PROMPT_TYPES, CUSTOM_PROMPT_TYPE, DEFAULT_TEMPLATE_VERSION, PromptListError, Template,
                     build_messages, format_messages, get_prompts, load_template, resolve_prompts)
-from utils.cache import (DEFAULT_CACHE_DIR, CacheFormatError, LayoutCache, cache_path, describe_missing_cache,
-                         occurrence_indices, select_window)
+from utils.cache import (DEFAULT_CACHE_DIR, PUBLISHED_CACHE_FILES, CacheFormatError, LayoutCache, cache_path,
+                         describe_missing_cache, occurrence_indices, recover_interrupted_writes, select_window)
 from utils.cli import ensure_writable_dir, int_in, run_cli
 from utils.io import atomic_path
 from utils.layout import (BACKGROUND_LABEL, LayoutError, SceneLayout, parse_layout, validate_layout,
@@ -255,13 +255,19 @@ def run_batch(config: BatchConfig, client_factory: Callable[[], LLMClient] | Non
     template = load_template(config.template_version)
     if window and not config.cache_path.exists():
         ensure_writable_dir(config.cache_path.parent, "--cache-dir")  # a new cache will be written there
+    if config.cache_path.exists():
+        recover_interrupted_writes(config.cache_path)  # temp files of a killed cache write
     cache = LayoutCache.load(config.cache_path)
     misses = [i for i in window if cache.get(prompts[i], occurrences[i]) is None]
     logger.info("%s: %d prompts in the window, %d cached, %d to query", config.cache_path, len(window),
                 len(window) - len(misses), len(misses))
     if misses and not config.cache_path.exists():
-        logger.warning("%s; %d prompt(s) need a reply, saved to a new cache there",
-                       describe_missing_cache(config.cache_path, how_to_make=False), len(misses))
+        # A new model name simply starts a new cache; only a published cache's name means one was to be read.
+        published = config.cache_path.name in PUBLISHED_CACHE_FILES
+        (logger.warning if published else logger.info)(
+            "%s; %d prompt(s) need a reply, saved to a new cache there",
+            describe_missing_cache(config.cache_path, how_to_make=False) if published
+            else f"new layout cache {config.cache_path}", len(misses))
     if misses:
         ensure_writable_dir(config.cache_path.parent, "--cache-dir")
     if (config.visualize and misses) or (config.visualize_cache_hit and len(misses) < len(window)):
@@ -341,7 +347,8 @@ def run_batch(config: BatchConfig, client_factory: Callable[[], LLMClient] | Non
             return
         if is_miss:
             guard.record(None)
-            summary.new += 1
+        if planned.source == "llm":
+            summary.new += 1  # saved by this process (another one may have stored this occurrence first)
         else:
             summary.hits += 1
             if config.visualize_cache_hit:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from generation.energies import EnergyWeights
 from models.registry import (GUIDED_METHODS, LVD_GUIDED_LAYERS, WAN_FAMILY, WAN_LVD_CORRECTOR_OFF_STEPS, RunModelError,
                              RunModelSpec, validate_num_frames, validate_size)
+
+if TYPE_CHECKING:
+    from generation.energies import EnergyWeights
 
 # Used by every stage-2 method of the reference (spec 5.3).
 NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weird, abrupt"
@@ -20,6 +23,9 @@ NEGATIVE_PROMPT = "dull, gray, unrealistic, colorless, blurry, low-quality, weir
 STOP_CARRIED = "carried"    # reference rule: compare the carried loss; stop for good once below (spec 4.5)
 STOP_PER_STEP = "per-step"  # corrected rule (spec 15.2): recompute at every step, stop that step when below
 STOP_RULES = (STOP_CARRIED, STOP_PER_STEP)
+
+# The reference starts its carried loss (loss_scale * energy) at this sentinel (spec 4.5).
+INITIAL_LOSS = 10000.0
 
 NOISE_CPU = "cpu"              # float32 noise from a CPU generator: the same on every machine (default)
 NOISE_REFERENCE = "reference"  # the reference's draw: a generator on the model's device, in its dtype
@@ -80,7 +86,26 @@ class GuidanceConfig:
             return self.max_iter
         return self.max_iter[step_index] if step_index < len(self.max_iter) else 0
 
-    def energy_weights(self) -> EnergyWeights:
+    def disabled_reason(self) -> str | None:
+        """Why these settings can run no guided iteration at all, in one sentence; None when they can.
+
+        Faithful: the settings are kept (the reference ran such videos unguided without a word); callers warn.
+        """
+        if self.max_index_step == 0:
+            return "max_index_step is 0, so no denoising step is guided"
+        if not any(self.iterations_at(step) for step in range(self.max_index_step)):
+            return f"max_iter is {self.max_iter}, so no guided iteration runs"
+        start = INITIAL_LOSS / self.loss_scale
+        if self.stop_rule == STOP_CARRIED and not start > self.loss_threshold:
+            return (f"the reference's carried energy starts at {INITIAL_LOSS:g} / loss_scale = {start:g}, which is not "
+                    f"above loss_threshold {self.loss_threshold:g}, so guidance never starts (lower loss_scale or "
+                    f"loss_threshold, or use the per-step stop rule)")
+        return None
+
+    def energy_weights(self) -> "EnergyWeights":
+        # Imported here: energies needs torch, and configs are built on paths that need none (--help, --dry-run).
+        from generation.energies import EnergyWeights
+
         return EnergyWeights(fg_top_p=self.fg_top_p, bg_top_p=self.bg_top_p, fg_weight=self.fg_weight,
                              bg_weight=self.bg_weight, com_loss_scale=self.com_loss_scale,
                              use_ratio_based_loss=self.use_ratio_based_loss,

@@ -18,10 +18,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from generation.config import STOP_CARRIED, GuidanceConfig
-
-# The reference starts its carried loss (loss_scale * energy) at this sentinel (spec 4.5).
-INITIAL_LOSS = 10000.0
+from generation.config import INITIAL_LOSS, STOP_CARRIED, GuidanceConfig
 
 
 class GuidanceError(RuntimeError):

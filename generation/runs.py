@@ -202,6 +202,7 @@ def describe_environment(device: str) -> dict[str, Any]:
         gpu = torch.cuda.get_device_name(torch.device(device))
     return {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "host": socket.gethostname(), "gpu": gpu,
             "python": platform.python_version(), "git_commit": git_commit(Path(__file__).resolve().parents[1]),
+            "torch_threads": torch.get_num_threads(),  # on CPU the count changes the last bits of sums
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__}}
 
@@ -259,9 +260,24 @@ def run_invocation(model, *, command: Sequence[str], args: Any, window: Sequence
             "model_source": model.source, **describe_environment(str(model.device))}
 
 
-def record_invocation(run_dir: Path, settings: dict[str, Any], invocation: dict[str, Any]) -> list[str]:
+class RunSettingsError(ValueError):
+    """A resume of a run folder with settings that differ from the run's own (one run would mix videos)."""
+
+
+def _describe_change(key: str, before: Any, after: Any) -> str:
+    """``key: name a -> b, ...`` for the fields of a settings group that differ (at most three)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        fields = [f"{name} {before.get(name)!r} -> {after.get(name)!r}" for name in sorted(set(before) | set(after))
+                  if before.get(name) != after.get(name)]
+        return f"{key}: {', '.join(fields[:3])}" + (", ..." if len(fields) > 3 else "")
+    return f"{key}: {before!r} -> {after!r}"
+
+
+def record_invocation(run_dir: Path, settings: dict[str, Any], invocation: dict[str, Any], *,
+                      allow_changed: bool = True) -> list[str]:
     """Add this process's record to ``<run_dir>/config.json``; returns the settings that differ from the
     run's first invocation (a resume with other settings), which are recorded, never overwritten.
+    With ``allow_changed`` False such a resume raises :class:`RunSettingsError` and records nothing.
 
     The file holds the run's settings at the top (those of its first invocation, which evaluation reads)
     and ``"invocations"``: one entry per process and shard, each with its own command, window, settings,
@@ -284,6 +300,11 @@ def record_invocation(run_dir: Path, settings: dict[str, Any], invocation: dict[
         existing.setdefault("invocations", [])
         changed = [key for key in RUN_SETTINGS_KEYS
                    if json.dumps(existing.get(key), sort_keys=True) != json.dumps(settings.get(key), sort_keys=True)]
+        if changed and not allow_changed:
+            details = "; ".join(_describe_change(key, existing.get(key), settings.get(key)) for key in changed)
+            raise RunSettingsError(f"{run_dir} was made with other settings ({details}): its videos and this run's "
+                                   "would be mixed in one run folder; use another --force_run_ind (or none, for a "
+                                   "new run<k>), or pass --allow-mixed-settings")
         existing["invocations"].append({**invocation, "settings": settings, "changed_settings": changed})
         atomic_write_json(path, existing)
     return changed

@@ -90,6 +90,9 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                              "the original's draw (a generator on the GPU, in fp16), for bit-level comparisons")
     parser.add_argument("--model-path", default=None, help="local folder with the video model's weights")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: automatic)")
+    parser.add_argument("--threads", type=int_in(1), default=None,
+                        help="torch CPU threads (default: $OMP_NUM_THREADS if set, else 1 for the tiny run-models, "
+                             "else torch's: one per core; on a machine shared with other jobs, fewer)")
     parser.add_argument("--dtype", default=None, choices=("fp16", "bf16", "fp32"),
                         help="default: fp16 on CUDA (bf16 for Wan), fp32 on CPU")
     parser.add_argument("--save-formats", nargs="+", default=DEFAULT_SAVE_FORMATS, choices=SAVE_FORMATS,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Sequence
 
 import torch
@@ -13,6 +14,30 @@ _DTYPES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
     "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
 }
+
+def choose_cpu_threads(requested: int | None, *, small_model: bool, environ=None) -> int | None:
+    """The torch CPU thread count of a run, or None to keep torch's (one per physical core).
+
+    ``requested`` (``--threads``) wins, then ``$OMP_NUM_THREADS`` (torch already follows it: None). A small
+    (tiny) model gets 1: its kernels are too small to share, and on a busy machine more threads only spin
+    (a baseline_tiny step: 3.6 s with torch's 2 threads, 0.43 s with one, docs/BENCHMARKS.md). On CPU the
+    count changes the last bits of floating-point sums, so a run records it (config.json, ``torch_threads``).
+    """
+    if requested is not None:
+        if requested < 1:
+            raise ValueError(f"threads must be at least 1, found {requested}")
+        return requested
+    environ = os.environ if environ is None else environ
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    return 1 if small_model else None
+
+
+def apply_cpu_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` unless None (see :func:`choose_cpu_threads`)."""
+    if threads is not None and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
 
 def resolve_device(name: str | torch.device | None = None) -> torch.device:
     """``name`` as a torch.device; None picks CUDA when available, else CPU."""

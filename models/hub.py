@@ -127,9 +127,9 @@ def _missing_weights_message(model_id: str | None, tried: Sequence[str], reason:
         fixes.append(f"download it on a machine with internet (`{download}`, the huggingface_hub "
                      "CLI) and copy the HF cache here or point HF_HUB_CACHE at the copy")
         fixes.append(f"or download it to a folder (`{download} --local-dir DIR`) and pass "
-                     f"`{path_flag} DIR` (model_path=DIR)")
+                     f"`{path_flag} DIR`")
     else:
-        fixes.append(f"pass `{path_flag} DIR` (model_path=DIR) pointing at a folder with the model files")
+        fixes.append(f"pass `{path_flag} DIR` pointing at a folder with the model files")
     if model_id and is_hub_offline():
         fixes.append("or unset HF_HUB_OFFLINE to download it now")
     return (f"weights for {name} not found: {reason}. Tried: {'; '.join(tried)}. "

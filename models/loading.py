@@ -14,6 +14,7 @@ from models.tiny import build_tiny_components
 from models.video_model import VideoModel, assemble_video_model, load_components_from_folder, resolve_video_model_folder
 from models.wan import (WanVideoModel, assemble_wan_model, build_tiny_wan_components, cast_wan_transformer,
                         load_wan_components_from_folder, resolve_wan_model_folder)
+from models.weights import find_model_folder  # noqa: F401  (the folder check, re-exported for callers here)
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,6 @@ def load_video_model(spec: RunModelSpec, model_path: str | os.PathLike | None = 
             cross_attention_dim=None if spec.tiny else GLIGEN_CROSS_ATTENTION_DIM)  # published adapters: 1024
         source = str(folder)
     return assemble_video_model(components, device, dtype, spec, source)
-
-
-def find_model_folder(spec: RunModelSpec, model_path: str | os.PathLike | None = None, *,
-                      local_files_only: bool = False, cache_dir: str | os.PathLike | None = None):
-    """The local folder with ``spec``'s weights, without loading them (`MissingWeightsError` otherwise);
-    with ``local_files_only`` nothing is downloaded (e.g. to list the run-models usable on this machine)."""
-    if spec.family == WAN_FAMILY:
-        return resolve_wan_model_folder(spec, model_path, local_files_only=local_files_only, cache_dir=cache_dir)
-    return resolve_video_model_folder(spec, model_path, local_files_only=local_files_only, cache_dir=cache_dir)
 
 
 def load_wan_model(spec: RunModelSpec, model_path: str | os.PathLike | None = None,

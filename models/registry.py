@@ -13,6 +13,10 @@ from pathlib import Path
 UNET3D_FAMILY = "unet3d"  # ModelScope, Zeroscope, their GLIGEN adapters, the tiny models
 WAN_FAMILY = "wan"        # Wan 2.1 T2V (a DiT with flow matching): models/wan.py, generation/backbones/wan.py
 
+# Far past what any of these models was trained on (16 to 81 frames): a larger count is a typo, and as the
+# latents and the temporal attention grow with it, such a run would fail late (out of memory) or crawl.
+MAX_NUM_FRAMES = 256
+
 # Latent = pixels / 8 for the SD-style VAE of ModelScope / Zeroscope (and of the tiny models).
 VAE_SCALE_FACTOR = 8
 
@@ -133,7 +137,8 @@ class RunModelSpec:
     height: int
     width: int
     default_num_frames: int
-    min_num_frames: int = 1
+    min_num_frames: int = 2                  # one frame is a picture, not a video
+    max_num_frames: int = MAX_NUM_FRAMES
     revision: str | None = None
     guided_layers: tuple[str, ...] = ()
     tiny: bool = False
@@ -210,7 +215,7 @@ RUN_MODELS: tuple[RunModelSpec, ...] = (
                    guided_layers=layers if method == "lvd" else (), config_dir_name=WAN_CONFIG_DIR, family=WAN_FAMILY,
                    num_inference_steps=WAN_NUM_INFERENCE_STEPS, guidance_scale=WAN_GUIDANCE_SCALE,
                    negative_prompt=WAN_NEGATIVE_PROMPT, fps=WAN_FPS, size_multiple=WAN_SIZE_MULTIPLE,
-                   frames_step=WAN_FRAMES_STEP)
+                   frames_step=WAN_FRAMES_STEP, min_num_frames=1 + WAN_FRAMES_STEP)
       for name, method, model_id, layers in (
           ("wan2.1-1.3b", "baseline", WAN_1_3B_ID, WAN_1_3B_GUIDED_LAYERS),
           ("lvd_wan2.1-1.3b", "lvd", WAN_1_3B_ID, WAN_1_3B_GUIDED_LAYERS),
@@ -221,7 +226,7 @@ RUN_MODELS: tuple[RunModelSpec, ...] = (
                    guided_layers=WAN_TINY_GUIDED_LAYERS if method == "lvd" else (), tiny=True, family=WAN_FAMILY,
                    num_inference_steps=WAN_NUM_INFERENCE_STEPS, guidance_scale=WAN_GUIDANCE_SCALE,
                    negative_prompt=WAN_NEGATIVE_PROMPT, fps=WAN_FPS, size_multiple=WAN_SIZE_MULTIPLE,
-                   frames_step=WAN_FRAMES_STEP)
+                   frames_step=WAN_FRAMES_STEP, min_num_frames=1 + WAN_FRAMES_STEP)
       for name, method in (("wan_tiny", "baseline"), ("lvd_wan_tiny", "lvd"))),
 )
 
@@ -272,6 +277,9 @@ def validate_num_frames(spec: RunModelSpec, num_frames: int | None) -> int:
             f"run-model {spec.name!r} needs num_frames >= {spec.min_num_frames}, got {num_frames}"
             + (" (Zeroscope was trained on 24-frame clips)" if spec.min_num_frames == 24 else "")
         )
+    if num_frames > spec.max_num_frames:
+        raise RunModelError(f"run-model {spec.name!r} takes num_frames <= {spec.max_num_frames}, got {num_frames} "
+                            f"(its default is {spec.default_num_frames})")
     if spec.frames_step > 1 and (num_frames - 1) % spec.frames_step:
         below = (num_frames - 1) // spec.frames_step * spec.frames_step + 1
         raise RunModelError(f"run-model {spec.name!r} needs num_frames = 1 + {spec.frames_step}k (its VAE folds "

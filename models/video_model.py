@@ -14,20 +14,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from models.devices import prepare_modules
 from models.gligen import load_grounded_unet
-from models.hub import MissingWeightsError, find_missing_files, resolve_model_folder
+from models.hub import MissingWeightsError
 from models.registry import RunModelSpec
 from models.schedulers import load_dpm_scheduler
 from models.tokenizer import load_tokenizer
+from models.weights import VIDEO_MODEL_CONFIG_FILES, VIDEO_MODEL_WEIGHT_FOLDERS, find_model_folder  # noqa: F401
 
 # A hub-like video model folder (the layout of damo-vilab/text-to-video-ms-1.7b).
-VIDEO_MODEL_CONFIG_FILES = (
-    "unet/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-    "tokenizer/tokenizer_config.json",
-    "scheduler/scheduler_config.json",
-)
-VIDEO_MODEL_WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,17 +82,5 @@ def load_components_from_folder(folder: Path, dtype: torch.dtype, *, grounded: b
 def resolve_video_model_folder(spec: RunModelSpec, model_path: str | os.PathLike | None = None, *,
                                local_files_only: bool = False,
                                cache_dir: str | os.PathLike | None = None) -> Path:
-    """The local folder of ``spec``'s video model (see `resolve_model_folder`); a bundled run-model's shipped
-    folder unless ``model_path`` is given."""
-    if model_path is None and spec.bundled_folder is not None:
-        folder = spec.bundled_folder
-        missing = find_missing_files(folder, VIDEO_MODEL_CONFIG_FILES, VIDEO_MODEL_WEIGHT_FOLDERS)
-        if missing:
-            raise MissingWeightsError(
-                f"the shipped weights of {spec.name!r} are incomplete in {folder} (missing {', '.join(missing)}); "
-                "restore them with `git checkout -- shapes/weights`, or train them with "
-                "`python scripts/train_shapes.py` (or pass --model-path DIR)")
-        return folder
-    return resolve_model_folder(spec.model_id, model_path, spec.revision, required_files=VIDEO_MODEL_CONFIG_FILES,
-                                weight_folders=VIDEO_MODEL_WEIGHT_FOLDERS, local_files_only=local_files_only,
-                                cache_dir=cache_dir)
+    """The local folder of ``spec``'s video model (see `resolve_model_folder`)."""
+    return find_model_folder(spec, model_path, local_files_only=local_files_only, cache_dir=cache_dir)

@@ -23,7 +23,8 @@ from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3
 from diffusers.video_processor import VideoProcessor
 from transformers import T5TokenizerFast, UMT5EncoderModel
 
-from models.hub import MissingWeightsError, resolve_model_folder
+from models.hub import MissingWeightsError
+from models.weights import WAN_MODEL_CONFIG_FILES, WAN_MODEL_WEIGHT_FOLDERS, find_model_folder  # noqa: F401
 from models.registry import RunModelSpec
 from models.schedulers import build_wan_scheduler, corrector_off_steps_of
 from models.wan_text import encode_wan_prompts, load_wan_tokenizer
@@ -127,23 +128,10 @@ def assemble_wan_model(components: dict[str, Any], device: torch.device, dtype: 
                          source=source, offload_text_encoder=offload_text_encoder)
 
 
-# A hub-like Wan folder (the layout of Wan-AI/Wan2.1-T2V-1.3B-Diffusers).
-WAN_MODEL_CONFIG_FILES = (
-    "transformer/config.json",
-    "vae/config.json",
-    "text_encoder/config.json",
-    "tokenizer/tokenizer_config.json",
-    "scheduler/scheduler_config.json",
-)
-WAN_MODEL_WEIGHT_FOLDERS = ("transformer", "vae", "text_encoder")
-
-
 def resolve_wan_model_folder(spec: RunModelSpec, model_path: str | os.PathLike | None = None, *,
                              local_files_only: bool = False, cache_dir: str | os.PathLike | None = None) -> Path:
     """The local folder of ``spec``'s Wan weights (`models.hub.resolve_model_folder`: a clear, fast error)."""
-    return resolve_model_folder(spec.model_id, model_path, spec.revision, required_files=WAN_MODEL_CONFIG_FILES,
-                                weight_folders=WAN_MODEL_WEIGHT_FOLDERS, local_files_only=local_files_only,
-                                cache_dir=cache_dir)
+    return find_model_folder(spec, model_path, local_files_only=local_files_only, cache_dir=cache_dir)
 
 
 def load_wan_components_from_folder(folder: Path, dtype: torch.dtype, vae_dtype: torch.dtype) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from utils.eval.detector import DetectorLoadError, load_detector
 from utils.eval.evaluation import RunEvaluation, evaluate_run
 from utils.eval.report import ReportWriter, RunPage, write_runs_index
 from utils.eval.results import EVAL_FILE, EvalSummary, VideoResult
-from utils.eval.runs import EvalItem, read_run_prompt_type
+from utils.eval.runs import SKIP_NOT_GENERATED, EvalItem, read_run_prompt_type
 from utils.eval.tables import (format_average_summary_line, format_reference_lines, format_skip_line,
                                format_summary_table)
 from utils.failures import record_failure
@@ -151,7 +151,8 @@ def _resolve_prompt_type(run: Path, given: str | None) -> tuple[str, str]:
 def _print_video(result: VideoResult, verbose: bool, write) -> None:
     item = result.item
     if result.skip is not None:
-        write(f"[{item.index}] {item.prompt}\nSKIPPED ({item.task}): {result.skip.message}")
+        if result.skip.kind != SKIP_NOT_GENERATED:  # those are counted in one line at the end (format_skip_line)
+            write(f"[{item.index}] {item.prompt}\nSKIPPED ({item.task}): {result.skip.message}")
         return
     lines = [f"[{item.index}] {item.prompt}"]
     if result.verdict is not None:

@@ -294,8 +294,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from models.hub import MissingWeightsError
+    from models.registry import RunModelError
+    from utils.cache import CacheFormatError
+
     args = build_parser().parse_args(argv)
-    report = run(args)
+    try:
+        report = run(args)
+    except (MissingWeightsError, RunModelError, CacheFormatError) as error:  # what to get or fix, in one line
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(format_report(report))
     if args.json_out:
         from utils.io import atomic_write_json

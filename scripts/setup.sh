@@ -26,7 +26,8 @@ fi
 . .venv/bin/activate
 step "installing ${TORCH_SPEC:-torch==2.13.0} (about 20 s for the CPU wheel)"
 pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-torch_version=$(python -c 'import torch; print(torch.__version__.split("+")[0])')
+# From the installed metadata: importing torch before numpy is installed prints "Failed to initialize NumPy".
+torch_version=$(python -c 'from importlib.metadata import version; print(version("torch").split("+")[0])')
 step "installing requirements.txt with torch pinned to $torch_version (about 35 s)"
 pip install -q -r requirements.txt -c <(echo "torch==$torch_version")
 # Only for its CLIP BPE vocabulary file (open_clip itself needs torchvision, which we avoid).

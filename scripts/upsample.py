@@ -31,9 +31,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from generation.upsampling import (CHAINED_SDXL_STRENGTH, DEFAULT_SEED, DEFAULT_STRENGTH, GIF_FPS, MP4_FPS, SDXL,
-                                   UPSAMPLE_NEGATIVE_PROMPT, ZEROSCOPE_XL, RefineConfig, compute_target_size,
-                                   sdxl_refine_config, upsampled_video_stem, zeroscope_xl_refine_config)
+from generation.upsampling_config import (CHAINED_SDXL_STRENGTH, DEFAULT_SEED, DEFAULT_STRENGTH, GIF_FPS, MP4_FPS,
+                                          SDXL, UPSAMPLE_NEGATIVE_PROMPT, ZEROSCOPE_XL, RefineConfig,
+                                          compute_target_size, sdxl_refine_config, upsampled_video_stem,
+                                          zeroscope_xl_refine_config)
 from utils.cli import float_in, int_in, run_cli
 from utils.failures import describe_error, record_failure
 

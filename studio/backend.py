@@ -137,6 +137,7 @@ class StudioSettings:
     device: str | None = None
     dtype: str | None = None
     model_paths: Mapping[str, str] = field(default_factory=dict)  # run-model name -> local folder
+    threads: int | None = None  # torch CPU threads; None: models.devices.choose_cpu_threads (generate.py's rule)
 
     @property
     def studio_cache_path(self) -> Path:
@@ -625,6 +626,9 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     seed = _derive_seed(request.seed)
 
     with pool.lock:
+        from models.devices import apply_cpu_threads, choose_cpu_threads
+
+        apply_cpu_threads(choose_cpu_threads(settings.threads, small_model=spec.tiny))  # as generate.py does
         model = pool.get(spec)
         try:  # the layout is checked against the tokenizer before any folder is made
             from generation.backbones import backbone_for
@@ -655,6 +659,8 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
 
         baseline = None
         notes = []
+        if configs.guidance is not None and configs.guidance.disabled_reason():
+            notes.append(f"guidance off: {configs.guidance.disabled_reason()}")
         if baseline_spec is None and request.with_baseline:
             notes.append(f"no baseline: no unguided run-model with the weights of {spec.name} is available")
         if baseline_spec is not None:

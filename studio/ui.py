@@ -209,7 +209,7 @@ class Studio:
         if status.tiny:
             text.append("These videos are noise (tiny random-weight model).")
         text += [f"- {note}" for note in result.notes]
-        if not result.guidance_log:
+        if not result.guidance_log and not any(note.startswith("guidance off") for note in result.notes):
             text.append("- no guided iterations (guidance off for this run-model, or the layout has no objects)")
         elif len(result.guidance_log) == 1:  # a plot of one point says nothing: a sentence instead
             record = result.guidance_log[0]

@@ -138,3 +138,16 @@ def test_detection_cache_round_trip_and_key_check(tmp_path):
     assert load_cached_detections(path, build_cache_key("other", "tiny", "eval6", QUERIES)) is None
     path.write_bytes(b"garbage")
     assert load_cached_detections(path, key) is None
+
+
+def test_a_damaged_cache_file_is_named_as_unreadable_without_numpys_pickle_advice(tmp_path, caplog):
+    # Issue 17, item 11: bytes that are not a zip made numpy talk about allow_pickle.
+    import logging
+
+    path = tmp_path / "video_0.abc.npz"
+    path.write_bytes(b"\x00garbage, not a zip file")
+    with caplog.at_level(logging.WARNING):
+        assert load_cached_detections(path, {"k": 1}) is None
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert str(path) in message and "unreadable" in message and "recomputing it" in message
+    assert "pickle" not in message

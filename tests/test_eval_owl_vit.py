@@ -211,3 +211,37 @@ def test_a_detector_failure_costs_only_its_video(tmp_path, cli, monkeypatch, cap
     with pytest.raises(RuntimeError):
         cli.main(["--run_base_path", str(run), "--detector", "tiny", "--num_prompts", "2", "--fail-fast",
                   "--no-detection-cache"])
+
+
+def test_frames_too_small_to_judge_are_skipped_with_a_reason(tmp_path, tiny):
+    # Issue 17, item 26: 1x1-pixel frames were scored without a word.
+    run = write_run(tmp_path / "run0", [])
+    write_prompt_folder(run, 0, draw_video(height=1, width=1), get_benchmark("lvd")[0].prompt)
+    items = collect_eval_items(run, "lvd", get_prompt_entries("lvd"), RunSelection(num_prompts=1))
+    results, _ = evaluate_items(items, tiny, EvalConfig())
+    assert "1x1 pixels are too small" in results[0].skipped and not results[0].error
+
+
+def test_prompts_a_partial_run_never_generated_are_one_line(tmp_path, cli, capsys):
+    # Issue 17, item 9: 6 of 500 generated printed 494 "SKIPPED ... no folder" blocks. The run's config.json
+    # records the window generate.py was asked for ([0, 3) here); prompt 2 is in it but has no folder.
+    run = write_run(tmp_path / "run0", [0, 1])
+    config = json.loads((run / "config.json").read_text())
+    config["invocations"] = [{"window": [0, 3], "args": {"regenerate": 1}}]
+    (run / "config.json").write_text(json.dumps(config))
+    assert cli.main(["--run_base_path", str(run), "--detector", "tiny", "--no-adherence"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("SKIPPED") == 1 and "SKIPPED (numeracy): no folder" in out  # prompt 2: asked for, missing
+    assert "evaluated 2 videos; skipped 498: 497 never generated, 1 no prompt folder" in out
+
+
+def test_demo_prompts_without_a_benchmark_check_are_not_scored_rather_than_zero(tmp_path, cli, capsys):
+    # Issue 17, item 10: "success: 0/0, rate: 0.00" and "Summary: 0.00" read as 0 %.
+    run = tmp_path / "run0"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"prompt_type": "demo"}))
+    write_prompt_folder(run, 0, draw_video(), "A bear walks from the left to the right")
+    assert cli.main(["--run_base_path", str(run), "--detector", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert "Overall: not scored" in out and "Summary: not scored" in out
+    assert "0/0" not in out and "rate: 0.00" not in out

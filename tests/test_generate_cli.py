@@ -106,7 +106,7 @@ def test_config_keeps_one_record_per_shard(tmp_path, lvd_cache):
         assert record["layout_cache"]["path"] == str(cache_file) and len(record["layout_cache"]["sha256"]) == 64
         assert record["changed_settings"] == []
     assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", "--repeats", "2", "--fg_top_p", "0.5",
-                cache_dir=lvd_cache) == 0
+                "--allow-mixed-settings", cache_dir=lvd_cache) == 0
     config = json.loads((_run_dir(tmp_path) / "config.json").read_text())
     assert config["guidance"]["fg_top_p"] == 0.75  # the run's first settings stay at the top ...
     assert config["invocations"][-1]["changed_settings"] == ["guidance"]  # ... a change is recorded
@@ -339,3 +339,150 @@ def test_a_bad_layout_file_is_one_line_naming_it(tmp_path, capsys):
     assert generate.main(["--run-model", "lvd_tiny", "--layout-file", str(bad), "--model", "x",
                           "--output-dir", str(tmp_path)]) == 2
     assert "drop --model" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts whose phrases do not fit in CLIP's 77 tokens (issue 17, items 12 and 19)
+
+TOYS = [f"a very big {animal} toy" for animal in ("cat dog horse cow sheep goat pig duck goose chicken fox wolf bear "
+                                                  "deer rabbit mouse rat owl eagle hawk").split()]
+
+
+def _toys_layout():
+    from utils.layout import build_layout_from_frames
+
+    frames = [[{"id": i, "name": name, "box": [20 * i, 10, 50, 50]} for i, name in enumerate(TOYS)] for _ in range(6)]
+    return build_layout_from_frames(frames, prompt="A zoo scene with many animals", background="grassy field")
+
+
+def test_dry_run_rejects_phrases_past_the_token_limit_from_a_cache_and_a_file(tmp_path, capsys):
+    from utils.layout import format_layout_text, layout_to_json
+
+    layout = _toys_layout()
+    cache_dir = tmp_path / "cache"
+    path = cache_path("custom", "v0.1", "test-llm", cache_dir=cache_dir)
+    path.parent.mkdir(parents=True)
+    path.write_text(serialize_cache({layout.prompt: [format_layout_text(layout)]}))
+    assert generate.main(["--run-model", "lvd_tiny", "--prompts", layout.prompt, "--model", "test-llm",
+                          "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path / "out"), "--dry-run"]) == 1
+    assert "object 11 ('a very big wolf toy')" in capsys.readouterr().out
+    layout_file = tmp_path / "toys.json"
+    layout_file.write_text(layout_to_json(layout))
+    assert generate.main(["--run-model", "lvd_tiny", "--layout-file", str(layout_file), "--output-dir",
+                          str(tmp_path / "out"), "--dry-run"]) == 1
+    assert "object 11 ('a very big wolf toy')" in capsys.readouterr().out
+
+
+def test_a_run_rejects_phrases_past_the_token_limit_without_a_video(tmp_path, capsys):
+    from utils.layout import layout_to_json
+
+    layout_file = tmp_path / "toys.json"
+    layout_file.write_text(layout_to_json(_toys_layout()))
+    assert generate.main(["--run-model", "lvd_tiny", "--layout-file", str(layout_file), "--output-dir",
+                          str(tmp_path / "out"), *FAST]) == 1
+    run_dir = tmp_path / "out" / "imgs_custom_templatev0.1_lvd_tiny" / "run0"
+    assert not list(run_dir.glob("*/video_0.joblib"))
+    assert "object 11 ('a very big wolf toy')" in (run_dir / "failures.jsonl").read_text()
+
+
+# --------------------------------------------------------------------------------------------
+# Nonsense accepted, mixed runs (issue 17, item 26)
+
+@pytest.mark.parametrize("extra", [["--num_frames", "1"], ["--num_frames", "10000", "--dry-run"]])
+def test_frame_counts_no_video_model_takes_are_one_line(tmp_path, capsys, extra):
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--template_version", "v0.1", "--output-dir", str(tmp_path), *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error:") and "num_frames" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_resuming_a_run_with_other_sampling_settings_is_refused(tmp_path, lvd_cache, capsys):
+    assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    run_dir = _run_dir(tmp_path)
+    before = (run_dir / "config.json").read_text()
+    assert _run(tmp_path, "--num_prompts", "2", "--force_run_ind", "0", "--num_inference_steps", "2",
+                cache_dir=lvd_cache) == 2
+    err = capsys.readouterr().err
+    assert "num_inference_steps 3 -> 2" in err and "--allow-mixed-settings" in err
+    assert not (run_dir / "1").exists() and (run_dir / "config.json").read_text() == before
+
+
+def test_a_resume_removes_stale_run_root_temp_files_and_leaves_no_lock_file(tmp_path, lvd_cache):
+    # Issue 17, items 14 and 24: kill -9 on the first config.json write left run0/.config.<random>.tmp.json.
+    assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    run_dir = _run_dir(tmp_path)
+    assert not (run_dir / ".config.json.lock").exists()
+    (run_dir / ".config.k1ll3d.tmp.json").write_text('{"half": ')
+    assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_settings_that_make_guidance_impossible_warn_once(tmp_path, capsys):
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--template_version", "v0.1", "--loss_scale", "1e308", "--dry-run"]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "guidance is off" in warnings[0] and "loss_scale" in warnings[0]
+
+
+def test_a_missing_demo_cache_names_the_published_one_or_the_shipped_one(tmp_path, capsys):
+    # Issue 17, item 5: the README's stage-2 examples read cache_demo_v0.1_gpt-4-1106-preview.json.
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "gpt-4-1106-preview",
+                          "--template_version", "v0.1", "--cache-dir", str(tmp_path), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "cache_demo_v0.1_gpt-4-1106-preview.json is one of the authors' published caches" in err
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "my-llm",
+                          "--template_version", "v0.1", "--cache-dir", str(tmp_path), "--dry-run"]) == 2
+    assert "shipped demo cache is cache/cache_demo_v0.1_handwritten.json" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------
+# One command from text to video (issue 17, item 18)
+
+def test_auto_query_plans_missing_layouts_saves_them_and_generates(tmp_path, capsys):
+    from openai_server import FakeOpenAIServer
+
+    cache_dir = tmp_path / "cache"
+    with FakeOpenAIServer() as server:
+        argv = ["--run-model", "lvd_tiny", "--prompts", "A cat walks to the right", "--model", "test-llm",
+                "--cache-dir", str(cache_dir), "--output-dir", str(tmp_path / "out"), "--auto-query",
+                "--llm-base-url", server.base_url, "--llm-max-retries", "0", *FAST]
+        assert generate.main(argv) == 0
+        assert server.captions() == ["A cat walks to the right"]
+        assert generate.main(argv + ["--force_run_ind", "0"]) == 0  # cached now: no second request
+        assert server.request_count == 1
+    entries = json.loads(cache_path("custom", "v0.1", "test-llm", cache_dir=cache_dir).read_text())
+    assert list(entries) == ["A cat walks to the right"] and len(entries["A cat walks to the right"]) == 1
+    run_dir = tmp_path / "out" / "imgs_custom_templatev0.1_test-llm_lvd_tiny" / "run0"
+    assert (run_dir / "0" / "video_0.joblib").is_file()
+    assert "1 new layout(s) saved" in capsys.readouterr().err
+
+
+def test_auto_query_stops_in_one_line_when_the_endpoint_is_unusable(tmp_path, capsys):
+    from openai_server import Fail, FakeOpenAIServer
+
+    with FakeOpenAIServer() as server:
+        server.default = Fail(404, "no such model")
+        assert generate.main(["--run-model", "lvd_tiny", "--prompts", "A", "B", "C", "--model", "test-llm",
+                              "--cache-dir", str(tmp_path / "cache"), "--output-dir", str(tmp_path / "out"),
+                              "--auto-query", "--llm-base-url", server.base_url, *FAST]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "3 prompt(s) in a row failed" in errors[0] and "rerun the same command" in errors[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_threads_flag_sets_and_records_the_torch_thread_count(tmp_path, monkeypatch):
+    import torch
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    torch.set_num_threads(2)
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--template_version", "v0.1", "--output-dir", str(tmp_path), *FAST]) == 0
+    assert torch.get_num_threads() == 1  # tiny run-models: one thread
+    config = json.loads((tmp_path / "imgs_demo_templatev0.1_handwritten_lvd_tiny" / "run0" / "config.json").read_text())
+    assert config["invocations"][0]["torch_threads"] == 1
+    assert generate.main(["--run-model", "lvd_tiny", "--prompt-type", "demo", "--model", "handwritten",
+                          "--template_version", "v0.1", "--output-dir", str(tmp_path), "--threads", "2",
+                          "--dry-run"]) == 0
+    assert generate.main(["--run-model", "lvd_tiny", "--template_version", "v0.1", "--threads", "0"]) == 2

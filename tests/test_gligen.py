@@ -357,12 +357,12 @@ def test_full_size_run_models_without_weights_fail_naming_the_model(tmp_path, na
 
 def test_registry_entries():
     expected = {  # name: (method, model_id, revision, height, width, default frames, min frames, guided)
-        "lvd-gligen_modelscope256": ("lvd-gligen", "longlian/text-to-video-lvd-ms", None, 256, 256, 16, 1, ()),
+        "lvd-gligen_modelscope256": ("lvd-gligen", "longlian/text-to-video-lvd-ms", None, 256, 256, 16, 2, ()),
         "lvd-gligen_zeroscope": ("lvd-gligen", "longlian/text-to-video-lvd-zs", None, 320, 576, 24, 24, ()),
-        "lvd-plus_modelscope256": ("lvd-plus", "longlian/text-to-video-lvd-ms", "weights_only", 256, 256, 16, 1,
+        "lvd-plus_modelscope256": ("lvd-plus", "longlian/text-to-video-lvd-ms", "weights_only", 256, 256, 16, 2,
                                    LVD_GUIDED_LAYERS),
-        "lvd-gligen_tiny": ("lvd-gligen", None, None, 128, 128, 8, 1, ()),
-        "lvd-plus_tiny": ("lvd-plus", None, None, 128, 128, 8, 1, LVD_GUIDED_LAYERS),
+        "lvd-gligen_tiny": ("lvd-gligen", None, None, 128, 128, 8, 2, ()),
+        "lvd-plus_tiny": ("lvd-plus", None, None, 128, 128, 8, 2, LVD_GUIDED_LAYERS),
     }
     for name, values in expected.items():
         spec = get_run_model(name)

@@ -234,3 +234,15 @@ def test_guidance_log_has_one_record_per_guided_iteration(model, condition):
     # Within a step each update lowers the energy the next iteration sees.
     assert result.guidance_log[1].energy < result.guidance_log[0].energy
     assert result.guidance_log[3].energy < result.guidance_log[2].energy
+
+
+def test_settings_that_make_guidance_impossible_are_named():
+    # Issue 17, item 25: the carried sentinel 10000 / loss_scale below the threshold guides nothing (kept, named).
+    assert GuidanceConfig().disabled_reason() is None
+    reason = GuidanceConfig(loss_scale=1e308).disabled_reason()
+    assert "10000 / loss_scale = 1e-304" in reason and "loss_threshold 200" in reason
+    assert run_step(GuidanceSchedule(GuidanceConfig(loss_scale=1e308)), 0, [1e4] * 5) == (0, 0)  # the quirk stays
+    assert GuidanceConfig(loss_scale=50.0).disabled_reason() is not None  # 10000 / 50 = 200 is not above 200
+    assert GuidanceConfig(loss_scale=50.0, stop_rule=STOP_PER_STEP).disabled_reason() is None
+    assert "max_iter" in GuidanceConfig(max_iter=0).disabled_reason()
+    assert "max_index_step" in GuidanceConfig(max_index_step=0).disabled_reason()

@@ -629,3 +629,37 @@ def test_detections_have_no_box_bound_but_llm_replies_do():
     assert layout.tracks[0].keyframes[0] == Box(-0.5, 1.0, 0.5, 3.0)
     with pytest.raises(LayoutValidationError, match="too far outside the canvas"):
         build_layout_from_frames(frames, prompt="A car", canvas_size=(96, 48), max_box_overhang=1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Phrases that do not fit in CLIP's 77 tokens (issue 17, item 19)
+
+ANIMALS = ("cat dog horse cow sheep goat pig duck goose chicken fox wolf bear deer rabbit mouse rat owl eagle hawk "
+           "crow frog toad snake lizard turtle fish shark whale seal").split()
+
+
+def _many_objects_layout(names: list[str], prompt: str = "A zoo scene with many animals") -> SceneLayout:
+    frames = [[{"id": i, "name": name, "box": [12 * i, 10, 50, 50]} for i, name in enumerate(names)]
+              for _ in range(6)]
+    return build_layout_from_frames(frames, prompt=prompt, background="grassy field")
+
+
+def test_objects_whose_own_words_do_not_fit_in_77_tokens_are_rejected_naming_the_first(tokenizer):
+    from utils.layout import validate_layout_for_generation
+
+    # The reference appends only "| a very big cat toy": every later toy refines to its last word "toy"
+    # and silently shares the cat toy's tokens. Spelled out, object 11 would end past token 76.
+    layout = _many_objects_layout([f"a very big {animal} toy" for animal in ANIMALS])
+    for check in (lambda: build_condition(layout, 16, tokenizer), lambda: validate_layout_for_generation(layout, tokenizer)):
+        with pytest.raises(LayoutValidationError, match="77 tokens") as info:
+            check()
+        assert "object 11 ('a very big wolf toy')" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_objects_that_share_tokens_and_fit_keep_the_reference_behaviour(tokenizer):
+    # Two toys fit: the reference's quirk (the dog toy guided by "toy") is kept.
+    condition = build_condition(_many_objects_layout(["a very big cat toy", "a very big dog toy"]), 16, tokenizer)
+    assert condition.token_positions[1] == (condition.token_positions[0][-1],)
+    # Objects that differ by digits only are one kind (numeracy): 30 lanterns share "lantern" and fit.
+    condition = build_condition(_many_objects_layout([f"lantern {k}" for k in range(30)]), 16, tokenizer)
+    assert len(set(condition.token_positions[1:])) == 1

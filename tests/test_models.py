@@ -84,13 +84,13 @@ def test_tokenizer_equals_the_shared_modelscope_tokenizer():
 def test_registry_entries():
     expected = {  # name: (method, model_id, height, width, default frames, min frames)
         "lvd_zeroscope": ("lvd", "cerspense/zeroscope_v2_576w", 320, 576, 24, 24),
-        "lvd_modelscope256": ("lvd", "damo-vilab/text-to-video-ms-1.7b", 256, 256, 16, 1),
-        "lvd_modelscope512": ("lvd", "damo-vilab/text-to-video-ms-1.7b", 512, 512, 16, 1),
+        "lvd_modelscope256": ("lvd", "damo-vilab/text-to-video-ms-1.7b", 256, 256, 16, 2),
+        "lvd_modelscope512": ("lvd", "damo-vilab/text-to-video-ms-1.7b", 512, 512, 16, 2),
         "zeroscope": ("baseline", "cerspense/zeroscope_v2_576w", 320, 576, 24, 24),
-        "modelscope_256": ("baseline", "damo-vilab/text-to-video-ms-1.7b", 256, 256, 16, 1),
-        "modelscope": ("baseline", "damo-vilab/text-to-video-ms-1.7b", 512, 512, 16, 1),
-        "lvd_tiny": ("lvd", None, 128, 128, 8, 1),
-        "baseline_tiny": ("baseline", None, 128, 128, 8, 1),
+        "modelscope_256": ("baseline", "damo-vilab/text-to-video-ms-1.7b", 256, 256, 16, 2),
+        "modelscope": ("baseline", "damo-vilab/text-to-video-ms-1.7b", 512, 512, 16, 2),
+        "lvd_tiny": ("lvd", None, 128, 128, 8, 2),
+        "baseline_tiny": ("baseline", None, 128, 128, 8, 2),
     }
     assert set(expected) <= set(run_model_names())
     for name, values in expected.items():
@@ -128,6 +128,18 @@ def test_validate_num_frames():
     for bad in (0, -3, 2.5, True):
         with pytest.raises(RunModelError):
             validate_num_frames(modelscope, bad)
+
+
+def test_num_frames_outside_what_a_video_model_takes_are_rejected():
+    # Issue 17, item 26: one frame is a picture, 10000 a typo that would fail late.
+    for name, low in (("lvd_modelscope256", 1), ("lvd_tiny", 1), ("lvd_wan_tiny", 1)):
+        spec = get_run_model(name)
+        with pytest.raises(RunModelError, match=f"needs num_frames >= {spec.min_num_frames}, got {low}"):
+            validate_num_frames(spec, low)
+        with pytest.raises(RunModelError, match="<= 256, got 10000"):
+            validate_num_frames(spec, 10000)
+    assert validate_num_frames(get_run_model("lvd_tiny"), 2) == 2
+    assert validate_num_frames(get_run_model("lvd_wan_tiny"), 5) == 5
 
 
 # --- tiny models -----------------------------------------------------------------------------------
@@ -364,3 +376,23 @@ def test_random_model_from_configs_materialises_on_cpu(tmp_path):
     assert _state_dicts_equal(model.text_encoder, tiny.build_tiny_text_encoder(5))
     assert model.tokenizer("a red car").input_ids == [49406, 320, 736, 1615, 49407]
     assert not any(p.requires_grad for p in model.unet.parameters()) and model.vae.use_slicing
+
+
+def test_missing_weights_messages_name_the_cli_flag_not_a_library_parameter(tmp_path):
+    # Issue 17, item 15: messages ended with "(model_path=DIR)".
+    for model_id in ("lvd-tests/none", None):
+        with pytest.raises(MissingWeightsError) as info:
+            resolve_model_folder(model_id, model_path=tmp_path / "absent", path_flag="--detector-path")
+        assert "--detector-path DIR" in str(info.value) and "model_path" not in str(info.value)
+
+
+def test_cpu_threads_default_to_one_for_tiny_models_unless_asked():
+    # Issue 17, item 7: torch's default threads made tiny models crawl on a busy machine.
+    from models.devices import choose_cpu_threads
+
+    assert choose_cpu_threads(None, small_model=True, environ={}) == 1
+    assert choose_cpu_threads(None, small_model=False, environ={}) is None  # torch's default
+    assert choose_cpu_threads(3, small_model=True, environ={"OMP_NUM_THREADS": "2"}) == 3  # --threads wins
+    assert choose_cpu_threads(None, small_model=True, environ={"OMP_NUM_THREADS": "2"}) is None  # torch follows it
+    with pytest.raises(ValueError):
+        choose_cpu_threads(0, small_model=True)

@@ -455,3 +455,72 @@ def test_manual_mode_stops_at_the_end_of_input(tmp_path, capsys):
     summary, output = run(batch_config(tmp_path, prompt_type="lvd_numeracy", num_prompts=3, auto_query=False), None, "")
     assert len(summary.failures) == 1 and summary.not_run == 2 and output.count("FAILED") == 1
     assert summary.stopped.startswith("end of input after prompt 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Endpoints that never die, and counts of two processes on one shard (issue 17, items 20 and 26)
+
+def test_an_endpoint_that_always_answers_500_stops_the_batch(tmp_path, server):
+    server.default = Fail(500, "internal error")
+    config = batch_config(tmp_path, prompt_type="lvd_visibility", concurrency=2)
+    summary, _ = run(config, client_factory(server, max_retries=1))
+    assert summary.stopped.startswith(f"stopped: 3 prompt(s) in a row failed at {server.base_url} (2 tries each): "
+                                      "HTTP 500")
+    assert "check it (its log, its load)" in summary.stopped
+    assert len(summary.failures) == 3 and summary.not_run == 97
+    assert server.request_count <= 2 * (3 + 2)  # the prompts that failed and those in flight, 2 tries each
+
+
+def test_an_endpoint_that_never_answers_in_time_stops_the_batch(tmp_path, server):
+    server.default = lambda caption: Reply(layout_reply(caption), delay_s=1.0)
+    config = batch_config(tmp_path, prompt_type="lvd_visibility", concurrency=1)
+    started = time.monotonic()
+    summary, _ = run(config, client_factory(server, max_retries=0, timeout_s=0.1))
+    assert summary.stopped.startswith(f"stopped: 3 prompt(s) in a row failed at {server.base_url} (1 tries each): "
+                                      "request timed out")
+    assert "raise --llm-timeout" in summary.stopped and summary.not_run == 97
+    assert time.monotonic() - started < 10
+
+
+def test_failures_for_different_reasons_do_not_stop_the_batch(tmp_path, server):
+    prompts = get_prompts("lvd_dynamic_spatial")
+    for prompt, status in zip(prompts[:4], (500, 502, 500, 503)):
+        server.script(prompt, Fail(status, "flaky"))
+    summary, _ = run(batch_config(tmp_path, num_prompts=10, concurrency=1), client_factory(server, max_retries=0))
+    assert summary.stopped is None and len(summary.failures) == 4 and summary.new == 6
+
+
+def test_a_reply_another_process_saved_first_is_not_counted_as_new(tmp_path, server):
+    config = batch_config(tmp_path, prompt_type="custom", prompts=("A cat walks", "A dog runs"), concurrency=1)
+
+    def saved_elsewhere_first(caption: str) -> str:  # the other process of the same shard wins the race
+        LayoutCache(config.cache_path).store(caption, 0, layout_reply(caption, name="other"))
+        return layout_reply(caption)
+
+    server.default = saved_elsewhere_first
+    summary, _ = run(config, client_factory(server))
+    assert (summary.new, summary.hits, summary.ok) == (0, 2, True)
+    assert all("other" in replies[0] for replies in load_cache_entries(config.cache_path).values())
+
+
+def test_a_start_removes_the_temp_files_of_a_killed_cache_write(tmp_path, server):
+    # Issue 17, item 24: kill -9 inside a cache write left .cache_<...>.tmp.json beside the cache after the resume.
+    config = batch_config(tmp_path, num_prompts=2)
+    run(config, client_factory(server))
+    stale = config.cache_path.parent / f".{config.cache_path.stem}.x9k.tmp.json"
+    stale.write_text('{"half": ')
+    summary, _ = run(config, client_factory(server))
+    assert summary.hits == 2 and not stale.exists()
+    assert sorted(p.name for p in config.cache_path.parent.iterdir()) == [config.cache_path.name]
+
+
+def test_a_new_model_name_starts_a_new_cache_without_the_published_caches_warning(tmp_path, server, caplog):
+    # Issue 17, item 17: every --prompts run with a new model name printed a long warning about published caches.
+    import logging
+
+    config = batch_config(tmp_path, prompt_type="custom", prompts=("A cat walks",), model="my-new-llm")
+    with caplog.at_level(logging.INFO, logger="prompt_batch"):
+        summary, _ = run(config, client_factory(server))
+    assert summary.new == 1
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any("new layout cache" in r.getMessage() for r in caplog.records)

@@ -35,3 +35,27 @@ def test_setup_prints_a_line_before_each_stage(tmp_path):
         assert lines[i - 1].startswith("setup: installing"), lines[i - 1]
     assert lines[0] == "setup: using the existing .venv" and lines[-1] == "setup: done: use .venv/bin/python"
     assert "torch pinned to 2.13.0" in done.stdout
+
+
+def test_the_torch_version_is_read_without_importing_torch(tmp_path):
+    # Issue 17, item 17: `import torch` before numpy is installed printed "Failed to initialize NumPy".
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO_ROOT / "scripts" / "setup.sh", tmp_path / "scripts" / "setup.sh")
+    for name in ("requirements.txt", "requirements-dev.txt", "requirements-app.txt", "requirements-app-dev.txt"):
+        shutil.copy(REPO_ROOT / name, tmp_path / name)
+    bin_dir = tmp_path / ".venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+    _executable(bin_dir / "python", f'#!/bin/sh\necho "$@" >> {tmp_path}/python_calls\necho 2.13.0+cpu\n')
+    _executable(bin_dir / "pip", '#!/bin/sh\necho "pip $*"\n')
+    done = subprocess.run(["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PATH": os.environ.get("PATH", "/usr/bin:/bin")})
+    assert done.returncode == 0, done.stderr
+    calls = (tmp_path / "python_calls").read_text()
+    assert "import torch" not in calls and "importlib.metadata" in calls
+
+
+def test_the_readme_demo_evaluation_report_is_ignored_by_git():
+    # Issue 17, item 17: the README's demo evaluation wrote eval_report/ in the repository root.
+    done = subprocess.run(["git", "check-ignore", "-q", "eval_report/index.html"], cwd=REPO_ROOT)
+    assert done.returncode == 0

@@ -455,3 +455,26 @@ def test_app_flags_are_checked_at_parse_time(tmp_path, capsys):
     assert app.main(["--output-dir", str(blocker / "out")]) == 2
     assert "--output-dir" in capsys.readouterr().err
     assert time.perf_counter() - started < 5
+
+
+def test_generation_rejects_objects_whose_phrases_do_not_fit_naming_the_first(tmp_path):
+    # Issue 17, item 19: the studio is a path into stage 2 too.
+    names = [f"a very big {animal} toy" for animal in "cat dog horse cow sheep goat pig duck goose hen fox wolf".split()]
+    tracks = tuple(ObjectTrack(i, name, tuple(Box(0.0, 0.0, 0.1, 0.1) for _ in range(6))) for i, name in enumerate(names))
+    layout = SceneLayout(prompt="A zoo scene with many animals", background="grassy field", tracks=tracks)
+    settings = studio_settings(tmp_path)
+    request = backend.GenerationRequest(layout=layout, run_model="lvd_tiny", seed=0, num_inference_steps=1)
+    with pytest.raises(backend.StudioError, match=r"object 11 \('a very big wolf toy'\).*77 tokens"):
+        backend.run_generation(request, settings, backend.ModelPool(settings))
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").rglob("video_0.joblib"))
+
+
+def test_guidance_made_impossible_by_the_settings_is_named(tmp_path):
+    # Issue 17, item 25: loss_scale 1e308 makes the carried start value 1e-304, below the threshold.
+    settings = studio_settings(tmp_path)
+    request = backend.GenerationRequest(layout=demo_layout(), run_model="lvd_tiny", seed=0, num_inference_steps=1,
+                                        guidance_flags={"loss_scale": 1e308}, with_baseline=False)
+    result = backend.run_generation(request, settings, backend.ModelPool(settings))
+    assert not result.guidance_log
+    assert any("guidance off" in note and "loss_scale" in note and "loss_threshold 200" in note
+               for note in result.notes)

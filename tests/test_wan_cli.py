@@ -208,3 +208,11 @@ def test_the_acceptance_command_of_the_readme(tmp_path):
     prompt_dir = tmp_path / RUN_NAME.format("lvd_wan_tiny") / "run0" / "0"
     assert {p.name for p in prompt_dir.iterdir()} >= {"video_0.gif", "video_0.joblib", "video_0.mp4", "layout.json",
                                                       "video_0.json"}
+
+
+def test_probe_attention_without_weights_is_one_line_naming_the_model(tmp_path, capsys):
+    # Issue 17 acceptance 2: the README's probe command ended in a traceback without the weights.
+    probe = load_script("probe_attention")
+    assert probe.main(["--run-model", "lvd_wan2.1-1.3b", "--model-path", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: weights for Wan-AI/Wan2.1-T2V-1.3B-Diffusers")

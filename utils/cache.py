@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
@@ -34,10 +36,16 @@ from utils.io import atomic_write_text
 DEFAULT_CACHE_DIR = Path("cache")
 JSON_INDENT = 4  # the published format
 
+logger = logging.getLogger(__name__)
 
-# Where the authors' published caches are (LVD release): named by every "no cache" message.
-PUBLISHED_CACHE_FILES = ("cache_lvd_v0.1_gpt-4-1106-preview.json", "cache_lvd_v0.1_gpt-3.5-turbo.json")
+
+# Where the authors' published caches are (LVD release): named by every "no cache" message. The demo cache
+# (the README's stage-2 examples, --prompt-type demo --model gpt-4-1106-preview) is published with them.
+PUBLISHED_CACHE_FILES = ("cache_lvd_v0.1_gpt-4-1106-preview.json", "cache_lvd_v0.1_gpt-3.5-turbo.json",
+                         "cache_demo_v0.1_gpt-4-1106-preview.json")
 PUBLISHED_CACHE_SOURCE = "the cache/ folder of github.com/TonyLianLong/LLM-groundedVideoDiffusion"
+# The hand-written demo cache shipped in cache/ (no download, no API key).
+SHIPPED_DEMO_CACHE = "cache_demo_v0.1_handwritten.json"
 
 
 class CacheFormatError(ValueError):
@@ -45,10 +53,17 @@ class CacheFormatError(ValueError):
 
 
 def describe_missing_cache(path: str | os.PathLike, flag: str = "--cache-dir", *, how_to_make: bool = True) -> str:
-    """One line for a cache file that does not exist: the path, the flag to point elsewhere, where the
-    authors' published caches come from and (``how_to_make``) how to make one."""
+    """One line for a cache file that does not exist: the path, the flag to point elsewhere, and what to get:
+    the published cache of that name, else where the published caches and the shipped demo cache are and
+    (``how_to_make``) how to make one."""
+    name = Path(path).name
+    if name in PUBLISHED_CACHE_FILES:
+        where = "--cache-path FILE" if flag == "--cache-path" else "--cache-dir DIR (its folder)"
+        return (f"no layout cache at {path} ({flag}); {name} is one of the authors' published caches, in "
+                f"{PUBLISHED_CACHE_SOURCE}: download it and pass {where}, or copy it into cache/")
     text = (f"no layout cache at {path} ({flag}); the authors' published caches ({', '.join(PUBLISHED_CACHE_FILES)}) "
-            f"are in {PUBLISHED_CACHE_SOURCE}: download them and pass --cache-dir DIR, or copy them into cache/")
+            f"are in {PUBLISHED_CACHE_SOURCE}: download them and pass --cache-dir DIR, or copy them into cache/; "
+            f"the shipped demo cache is cache/{SHIPPED_DEMO_CACHE} (--prompt-type demo --model handwritten)")
     return text + ("; to make a cache of your own, run prompt_batch.py --auto-query" if how_to_make else "")
 
 
@@ -142,15 +157,61 @@ def lock_path_for(path: str | os.PathLike) -> Path:
 
 @contextlib.contextmanager
 def locked(path: str | os.PathLike) -> Iterator[None]:
-    """Hold an exclusive advisory lock for ``path`` (released on exit, or when the process dies)."""
+    """Hold an exclusive advisory lock for ``path`` (released on exit, or when the process dies).
+
+    Every writer of ``path`` writes under this lock, so on entry any temp file of an atomic write of
+    ``path`` (``.<stem>.<random>.tmp<suffix>``) is left by a killed writer: it is removed. The lock file
+    ``.<name>.lock`` is removed on exit too; a process that locked a lock file another one then removed
+    sees that it no longer is the file at the path and locks again, so two holders never overlap.
+    """
     lock_path = lock_path_for(path)
     lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+    while True:
+        handle = open(lock_path, "a")
         try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock_path)
+            except FileNotFoundError:
+                current = None
+            if current is not None and current.st_ino == os.fstat(handle.fileno()).st_ino:
+                break
+        except BaseException:
+            handle.close()
+            raise
+        handle.close()  # the file this process locked was removed meanwhile: lock the new one
+    try:
+        remove_stale_temp_files_of(path)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        handle.close()  # closing releases the lock, after the unlink
+
+
+def remove_stale_temp_files_of(path: str | os.PathLike) -> int:
+    """Delete the temp files of interrupted atomic writes of ``path``; returns how many. Call it under
+    :func:`locked` (``path``), when no writer of ``path`` can be mid-write."""
+    path = Path(path)
+    removed = 0
+    for temp in path.parent.glob(f".{glob.escape(path.stem)}.*.tmp{glob.escape(path.suffix)}"):
+        try:
+            temp.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+        except OSError as error:  # a read-only folder: nothing was written there either
+            logger.debug("cannot remove %s: %s", temp, error)
+    return removed
+
+
+def recover_interrupted_writes(path: str | os.PathLike) -> None:
+    """On start: remove what a killed writer of ``path`` left (its temp files), under ``path``'s lock.
+    A folder that cannot be written is left alone (nothing was written there either)."""
+    try:
+        with locked(path):
+            pass
+    except OSError as error:
+        logger.debug("cannot lock %s to clean up interrupted writes: %s", path, error)
 
 
 class LayoutCache:

@@ -584,6 +584,37 @@ def compute_token_positions(prompt: str, phrases: Sequence[str], tokenizer,
     return tuple(positions), token_map
 
 
+def check_phrases_fit(layout: SceneLayout, tokenizer, max_tokens: int = CLIP_MAX_TOKENS) -> None:
+    """Raise :class:`LayoutValidationError` naming the first object whose phrase has no room in the text
+    encoder's ``max_tokens`` tokens.
+
+    The reference appends ``"| <phrase>"`` only for a phrase it cannot find in the prompt so far, and finds
+    a phrase by its last word too. So an object whose words occur only in another object's appended phrase
+    (``"a big dog toy"`` after ``"| a big cat toy"``) is guided by that object's tokens, and 30 such objects
+    all share the first one's: the condition silently drops 29 of them. That quirk is kept while the layout
+    fits; when spelling out each such object's own phrase (objects that only differ by digits are one kind
+    and share tokens, as the reference intends) would pass the token limit, the layout cannot be generated
+    as written and is rejected here, as a phrase past the limit already is.
+    """
+    caption = layout.prompt + (f", {layout.background} background" if layout.background else "")
+    spelled = caption
+    appended_kinds: set[str] = set()
+    for track in layout.tracks:
+        kind = strip_phrase(track.phrase)
+        # Found in the caption or background, or the same kind as an object already spelled out: no words needed.
+        if refine_phrase(track.phrase, caption) is not None or kind in appended_kinds:
+            continue
+        appended_kinds.add(kind)
+        spelled += "| " + track.phrase
+        last_position = len(tokenizer(spelled).input_ids) - 2  # BOS is position 0; EOS is not the phrase's
+        if last_position >= max_tokens:
+            raise LayoutValidationError(
+                f"its phrase does not fit in the text encoder's {max_tokens} tokens: spelled out after the caption, "
+                f"the background and the objects before it, it would end at token position {last_position} (the "
+                f"reference would silently guide it with another object's tokens); use fewer objects or shorter "
+                f"names", prompt=layout.prompt, where=f"object {track.id} ({_snippet(repr(track.phrase), 60)})")
+
+
 def build_condition(layout: SceneLayout, num_frames: int, tokenizer=None, *,
                     strip_phrases: bool = False) -> LayoutCondition:
     """Layout -> :class:`LayoutCondition` for ``num_frames`` video frames.
@@ -596,6 +627,7 @@ def build_condition(layout: SceneLayout, num_frames: int, tokenizer=None, *,
     positions = token_map = None
     if tokenizer is not None:
         positions, token_map = compute_token_positions(prompt, phrases, tokenizer)
+        check_phrases_fit(layout, tokenizer)
     if strip_phrases:
         phrases = tuple(strip_phrase(phrase) for phrase in phrases)
     return LayoutCondition(prompt=prompt, boxes_xyxy=resample_boxes(layout, num_frames),

@@ -101,21 +101,47 @@ class LLMRequestError(LLMError):
 
 
 class LLMEndpointError(LLMError):
-    """The endpoint failed several prompts in a row in a way no retry fixes: the batch should stop."""
+    """The endpoint failed several prompts in a row for the same reason: the batch should stop.
+
+    Either it is unusable (no retry fixes it: unreachable, key, model, request) or it kept failing the same
+    way through every retry (HTTP 500 for every prompt, a server that never answers within the timeout).
+    """
 
     def __init__(self, error: LLMRequestError, consecutive: int):
         self.error = error
         self.consecutive = consecutive
-        hint = f"; {error.hint}" if error.hint else ""
-        super().__init__(f"stopped: {consecutive} prompt(s) in a row failed at {error.endpoint}: {error.cause}{hint}")
+        if error.endpoint_error:
+            tries, hint = "", error.hint
+        else:  # transient failures that every retry met too
+            tries = f" ({error.attempts} tries each)"
+            hint = ("the server keeps failing this way: check it (its log, its load)"
+                    + (", or raise --llm-timeout" if failure_reason(error) == TIMED_OUT else ""))
+        hint = f"; {hint}" if hint else ""
+        super().__init__(f"stopped: {consecutive} prompt(s) in a row failed at {error.endpoint}{tries}: "
+                         f"{error.cause}{hint}")
+
+
+TIMED_OUT = "request timed out"  # the cause of a timed-out request (classify_request_error)
+
+
+def failure_reason(error: LLMRequestError) -> str:
+    """What prompts failing the same way share: "endpoint" for an unusable endpoint, else the HTTP status or the
+    kind of failure ("request timed out", "connection error", "malformed response")."""
+    if error.endpoint_error:
+        return "endpoint"
+    if error.status is not None:
+        return f"HTTP {error.status}"
+    return error.cause.split(":")[0]
 
 
 class EndpointFailureGuard:
-    """Counts prompts in a row whose request failed with an endpoint error; raises at the limit.
+    """Counts prompts in a row whose request failed for the same reason; raises at the limit.
 
     Call :meth:`record` once per finished prompt, in the order the batch handles them, with the
     :class:`LLMRequestError` it failed with or None (any reply, even an unparsable one, proves the
-    endpoint works). The streak resets on anything but an endpoint error.
+    endpoint works). Reasons (:func:`failure_reason`): an unusable endpoint (never retried), or a
+    transient failure that outlived every retry (the same HTTP status, timeouts, ...). The streak restarts
+    when the reason changes and resets on anything else.
     """
 
     def __init__(self, max_consecutive: int = DEFAULT_MAX_ENDPOINT_FAILURES):
@@ -123,14 +149,18 @@ class EndpointFailureGuard:
             raise ValueError(f"max_consecutive must be >= 1, found {max_consecutive}")
         self.max_consecutive = max_consecutive
         self.consecutive = 0
+        self.reason: str | None = None
 
     def record(self, error: BaseException | None) -> None:
-        if isinstance(error, LLMRequestError) and error.endpoint_error:
-            self.consecutive += 1
+        if isinstance(error, LLMRequestError) and error.kind != CANCELLED:
+            reason = failure_reason(error)
+            self.consecutive = self.consecutive + 1 if reason == self.reason else 1
+            self.reason = reason
             if self.consecutive >= self.max_consecutive:
                 raise LLMEndpointError(error, self.consecutive)
         else:
             self.consecutive = 0
+            self.reason = None
 
 
 class LayoutQueryError(LLMError):
@@ -275,7 +305,7 @@ def classify_request_error(error: Exception) -> tuple[str, int | None, str]:
     if isinstance(error, MalformedResponseError):
         return TRANSIENT, None, f"malformed response: {error}"
     if isinstance(error, openai.APITimeoutError):
-        return TRANSIENT, None, "request timed out"
+        return TRANSIENT, None, TIMED_OUT
     if isinstance(error, openai.APIConnectionError):
         cause = error.__cause__ or error
         description = _one_line(cause) or type(cause).__name__
@@ -479,8 +509,9 @@ def add_llm_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--llm-retry-max-delay", type=float_in(0), default=LLMConfig.retry_max_delay_s,
                        help="cap on one backoff, in seconds")
     group.add_argument("--llm-max-endpoint-failures", type=int_in(1), default=DEFAULT_MAX_ENDPOINT_FAILURES,
-                       help="stop the batch after this many prompts in a row fail because the endpoint is "
-                            "unusable (cannot connect, 401/403, 404, 400); those are never retried")
+                       help="stop the batch after this many prompts in a row fail for the same reason: the endpoint "
+                            "is unusable (cannot connect, 401/403, 404, 400; never retried), or every retry met "
+                            "the same failure (e.g. HTTP 500, or no answer within --llm-timeout)")
     group.add_argument("--parse-attempts", type=int_in(1, MAX_PARSE_ATTEMPTS_LIMIT), default=2,
                        help="requests per caption until a reply parses (the reference: 2)")
     group.add_argument("--parse-retry-delay", type=float_in(0), default=1.0,

@@ -13,12 +13,13 @@ through :func:`load_or_query_layout`, so "look it up, else query, parse, save" e
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Callable, Literal
+from dataclasses import dataclass, field
+from typing import Callable, Literal, Sequence
 
 from utils.cache import LayoutCache
 from utils.layout import SceneLayout, parse_layout
-from utils.llm import LayoutReply
+from utils.llm import (DEFAULT_MAX_ENDPOINT_FAILURES, EndpointFailureGuard, LayoutQueryError, LayoutReply,
+                       LLMEndpointError, LLMRequestError)
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +95,46 @@ def _from_cache(text: str, prompt: str, index: int, validate) -> PlannedLayout:
     if validate is not None:
         validate(layout)
     return PlannedLayout(text, layout, "cache", saved=True, stored_index=index)
+
+
+@dataclass
+class PlanReport:
+    """What :func:`plan_missing_layouts` did: replies saved, prompts that failed, and why it stopped early."""
+
+    new: int = 0
+    failures: list[tuple[str, int, str]] = field(default_factory=list)  # (prompt, occurrence, problem)
+    stopped: str | None = None
+
+
+def plan_missing_layouts(cache: LayoutCache, wanted: Sequence[tuple[str, int]], query: QueryFn, *,
+                         validate: Callable[[SceneLayout], None] | None = None,
+                         max_endpoint_failures: int = DEFAULT_MAX_ENDPOINT_FAILURES,
+                         on_failure: Callable[[str, int, str], None] | None = None) -> PlanReport:
+    """Query and save the layout of every (prompt, occurrence) of ``wanted`` that the cache lacks, one at a
+    time through :func:`load_or_query_layout` (``prompt_batch.py``'s path, for ``generate.py --auto-query``).
+
+    A failed prompt is reported (``on_failure``) and the others go on, until ``max_endpoint_failures``
+    prompts in a row fail for the same reason (:class:`utils.llm.EndpointFailureGuard`): then it stops,
+    saying why in ``stopped``. What was saved stays saved.
+    """
+    report = PlanReport()
+    guard = EndpointFailureGuard(max_endpoint_failures)
+    for prompt, occurrence in dict.fromkeys(wanted):
+        if cache.get(prompt, occurrence) is not None:
+            continue
+        try:
+            planned = load_or_query_layout(cache, prompt, occurrence, query, validate=validate)
+        except (LLMRequestError, LayoutQueryError) as error:
+            problem = error.problem if isinstance(error, LayoutQueryError) else str(error)
+            report.failures.append((prompt, occurrence, problem))
+            if on_failure is not None:
+                on_failure(prompt, occurrence, problem)
+            try:
+                guard.record(error)
+            except LLMEndpointError as stop:
+                report.stopped = str(stop)
+                break
+            continue
+        guard.record(None)
+        report.new += planned.source == "llm"
+    return report

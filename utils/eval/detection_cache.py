@@ -81,6 +81,7 @@ def load_cached_detections(path: str | os.PathLike, key: dict) -> VideoDetection
                 num_frames=num_frames, height=height, width=width,
                 boxes_xyxy_px=data["boxes_xyxy_px"], scores=data["scores"], labels=data["labels"])
     except _UNREADABLE_ERRORS as error:
-        logger.warning("detection cache %s is unreadable (%s: %s); recomputing it", path, type(error).__name__,
-                       error)
+        # numpy's own text (e.g. advice about allow_pickle for bytes that are not a zip) is not about a cache file.
+        logger.warning("detection cache %s is unreadable (%s: the file is damaged or not a detection cache); "
+                       "recomputing it", path, type(error).__name__)
         return None

@@ -26,7 +26,8 @@ from utils.eval.detector import DetectionRequest, Detector, VideoDetections, run
 from utils.eval.explain import explain_verdict
 from utils.eval.metrics import score_adherence
 from utils.eval.results import DetectorInfo, EvalStats, EvalSummary, Verdict, VideoInfo, VideoResult, summarize_results
-from utils.eval.runs import (SKIP_FAILED, SKIP_NOTHING_TO_JUDGE, SKIP_TOO_SHORT, SKIP_UNREADABLE, EvalInputError,
+from utils.eval.runs import (MIN_FRAME_SIDE, SKIP_FAILED, SKIP_NOTHING_TO_JUDGE, SKIP_TOO_SHORT, SKIP_TOO_SMALL,
+                             SKIP_UNREADABLE, EvalInputError,
                              EvalItem, Skip, collect_eval_items, read_generation_layout)
 from utils.eval.verdicts import FrameSelectionError, judge_detections, postprocess_detections, select_frame_indices
 from utils.layout import SceneLayout, resample_boxes, strip_phrase
@@ -140,6 +141,14 @@ def _prepare(item: EvalItem, detector: Detector, config: EvalConfig, cache: Cach
     if prepared.missing or need_frames or prepared.num_frames is None:
         prepared.frames = _load_frames(item.video_path)
         prepared.num_frames = int(prepared.frames.shape[0])
+    if prepared.frames is not None:
+        height, width = prepared.frames.shape[1:3]
+    else:
+        detections = next(iter(prepared.detections.values()))
+        height, width = detections.height, detections.width
+    if min(height, width) < MIN_FRAME_SIDE:
+        raise EvalInputError(f"{item.video_path}: frames of {width}x{height} pixels are too small to judge (the "
+                             f"detector needs at least {MIN_FRAME_SIDE} pixels a side)", kind=SKIP_TOO_SMALL)
     try:
         prepared.eval_indices = select_frame_indices(prepared.num_frames, config.num_eval_frames)
     except FrameSelectionError as error:

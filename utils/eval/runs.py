@@ -39,10 +39,14 @@ ANNOTATED_SUFFIX = "annotated"  # generate.py's video_<k>_annotated.gif: a drawi
 SKIP_NO_RUN = "no run directory"
 SKIP_PROMPT_TYPE = "run of another prompt type"
 SKIP_NO_FOLDER = "no prompt folder"
+SKIP_NOT_GENERATED = "never generated"  # no folder, and outside every window the run's config.json records
 SKIP_NO_VIDEO = "no video file"
 SKIP_REPEATS = "several repeats"
 SKIP_UNREADABLE = "unreadable video"
 SKIP_TOO_SHORT = "too few frames"
+SKIP_TOO_SMALL = "frames too small"
+# Smallest frame side evaluation judges: OWL-ViT sees 32-pixel patches, so a smaller frame holds no object.
+MIN_FRAME_SIDE = 32
 SKIP_OTHER_PROMPT = "layout of another prompt"
 SKIP_NOTHING_TO_JUDGE = "no check and no layout"
 SKIP_FAILED = "unexpected error"
@@ -119,6 +123,30 @@ def read_run_prompt_type(run_base_path: str | Path) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def read_generated_windows(run_base_path: str | Path) -> list[tuple[int, int | None]] | None:
+    """The prompt-index windows ``[start, end)`` (end None: to the end) that generate.py was asked to make in
+    this run, from the invocations of its config.json; None when that is unknown (no file, or a record
+    without a window)."""
+    path = Path(run_base_path) / RUN_CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        invocations = json.loads(path.read_text(encoding="utf-8")).get("invocations")
+    except (OSError, ValueError, AttributeError):
+        return None
+    windows = []
+    for record in invocations if isinstance(invocations, list) and invocations else [None]:
+        window = record.get("window") if isinstance(record, dict) else None
+        args = record.get("args") if isinstance(record, dict) else None
+        if not (isinstance(window, list) and len(window) == 2 and isinstance(window[0], int)
+                and (window[1] is None or isinstance(window[1], int))):
+            return None
+        if isinstance(args, dict) and args.get("regenerate", 1) != 1:
+            window = [0, None]  # the passes count the index on past one list: do not guess where it ends
+        windows.append((window[0], window[1]))
+    return windows
+
+
 def _repeat_sort_key(repeat: str) -> tuple[int, str]:
     return (int(repeat), "") if repeat.isdigit() else (1 << 30, repeat)
 
@@ -187,6 +215,7 @@ def collect_eval_items(run_base_path: str | Path, prompt_type: str, entries: Seq
     run = Path(run_base_path)
     window = select_window(len(entries), selection.skip_first_prompts, selection.num_prompts)
     run_type = read_run_prompt_type(run) if run.is_dir() else None
+    generated = read_generated_windows(run) if run.is_dir() else None
     items = []
     for ind in window:
         prompt, check = entries[ind]
@@ -201,6 +230,14 @@ def collect_eval_items(run_base_path: str | Path, prompt_type: str, entries: Seq
                 f"{prompt_type!r} (pass --prompt-type {run_type}, or leave it out to use the run's)"))))
             continue
         if not folder.is_dir():
+            number = ind + selection.run_start_ind
+            if generated is not None and not any(start <= number and (end is None or number < end)
+                                                 for start, end in generated):
+                windows = ", ".join(f"[{start}, {'end' if end is None else end})" for start, end in generated)
+                items.append(EvalItem(**base, skip=Skip(SKIP_NOT_GENERATED, (
+                    f"prompt {ind} was never generated in this run (its config.json records the windows "
+                    f"{windows})"))))
+                continue
             items.append(EvalItem(**base, skip=Skip(SKIP_NO_FOLDER, f"no folder {folder} for prompt {ind}")))
             continue
         paths, skip, others = select_prompt_videos(folder, variant, selection.video_formats, selection.all_repeats)

@@ -43,15 +43,21 @@ def format_summary_table(summary: EvalSummary) -> str:
 
 
 def format_reference_lines(summary: EvalSummary) -> list[str]:
-    """The reference script's closing lines (spec 10.1/10.2): rates as fractions with 2 decimals."""
+    """The reference script's closing lines (spec 10.1/10.2): rates as fractions with 2 decimals. A task
+    with nothing scored (prompts without a benchmark check, e.g. demo) says "not scored", never 0/0 = 0.00."""
     lines, rates = [], []
     for task, counts in summary.tasks.items():
-        rate = counts.rate or 0.0
-        rates.append(rate)
-        lines.append(f"Eval type: {task}, success: {counts.correct}/{counts.total}, rate: {rate:.2f}")
+        if not counts.total:
+            rates.append(None)
+            lines.append(f"Eval type: {task}, not scored (no video with a benchmark check)")
+            continue
+        rates.append(counts.rate or 0.0)
+        lines.append(f"Eval type: {task}, success: {counts.correct}/{counts.total}, rate: {rates[-1]:.2f}")
     overall = summary.overall
+    if not overall.total:
+        return lines + ["Overall: not scored", "Summary: not scored"]
     lines.append(f"Overall: success: {overall.correct}/{overall.total}, rate: {overall.rate or 0.0:.2f}")
-    lines.append("Summary: " + "/".join(f"{r:.2f}" for r in rates + [overall.rate or 0.0]))
+    lines.append("Summary: " + "/".join(_fmt(r) for r in rates + [overall.rate or 0.0]))
     return lines
 
 
