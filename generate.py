@@ -18,7 +18,8 @@ import logging
 import sys
 from pathlib import Path
 
-from models.registry import WAN_FAMILY, RunModelError, get_run_model, run_model_names, wan_guided_layers
+from models.registry import (CONTROL_FAMILY_NAMES, METHOD_CONTROLS, WAN_FAMILY, RunModelError, get_run_model,
+                             run_model_names, wan_guided_layers)
 from prompt import (CUSTOM_PROMPT_TYPE, DEFAULT_TEMPLATE_VERSION, PromptList, PromptListError, add_prompt_arguments,
                     prompts_from_args)
 from utils.cache import (CacheFormatError, LayoutCache, cache_path, describe_missing_cache, occurrence_indices,
@@ -30,8 +31,11 @@ from utils.planner import CacheMissError, load_or_query_layout
 
 logger = logging.getLogger("generate")
 
-LAYOUT_METHODS = ("lvd", "lvd-plus", "lvd-gligen")
-GUIDED_METHODS = ("lvd", "lvd-plus")
+# From the registry's method table (models.registry.METHOD_CONTROLS).
+LAYOUT_METHODS = tuple(method for method, controls in METHOD_CONTROLS.items() if controls)
+GUIDED_METHODS = tuple(method for method, controls in METHOD_CONTROLS.items() if "energy" in controls)
+# The attention control families whose config fields are flags: --<prefix>-<field> (generation.attention_control).
+ATTENTION_CONTROL_FLAGS = {"mask": "MaskingConfig", "modulate": "ModulationConfig"}
 SAVE_FORMATS = ("gif", "joblib", "mp4")
 # --save-formats when the flag is not given (this list object: Wan run-models then add mp4, at their 16 fps).
 DEFAULT_SAVE_FORMATS = ["gif", "joblib"]
@@ -78,17 +82,18 @@ def build_parser() -> argparse.ArgumentParser:
                           help="top-k fraction of the attention outside the box (0.75)")
     guidance.add_argument("--fg_weight", type=float_in(0.0), default=None, help="(1.0)")
     guidance.add_argument("--bg_weight", type=float_in(0.0), default=None, help="(4.0)")
-    guidance.add_argument("--com_loss_scale", type=float_in(0.0), default=None,
-                          help="centre-of-mass term (0; the benchmark preset: 0.03)")
-    guidance.add_argument("--boxdiff_loss_scale", type=float_in(0.0), default=None, help="BoxDiff term (0)")
+    from generation.energies import ENERGY_TERMS
+
+    for term in ENERGY_TERMS:  # one flag per energy term, named after its GuidanceConfig field
+        guidance.add_argument(f"--{term.name}", type=float_in(0.0), default=None, help=term.help)
     guidance.add_argument("--boxdiff_normed", type=int_in(0, 1), default=None, help="0/1 (1)")
-    guidance.add_argument("--attn_sync_weight", type=float_in(0.0), default=None, help="attention-sync term (0)")
     guidance.add_argument("--use_ratio_based_loss", type=int_in(0, 1), default=None, help="0/1 (0)")
     guidance.add_argument("--guidance-stop", choices=("carried", "per-step"), default="carried",
                           help="carried: the reference's threshold rule (stops for good once below); "
                                "per-step: recompute the energy at every guided step (spec 15.2)")
     parser.add_argument("--gligen_scheduled_sampling_beta", type=float_in(0.0, 1.0), default=None,
                         help="LVD-GLIGEN / LVD-plus: fraction of steps with the fusers on (1.0)")
+    add_control_arguments(parser)
 
     wan = parser.add_argument_group("Wan 2.1 run-models (see README, 'Wan 2.1 (DiT backbone)')")
     wan.add_argument("--guided-blocks", type=int_in(0), nargs="+", default=None,
@@ -125,6 +130,52 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    """--control, and one flag per field of the masking / modulation configs (README, "Layout control families")."""
+    import dataclasses
+
+    import generation.attention_control as attention_control
+
+    group = parser.add_argument_group("layout control families (README, 'Layout control families')")
+    group.add_argument("--control", nargs="+", default=None, choices=CONTROL_FAMILY_NAMES, metavar="FAMILY",
+                       help="the layout controls to run, any set of " + ", ".join(CONTROL_FAMILY_NAMES) +
+                            " (default: the run-model's method: lvd = energy, lvd-gligen = gligen, lvd-plus = "
+                            "gligen energy, baselines none); e.g. --control energy mask")
+    for prefix, name in ATTENTION_CONTROL_FLAGS.items():
+        for field in dataclasses.fields(getattr(attention_control, name)):
+            kind = int_in(0, 1) if isinstance(field.default, bool) else type(field.default)
+            group.add_argument(f"--{prefix}-{field.name.replace('_', '-')}", dest=f"{prefix}_{field.name}", type=kind,
+                               default=None, help=f"--control {prefix}: {field.name} ({field.default})")
+
+
+def run_controls(args, spec) -> tuple[str, ...]:
+    """The control families of this run: --control, else the run-model's method (raises RunModelError)."""
+    controls = tuple(dict.fromkeys(args.control)) if args.control else spec.controls
+    if "gligen" in controls and not spec.grounded:
+        raise RunModelError(f"--control gligen needs a grounded UNet (lvd-gligen_*, lvd-plus_*), not {spec.name!r}")
+    for prefix in ATTENTION_CONTROL_FLAGS:
+        given = [key for key, value in vars(args).items() if key.startswith(f"{prefix}_") and value is not None]
+        if given and prefix not in controls:
+            raise RunModelError(f"{', '.join('--' + g.replace('_', '-') for g in given)} need --control {prefix}")
+    return controls
+
+
+def build_attention_control_configs(args, controls: tuple[str, ...]) -> list:
+    """The masking / modulation configs of ``controls``, with their flags."""
+    import dataclasses
+
+    import generation.attention_control as attention_control
+
+    configs = []
+    for prefix, name in ATTENTION_CONTROL_FLAGS.items():
+        if prefix in controls:
+            config_type = getattr(attention_control, name)
+            overrides = {f.name: getattr(args, f"{prefix}_{f.name}") for f in dataclasses.fields(config_type)}
+            configs.append(config_type(**{k: type(getattr(config_type, k))(v) for k, v in overrides.items()
+                                          if v is not None}))
+    return configs
+
+
 # --------------------------------------------------------------------------------------------
 # Configs and paths
 
@@ -141,7 +192,10 @@ def run_base_dir(args, spec, prompt_type: str) -> Path:
     model = resolve_llm_model(args.model)
     model_part = "" if model in (None, "gpt-4") else f"_{model.replace('/', '__')}"
     suffix = f"_{args.save_suffix}" if args.save_suffix else ""
-    return Path(args.output_dir) / f"imgs_{prompt_type}_template{args.template_version}{model_part}_{spec.name}{suffix}"
+    controls = run_controls(args, spec)
+    controls_part = "" if controls == spec.controls else f"_ctl-{'+'.join(controls) or 'none'}"
+    return Path(args.output_dir) / (f"imgs_{prompt_type}_template{args.template_version}{model_part}_{spec.name}"
+                                    f"{controls_part}{suffix}")
 
 
 def first_unused_run_index(base: Path) -> int:
@@ -154,6 +208,7 @@ def first_unused_run_index(base: Path) -> int:
 def build_configs(args, spec):
     """(SamplingConfig, GuidanceConfig | None, ExecutionConfig) from the run-model and the given flags only."""
     from generation.config import ExecutionConfig, GuidanceConfig, replace_config, sampling_config_for
+    from generation.energies import ENERGY_TERMS
 
     sampling = sampling_config_for(spec, num_frames=args.num_frames, height=args.height, width=args.width,
                                    num_inference_steps=args.num_inference_steps, initial_noise=args.initial_noise)
@@ -162,12 +217,12 @@ def build_configs(args, spec):
     overrides = dict(
         loss_scale=args.loss_scale, loss_threshold=args.loss_threshold, max_iter=args.max_iter,
         max_index_step=args.max_index_step, fg_top_p=args.fg_top_p, bg_top_p=args.bg_top_p,
-        fg_weight=args.fg_weight, bg_weight=args.bg_weight, com_loss_scale=args.com_loss_scale,
-        boxdiff_loss_scale=args.boxdiff_loss_scale, attn_sync_weight=args.attn_sync_weight,
+        fg_weight=args.fg_weight, bg_weight=args.bg_weight,
+        **{term.name: getattr(args, term.name) for term in ENERGY_TERMS},
         use_ratio_based_loss=None if args.use_ratio_based_loss is None else bool(args.use_ratio_based_loss),
         boxdiff_normed=None if args.boxdiff_normed is None else bool(args.boxdiff_normed))
     given = sorted(name for name, value in overrides.items() if value is not None)
-    if spec.method not in GUIDED_METHODS:
+    if "energy" not in run_controls(args, spec):
         if given:
             raise RunModelError(f"run-model {spec.name!r} ({spec.method}) has no attention guidance; "
                                 f"remove {', '.join('--' + g for g in given)}")
@@ -175,6 +230,9 @@ def build_configs(args, spec):
     guided_layers = spec.guided_layers
     if args.guided_blocks is not None:
         guided_layers = wan_guided_layers(args.guided_blocks)
+    if not guided_layers:
+        raise RunModelError(f"--control energy needs guided layers and run-model {spec.name!r} names none; use its "
+                            "lvd_* run-model" + (" or --guided-blocks" if spec.family == WAN_FAMILY else ""))
     guidance = replace_config(GuidanceConfig(guided_layers=guided_layers, stop_rule=args.guidance_stop),
                               **overrides)
     return sampling, guidance, execution
@@ -188,7 +246,7 @@ def check_wan_flags(args, spec) -> None:
                  if value is not None]
     if spec.family != WAN_FAMILY and wan_flags:
         raise RunModelError(f"{', '.join(wan_flags)} apply to the Wan run-models only, not to {spec.name!r}")
-    if args.guided_blocks is not None and spec.method not in GUIDED_METHODS:
+    if args.guided_blocks is not None and "energy" not in run_controls(args, spec):
         raise RunModelError(f"run-model {spec.name!r} ({spec.method}) has no attention guidance; remove --guided-blocks")
 
 
@@ -200,8 +258,8 @@ def wan_solver_steps(args, guidance) -> int:
 
 
 def build_gligen_config(args, spec):
-    """GligenConfig for grounded run-models (lvd-gligen, lvd-plus), else None (spec 6.1: beta defaults to 1.0)."""
-    if not spec.grounded:
+    """GligenConfig for runs with GLIGEN (lvd-gligen, lvd-plus), else None (spec 6.1: beta defaults to 1.0)."""
+    if "gligen" not in run_controls(args, spec):
         return None
     from models.gligen import GligenConfig
 
@@ -283,8 +341,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = get_run_model(args.run_model)
         check_wan_flags(args, spec)
+        controls = run_controls(args, spec)
         sampling, guidance, execution = build_configs(args, spec)
         gligen = build_gligen_config(args, spec)
+        build_attention_control_configs(args, controls)  # a bad masking / modulation value fails here
     except (RunModelError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -294,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gligen_scheduled_sampling_beta is not None and not spec.grounded:
         print(f"error: --gligen_scheduled_sampling_beta does not apply to {spec.name!r}", file=sys.stderr)
         return 2
-    uses_layout = spec.method in LAYOUT_METHODS
+    uses_layout = bool(controls)
     if args.visualize and not uses_layout:
         print("error: --visualize needs a layout method (baselines have no layout)", file=sys.stderr)
         return 2
@@ -406,6 +466,7 @@ def _record_invocation(run_dir: Path, args, spec, sampling, guidance, execution,
         "guidance": dataclasses.asdict(guidance) if guidance is not None else None,
         "execution": dataclasses.asdict(execution),
         "gligen": dataclasses.asdict(gligen) if gligen is not None else None,
+        "controls": describe_controls(args, spec),
         "seed_rule": "prompt_index + 6789 * repeat_index + seed_offset",
         # Wan: the sampler (UniPC, corrector off on the first K steps; 0 = stock) and text-encoder placement.
         "solver": ({"name": "unipc", "corrector_off_steps": model.corrector_off_steps,
@@ -422,6 +483,18 @@ def _record_invocation(run_dir: Path, args, spec, sampling, guidance, execution,
     return record_invocation(run_dir, settings, invocation)
 
 
+def describe_controls(args, spec) -> dict:
+    """config.json's record of the run's control families and the masking / modulation settings."""
+    import dataclasses
+
+    controls = run_controls(args, spec)
+    record = {"families": list(controls)}
+    for prefix, config in zip([p for p in ATTENTION_CONTROL_FLAGS if p in controls],
+                              build_attention_control_configs(args, controls)):
+        record[prefix] = dataclasses.asdict(config)
+    return record
+
+
 def _generate_all(items, args, spec, model, sampling, guidance, execution, gligen, source: LayoutSource | None,
                   run: _RunFolder, state) -> int:
     import torch
@@ -432,6 +505,7 @@ def _generate_all(items, args, spec, model, sampling, guidance, execution, glige
     from generation.runs import (OutputOptions, VideoJob, generate_and_save, is_video_done, remove_stale_temp_files,
                                  write_layout_record)
 
+    attention_controls = build_attention_control_configs(args, run_controls(args, spec))
     formats = list(args.save_formats)
     if args.save_formats is DEFAULT_SAVE_FORMATS and spec.family == WAN_FAMILY:  # not given: Wan also writes mp4
         formats.append("mp4")
@@ -500,7 +574,8 @@ def _generate_all(items, args, spec, model, sampling, guidance, execution, glige
                          position=position + state.num_processes, dynamic_ncols=True)
             try:
                 run.ensure()
-                generate_and_save(model, chunk, sampling, guidance=guidance, gligen=gligen, execution=execution,
+                generate_and_save(model, chunk, sampling, controls=attention_controls, guidance=guidance, gligen=gligen,
+                                  execution=execution,
                                   options=options, step_callback=lambda i, n: steps.update(1))
                 counts["videos"] += len(chunk)
             except Exception as error:  # out of memory included: logged per video, the batch goes on

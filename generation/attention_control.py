@@ -38,9 +38,9 @@ import numpy as np
 import torch
 
 from generation.backbones.base import CROSS, SPATIAL, TEMPORAL, VIDEO, Backbone
-from generation.controls import BatchContext, ControlBase
+
 from generation.energies import compute_box_masks
-from generation.loop import Step
+from generation.loop import BatchContext, ControlBase, Step
 from models.attention import BiasedAttnProcessor
 from utils.layout import LayoutCondition
 

@@ -75,11 +75,9 @@ class GuidanceConfig:
         return self.max_iter[step_index] if step_index < len(self.max_iter) else 0
 
     def energy_weights(self) -> EnergyWeights:
-        return EnergyWeights(fg_top_p=self.fg_top_p, bg_top_p=self.bg_top_p, fg_weight=self.fg_weight,
-                             bg_weight=self.bg_weight, com_loss_scale=self.com_loss_scale,
-                             use_ratio_based_loss=self.use_ratio_based_loss,
-                             boxdiff_loss_scale=self.boxdiff_loss_scale, boxdiff_normed=self.boxdiff_normed,
-                             attn_sync_weight=self.attn_sync_weight)
+        """The energy's numbers; each term of `generation.energies.ENERGY_TERMS` takes its field of this config."""
+        return EnergyWeights(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EnergyWeights)
+                                if hasattr(self, f.name)})
 
 
 @dataclass(frozen=True)

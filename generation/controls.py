@@ -3,7 +3,8 @@
 A *control family* is a frozen config type plus a builder: ``build(config, context) -> control | None`` for
 one batch (None: nothing to do, e.g. zero strength, so the run is the baseline bit for bit). A *control* is
 any object with the lifetime protocol of `generation.loop.Control` (a context manager entered around the
-run) and any of ``before_step`` / ``model_kwargs`` / ``video_logs``; attention-processor installers install
+run; `generation.loop.ControlBase` has no-op defaults) and any of ``before_step`` / ``model_kwargs`` /
+``video_logs``; attention-processor installers install
 theirs through `Backbone.attention_processors` in ``__enter__`` (and restore them in ``__exit__``).
 
 The families (`CONTROL_FAMILIES`, in the order their controls are built, entered and run):
@@ -21,46 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-import torch
-
-from generation.backbones.base import Backbone, TextConditioning
-from generation.loop import Step
-
-
-class ControlBase:
-    """No-op defaults of the control protocol (`generation.loop.Control`)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        return None
-
-    def before_step(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
-        return latents
-
-    def model_kwargs(self, step: Step) -> dict | None:
-        return None
-
-    def video_logs(self) -> list[list] | None:
-        """One list of guidance records per video of the batch, or None (nothing to log)."""
-        return None
-
-
-@dataclass(frozen=True)
-class BatchContext:
-    """What a builder may use: the batch's backbone and model, prompts, layout conditions (None: a bare
-    prompt), encoded text, scheduler and timesteps, and the run's sampling / execution configs."""
-
-    model: Any
-    backbone: Backbone
-    prompts: tuple[str, ...]
-    conditions: tuple[Any, ...]
-    text: TextConditioning
-    scheduler: Any
-    timesteps: torch.Tensor
-    sampling: Any
-    execution: Any
+from generation.attention_control import build_attention_control
+from generation.grounding import GligenGrounding
+from generation.loop import BatchContext
+from generation.lvd import build_layout_guidance
+from models.registry import CONTROL_FAMILY_NAMES
 
 
 @dataclass(frozen=True)
@@ -72,23 +38,17 @@ class ControlFamily:
 
 
 def _build_gligen(config, context: BatchContext):
-    from generation.sampling import GligenGrounding
-
     return GligenGrounding.build(context.model, context.prompts, context.conditions, context.sampling.num_frames,
                                  config, len(context.timesteps))
 
 
 def _build_energy(config, context: BatchContext):
-    from generation.lvd import build_layout_guidance
-
     return build_layout_guidance(context.backbone, list(context.prompts), list(context.conditions),
                                  context.text.cond, config, context.execution, context.scheduler, context.timesteps,
                                  context.sampling.num_frames, context.sampling.height, context.sampling.width)
 
 
 def _build_attention(config, context: BatchContext):
-    from generation.attention_control import build_attention_control
-
     return build_attention_control(config, context)
 
 
@@ -111,6 +71,7 @@ CONTROL_FAMILIES: dict[str, ControlFamily] = {family.name: family for family in 
                   "DenseDiffusion-style attention modulation, a logit bias (no extra passes)"),
 )}
 CONTROL_NAMES = tuple(CONTROL_FAMILIES)
+assert CONTROL_NAMES == CONTROL_FAMILY_NAMES, "models.registry names the same families, in this order"
 
 
 def family_of(config) -> ControlFamily:

@@ -12,7 +12,7 @@ Each step, in this order:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
@@ -40,12 +40,48 @@ class Control(Protocol):
     - ``model_kwargs(step) -> dict | None``: keyword arguments of the step's model call (GLIGEN's objects);
     - ``video_logs() -> list`` (one list of `generation.guidance.GuidanceRecord` per video of the batch).
 
-    `generation.controls.ControlBase` gives the no-op defaults.
+    :class:`ControlBase` gives the no-op defaults.
     """
 
     def __enter__(self): ...
 
     def __exit__(self, *exc_info): ...
+
+
+class ControlBase:
+    """No-op defaults of the control protocol (`generation.loop.Control`)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        return None
+
+    def before_step(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
+        return latents
+
+    def model_kwargs(self, step: Step) -> dict | None:
+        return None
+
+    def video_logs(self) -> list[list] | None:
+        """One list of guidance records per video of the batch, or None (nothing to log)."""
+        return None
+
+
+@dataclass(frozen=True)
+class BatchContext:
+    """What a builder may use: the batch's backbone and model, prompts, layout conditions (None: a bare
+    prompt), encoded text, scheduler and timesteps, and the run's sampling / execution configs."""
+
+    model: Any
+    backbone: Backbone
+    prompts: tuple[str, ...]
+    conditions: tuple[Any, ...]
+    text: TextConditioning
+    scheduler: Any
+    timesteps: torch.Tensor
+    sampling: Any
+    execution: Any
 
 
 def denoise(backbone: Backbone, latents: torch.Tensor, scheduler, timesteps: torch.Tensor, text: TextConditioning,

@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_FILE = "config.json"
 LAYOUT_FILE = "layout.json"
 # The settings that must match when a run is resumed (a change is recorded and warned about).
-RUN_SETTINGS_KEYS = ("run_model", "sampling", "guidance", "gligen", "prompt_type", "template_version", "llm_model",
-                     "solver")
+RUN_SETTINGS_KEYS = ("run_model", "sampling", "guidance", "gligen", "controls", "prompt_type", "template_version",
+                     "llm_model", "solver")
 # Temporary files of an atomic write (utils.io.atomic_path) that a killed process left behind.
 TEMP_FILE_GLOB = ".*.tmp*"
 
@@ -138,14 +138,15 @@ def save_video_outputs(result: VideoResult, folder: Path, repeat_index: int, con
 
 
 def generate_and_save(model, jobs: Sequence[VideoJob], sampling: SamplingConfig, *,
-                      guidance: GuidanceConfig | None = None, gligen: GligenConfig | None = None,
-                      execution: ExecutionConfig | None = None, options: OutputOptions = OutputOptions(),
+                      controls: Sequence[Any] = (), guidance: GuidanceConfig | None = None,
+                      gligen: GligenConfig | None = None, execution: ExecutionConfig | None = None,
+                      options: OutputOptions = OutputOptions(),
                       step_callback: StepCallback | None = None) -> list[VideoResult]:
-    """Generate ``jobs`` as one batch (each keeps its seed, layout and guidance state) and save each."""
+    """Generate ``jobs`` as one batch (each keeps its seed, layout and control state) and save each."""
     started = time.perf_counter()
     requests = [VideoRequest(job.prompt, job.seed, job.condition) for job in jobs]
-    results = generate_videos(model, requests, sampling, guidance=guidance, gligen=gligen, execution=execution,
-                              step_callback=step_callback)
+    results = generate_videos(model, requests, sampling, controls=controls, guidance=guidance, gligen=gligen,
+                              execution=execution, step_callback=step_callback)
     elapsed = (time.perf_counter() - started) / max(len(jobs), 1)
     for job, result in zip(jobs, results):
         job.folder.mkdir(parents=True, exist_ok=True)
