@@ -137,10 +137,11 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
     import generation.attention_control as attention_control
 
     group = parser.add_argument_group("layout control families (README, 'Layout control families')")
-    group.add_argument("--control", nargs="+", default=None, choices=CONTROL_FAMILY_NAMES, metavar="FAMILY",
+    group.add_argument("--control", nargs="+", default=None, choices=(*CONTROL_FAMILY_NAMES, "none"), metavar="FAMILY",
                        help="the layout controls to run, any set of " + ", ".join(CONTROL_FAMILY_NAMES) +
                             " (default: the run-model's method: lvd = energy, lvd-gligen = gligen, lvd-plus = "
-                            "gligen energy, baselines none); e.g. --control energy mask")
+                            "gligen energy, baselines none); e.g. --control energy mask. 'none': the layout's "
+                            "prompt and layout.json, no control (the families' common zero)")
     for prefix, name in ATTENTION_CONTROL_FLAGS.items():
         for field in dataclasses.fields(getattr(attention_control, name)):
             kind = int_in(0, 1) if isinstance(field.default, bool) else type(field.default)
@@ -151,6 +152,10 @@ def add_control_arguments(parser: argparse.ArgumentParser) -> None:
 def run_controls(args, spec) -> tuple[str, ...]:
     """The control families of this run: --control, else the run-model's method (raises RunModelError)."""
     controls = tuple(dict.fromkeys(args.control)) if args.control else spec.controls
+    if "none" in controls:
+        if len(controls) > 1:
+            raise RunModelError(f"--control none takes no other family, got {' '.join(controls)}")
+        controls = ()
     if "gligen" in controls and not spec.grounded:
         raise RunModelError(f"--control gligen needs a grounded UNet (lvd-gligen_*, lvd-plus_*), not {spec.name!r}")
     for prefix in ATTENTION_CONTROL_FLAGS:
@@ -193,7 +198,8 @@ def run_base_dir(args, spec, prompt_type: str) -> Path:
     model_part = "" if model in (None, "gpt-4") else f"_{model.replace('/', '__')}"
     suffix = f"_{args.save_suffix}" if args.save_suffix else ""
     controls = run_controls(args, spec)
-    controls_part = "" if controls == spec.controls else f"_ctl-{'+'.join(controls) or 'none'}"
+    same = controls == spec.controls and args.control != ["none"]
+    controls_part = "" if same else f"_ctl-{'+'.join(controls) or 'none'}"
     return Path(args.output_dir) / (f"imgs_{prompt_type}_template{args.template_version}{model_part}_{spec.name}"
                                     f"{controls_part}{suffix}")
 
@@ -354,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gligen_scheduled_sampling_beta is not None and not spec.grounded:
         print(f"error: --gligen_scheduled_sampling_beta does not apply to {spec.name!r}", file=sys.stderr)
         return 2
-    uses_layout = bool(controls)
+    uses_layout = bool(controls) or args.control == ["none"]
     if args.visualize and not uses_layout:
         print("error: --visualize needs a layout method (baselines have no layout)", file=sys.stderr)
         return 2
