@@ -260,7 +260,9 @@ class AttentionLayoutControl(ControlBase):
 
     def before_step(self, step: Step, latents: torch.Tensor) -> torch.Tensor:
         self._step = step
-        self._cache.clear()  # the strength changes with the step
+        # Keep the biases whose strength this step shares (a mask: the whole masked span).
+        self._cache = {key: bias for key, bias in self._cache.items()
+                       if key[-1] == self.config.strength_at(key[0], step.index, step.num_steps)}
         return latents
 
     def bias(self, kind: str, hidden_states: torch.Tensor, num_keys: int) -> torch.Tensor | None:
@@ -274,7 +276,7 @@ class AttentionLayoutControl(ControlBase):
         if strength == 0 or not len(cond):
             return None
         rows, queries = hidden_states.shape[:2]
-        key = (kind, rows, queries, num_keys, call.num_videos, call.cond.start, call.cond.stop)
+        key = (kind, rows, queries, num_keys, call.num_videos, call.cond.start, call.cond.stop, strength)
         if key not in self._cache:
             self._cache[key] = self._compute(kind, rows, queries, num_keys, call.num_videos, cond, strength,
                                              hidden_states.device)

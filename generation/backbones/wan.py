@@ -118,22 +118,24 @@ class WanBackbone(Backbone):
     def make_scheduler(self):
         return self.model.make_scheduler()
 
-    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                          **model_kwargs) -> torch.Tensor:
         return self.transformer(hidden_states=latents.to(self.dtype), timestep=timestep.expand(latents.shape[0]),
-                                encoder_hidden_states=text, return_dict=False)[0]
+                                encoder_hidden_states=text, return_dict=False, **model_kwargs)[0]
 
     def predict_branches(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
                          with_uncond: bool, model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if model_kwargs:
-            raise ValueError(f"the Wan backbone takes no extra model inputs, got {sorted(model_kwargs)} "
+        unknown = sorted(set(model_kwargs) - {"attention_kwargs"})
+        if unknown:
+            raise ValueError(f"the Wan transformer takes attention_kwargs only as extra model inputs, got {unknown} "
                              "(GLIGEN adapters exist for the UNet3D models only)")
         videos = latents.shape[0]
         with self.calling(videos, slice(0, videos)):  # the prompt first, then the negative prompt (WanPipeline)
-            cond = self._call_transformer(latents, timestep, text.cond)
+            cond = self._call_transformer(latents, timestep, text.cond, **model_kwargs)
         if not with_uncond:
             return cond, None
         with self.calling(videos, slice(0, 0)):
-            return cond, self._call_transformer(latents, timestep, text.uncond)
+            return cond, self._call_transformer(latents, timestep, text.uncond, **model_kwargs)
 
     def step(self, scheduler, model_output: torch.Tensor, timestep: torch.Tensor,
              latents: torch.Tensor) -> torch.Tensor:
