@@ -279,10 +279,11 @@ class AttentionLayoutControl(ControlBase):
         key = (kind, rows, queries, num_keys, call.num_videos, call.cond.start, call.cond.stop, strength)
         if key not in self._cache:
             self._cache[key] = self._compute(kind, rows, queries, num_keys, call.num_videos, cond, strength,
-                                             hidden_states.device)
+                                             hidden_states.device, hidden_states.dtype)
         return self._cache[key]
 
-    def _compute(self, kind, rows, queries, num_keys, num_videos, cond, strength, device) -> torch.Tensor | None:
+    def _compute(self, kind, rows, queries, num_keys, num_videos, cond, strength, device,
+                 dtype) -> torch.Tensor | None:
         per_video = rows // num_videos
         bias = None
         for position, video_index in enumerate(cond):
@@ -292,8 +293,8 @@ class AttentionLayoutControl(ControlBase):
             query_grid, key_grid = video.layout(kind, per_video, queries, num_keys)
             video_bias = self.config.compute_bias(kind, query_grid, key_grid, strength)
             if bias is None:
-                bias = torch.zeros(rows, 1, queries, num_keys, device=device)
-            bias[video_index * per_video:(video_index + 1) * per_video, 0] = video_bias.to(device)
+                bias = torch.zeros(rows, 1, queries, num_keys, device=device, dtype=dtype)
+            bias[video_index * per_video:(video_index + 1) * per_video, 0] = video_bias.to(device, dtype)
         return bias
 
 

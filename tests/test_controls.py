@@ -259,3 +259,18 @@ def test_control_flags_build_the_configs():
     configs = generate.build_attention_control_configs(args, generate.run_controls(args, spec))
     assert configs == [MaskingConfig(max_index_step=4, temporal=False), ModulationConfig(cross_strength=1.5)]
     assert generate.describe_controls(args, spec)["families"] == ["energy", "mask", "modulate"]
+
+
+@pytest.mark.slow
+def test_compare_controls_writes_the_table_on_the_tiny_models(tmp_path):
+    from tests.eval_run_fixtures import load_script
+
+    compare = load_script("compare_controls")
+    out = tmp_path / "compare.md"
+    code = compare.main(["--pairs", "lvd_tiny:baseline_tiny", "--arms", "none", "mask+energy", "--num_inference_steps",
+                         "2", "--detector", "tiny", "--device", "cpu", "--output-dir", str(tmp_path / "runs"),
+                         "--out", str(out)])
+    table = out.read_text()
+    assert code == 0 and "| lvd_tiny | mask+energy |" in table and "| baseline_tiny | none |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| lvd_tiny")]
+    assert all("–" not in line.split("|")[3] for line in rows)   # mIoU measured for the layout arms
