@@ -3,7 +3,7 @@ arm (every family and combination) on the same layout and seed.
 
 Time: in one process, the arms interleaved and repeated so that machine load hits them alike; the minimum over
 the repeats of the wall time and of the process's CPU time (on a shared CPU the CPU time is the steadier one).
-Peak memory: each arm once more in a fresh process of its own (after a warm-up video): on CUDA
+Peak memory: each arm once more in a fresh process of its own (the model loaded, one video): on CUDA
 ``torch.cuda.max_memory_allocated``, on the CPU the process's peak resident set (libraries included).
 
     python scripts/bench_controls.py --run-models lvd_tiny lvd_wan_tiny --repeats 3 --json-out docs/bench/controls_tiny_cpu.json
@@ -51,11 +51,10 @@ def prepare(name: str, num_inference_steps: int | None, device: str | None):
 
 
 def measure_memory(name: str, arm: str, num_inference_steps: int | None, device: str | None) -> float:
-    """This process's peak memory in MiB over one video of ``arm`` (after a warm-up video without controls)."""
+    """This process's peak memory in MiB: loading the model and one video of ``arm``."""
     from generation.sampling import generate_video
 
     spec, model, sampling, condition = prepare(name, num_inference_steps, device)
-    generate_video(model, condition.prompt, sampling, 0, condition=condition)
     if model.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     generate_video(model, condition.prompt, sampling, 0, condition=condition, controls=build_arm_controls(arm, spec))
