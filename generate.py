@@ -17,9 +17,9 @@ import logging
 import sys
 from pathlib import Path
 
-from generation.settings import (SettingsError, add_settings_arguments, configs_from_args,
-                                 output_options_from_args)
-from models.registry import LAYOUT_METHODS, WAN_FAMILY, RunModelError
+from generation.settings import (SettingsError, add_settings_arguments, configs_from_args, output_options_from_args,
+                                 run_controls)
+from models.registry import WAN_FAMILY, RunModelError
 from prompt import (CUSTOM_PROMPT_TYPE, DEFAULT_TEMPLATE_VERSION, PromptList, PromptListError, add_prompt_arguments,
                     prompts_from_args)
 from utils.cache import (CacheFormatError, LayoutCache, cache_path, describe_missing_cache, occurrence_indices,
@@ -87,7 +87,11 @@ def run_base_dir(args, spec, prompt_type: str) -> Path:
     model = resolve_llm_model(args.model)
     model_part = "" if model in (None, "gpt-4") else f"_{model.replace('/', '__')}"
     suffix = f"_{args.save_suffix}" if args.save_suffix else ""
-    return Path(args.output_dir) / f"imgs_{prompt_type}_template{args.template_version}{model_part}_{spec.name}{suffix}"
+    controls = run_controls(args, spec)
+    same = controls == spec.controls and args.control != ["none"]
+    controls_part = "" if same else f"_ctl-{'+'.join(controls) or 'none'}"
+    return Path(args.output_dir) / (f"imgs_{prompt_type}_template{args.template_version}{model_part}_{spec.name}"
+                                    f"{controls_part}{suffix}")
 
 
 def first_unused_run_index(base: Path) -> int:
@@ -170,11 +174,11 @@ _USAGE_ERRORS = (UsageError, RunModelError, SettingsError, PromptListError, Layo
                  OutputDirError, ValueError)
 
 
-def check_batch_flags(args, spec) -> None:
-    """The batch flags that need something of the run-model or of each other; raises UsageError."""
+def check_batch_flags(args, configs) -> None:
+    """The batch flags that need something of the run's configs or of each other; raises UsageError."""
     if args.regenerate > 1 and args.skip_first_prompts != 0:
         raise UsageError("--regenerate > 1 needs --skip_first_prompts 0")
-    if args.visualize and spec.method not in LAYOUT_METHODS:
+    if args.visualize and not configs.uses_layout:
         raise UsageError("--visualize needs a layout method (baselines have no layout)")
 
 
@@ -187,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         configs = configs_from_args(args)
-        check_batch_flags(args, configs.spec)
+        check_batch_flags(args, configs)
         llm_model = resolve_llm_model(args.model)
-        prompt_list, source = resolve_prompt_list(args, configs.spec.method in LAYOUT_METHODS, llm_model)
+        prompt_list, source = resolve_prompt_list(args, configs.uses_layout, llm_model)
         items = plan_items(list(prompt_list.prompts), args)
     except _USAGE_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
@@ -446,7 +450,8 @@ def _generate_all(items, args, configs, model, source: LayoutSource | None, run:
                          position=position + state.num_processes, dynamic_ncols=True)
             try:
                 run.ensure()
-                generate_and_save(model, chunk, sampling, guidance=guidance, gligen=gligen, execution=execution,
+                generate_and_save(model, chunk, sampling, controls=configs.attention, guidance=guidance, gligen=gligen,
+                                  execution=execution,
                                   options=options, step_callback=lambda i, n: steps.update(1))
                 counts["videos"] += len(chunk)
             except Exception as error:  # out of memory included: logged per video, the batch goes on

@@ -103,14 +103,12 @@ class GuidanceConfig:
         return None
 
     def energy_weights(self) -> "EnergyWeights":
+        """The energy's numbers; each term of `generation.energies.ENERGY_TERMS` takes its field of this config."""
         # Imported here: energies needs torch, and configs are built on paths that need none (--help, --dry-run).
         from generation.energies import EnergyWeights
 
-        return EnergyWeights(fg_top_p=self.fg_top_p, bg_top_p=self.bg_top_p, fg_weight=self.fg_weight,
-                             bg_weight=self.bg_weight, com_loss_scale=self.com_loss_scale,
-                             use_ratio_based_loss=self.use_ratio_based_loss,
-                             boxdiff_loss_scale=self.boxdiff_loss_scale, boxdiff_normed=self.boxdiff_normed,
-                             attn_sync_weight=self.attn_sync_weight)
+        return EnergyWeights(**{f.name: getattr(self, f.name) for f in dataclasses.fields(EnergyWeights)
+                                if hasattr(self, f.name)})
 
 
 @dataclass(frozen=True)

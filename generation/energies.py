@@ -11,8 +11,9 @@ over an object's tokens, then over objects and layers; attention enters in float
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -195,60 +196,103 @@ def compute_sync_energy(attention: torch.Tensor, masks: torch.Tensor) -> torch.T
     return torch.cat([per_frame, per_frame.new_zeros(per_frame.shape[0], 1)], dim=1)
 
 
-def compute_layer_energy(attention: torch.Tensor, box_masks: BoxMasks, token_weights: torch.Tensor, *,
-                         fg_top_p: float, bg_top_p: float, fg_weight: float, bg_weight: float,
-                         com_loss_scale: float = 0.0, use_ratio_based_loss: bool = False,
-                         boxdiff_loss_scale: float = 0.0, boxdiff_normed: bool = True,
-                         attn_sync_weight: float = 0.0) -> torch.Tensor:
-    """One layer's energy: sum over tokens (weighted 1/|T_o|) and frames of the per-(token, frame) terms.
+def compute_com_term(attention: torch.Tensor, box_masks: BoxMasks, weights) -> torch.Tensor:
+    return compute_com_energy(attention, box_masks.masks, box_masks.height, box_masks.width)
 
-    ``attention``: (F, H, N, J) recorded probabilities of the guided tokens (conditional batch).
-    """
-    attention = attention.float().permute(3, 0, 1, 2)   # (J, F, H, N)
-    masks = box_masks.masks
-    if use_ratio_based_loss:
-        terms = compute_ratio_energy(attention, masks)
-    else:
-        fg, bg = compute_fg_bg_energy(attention, masks, fg_top_p, bg_top_p)
-        terms = fg_weight * fg + bg_weight * bg
-    if com_loss_scale > 0:
-        terms = terms + com_loss_scale * compute_com_energy(attention, masks, box_masks.height, box_masks.width)
-    if boxdiff_loss_scale > 0:
-        terms = terms + boxdiff_loss_scale * compute_boxdiff_energy(
-            attention, box_masks.corners, box_masks.height, box_masks.width, boxdiff_normed)
-    if attn_sync_weight != 0:
-        terms = terms + attn_sync_weight * compute_sync_energy(attention, masks)
-    return (terms.sum(dim=1) * token_weights).sum()
+
+def compute_boxdiff_term(attention: torch.Tensor, box_masks: BoxMasks, weights) -> torch.Tensor:
+    return compute_boxdiff_energy(attention, box_masks.corners, box_masks.height, box_masks.width,
+                                  weights.boxdiff_normed)
+
+
+def compute_sync_term(attention: torch.Tensor, box_masks: BoxMasks, weights) -> torch.Tensor:
+    return compute_sync_energy(attention, box_masks.masks)
 
 
 @dataclass(frozen=True)
-class EnergyWeights:
-    """The numbers of :func:`compute_layer_energy` (spec 4.4), as one value (``GuidanceConfig.energy_weights``)."""
+class EnergyTerm:
+    """An optional term of the energy: ``weight * compute(attention (J, F, H, N), box masks, weights) -> (J, F)``,
+    added to the fg / bg (or ratio) terms. Its weight is the field ``name`` of `EnergyWeights` and of
+    `generation.config.GuidanceConfig`; 0 leaves it out. generate.py's ``--<name>`` flag comes from here."""
 
+    name: str
+    compute: Callable[[torch.Tensor, BoxMasks, Any], torch.Tensor]
+    help: str
+
+
+# The optional terms, in the order they are added (spec 4.4). A new term is one function here and one weight
+# field of GuidanceConfig (tests/test_controls.py builds one).
+ENERGY_TERMS: tuple[EnergyTerm, ...] = (
+    EnergyTerm("com_loss_scale", compute_com_term, "centre-of-mass term (0; the benchmark preset: 0.03)"),
+    EnergyTerm("boxdiff_loss_scale", compute_boxdiff_term, "BoxDiff corner term (0)"),
+    EnergyTerm("attn_sync_weight", compute_sync_term, "attention-sync term (0)"),
+)
+
+
+def compute_layer_energy(attention: torch.Tensor, box_masks: BoxMasks, token_weights: torch.Tensor, *,
+                         fg_top_p: float, bg_top_p: float, fg_weight: float, bg_weight: float,
+                         use_ratio_based_loss: bool = False, boxdiff_normed: bool = True,
+                         terms: Sequence[EnergyTerm] = ENERGY_TERMS, **term_weights: float) -> torch.Tensor:
+    """One layer's energy: sum over tokens (weighted 1/|T_o|) and frames of the per-(token, frame) terms.
+
+    ``attention``: (F, H, N, J) recorded probabilities of the guided tokens (conditional batch);
+    ``term_weights``: the weight of each of ``terms`` by name (missing: 0).
+    """
+    unknown = sorted(set(term_weights) - {term.name for term in terms})
+    if unknown:
+        raise TypeError(f"unknown energy terms {unknown}; the terms are {[term.name for term in terms]}")
+    attention = attention.float().permute(3, 0, 1, 2)   # (J, F, H, N)
+    masks = box_masks.masks
+    if use_ratio_based_loss:
+        energy = compute_ratio_energy(attention, masks)
+    else:
+        fg, bg = compute_fg_bg_energy(attention, masks, fg_top_p, bg_top_p)
+        energy = fg_weight * fg + bg_weight * bg
+    options = _TermOptions(boxdiff_normed)
+    for term in terms:
+        weight = term_weights.get(term.name, 0.0)
+        if weight != 0:
+            energy = energy + weight * term.compute(attention, box_masks, options)
+    return (energy.sum(dim=1) * token_weights).sum()
+
+
+@dataclass(frozen=True)
+class _TermOptions:
+    boxdiff_normed: bool
+
+
+@dataclass(frozen=True)
+class _BaseWeights:
     fg_top_p: float
     bg_top_p: float
     fg_weight: float
     bg_weight: float
-    com_loss_scale: float = 0.0
     use_ratio_based_loss: bool = False
-    boxdiff_loss_scale: float = 0.0
     boxdiff_normed: bool = True
-    attn_sync_weight: float = 0.0
 
 
-def compute_guidance_energy(maps: dict[str, torch.Tensor], targets: GuidanceTargets,
-                            weights: EnergyWeights) -> torch.Tensor:
+# The numbers of :func:`compute_layer_energy` (spec 4.4), as one value (``GuidanceConfig.energy_weights``): the
+# fg / bg numbers and one weight per term of ENERGY_TERMS (default 0).
+EnergyWeights = dataclasses.make_dataclass(
+    "EnergyWeights", [(term.name, float, dataclasses.field(default=0.0)) for term in ENERGY_TERMS],
+    bases=(_BaseWeights,), frozen=True)
+EnergyWeights.__module__ = __name__
+
+
+def compute_guidance_energy(maps: dict[str, torch.Tensor], targets: GuidanceTargets, weights,
+                            terms: Sequence[EnergyTerm] = ENERGY_TERMS) -> torch.Tensor:
     """Total energy L (spec 4.4): sum of layer energies / (number of objects * number of layers).
 
-    ``maps``: layer path -> (F, H, N, J) probabilities, batch of one (the conditional branch).
+    ``maps``: layer path -> (F, H, N, J) probabilities, batch of one (the conditional branch); ``weights``: an
+    `EnergyWeights` (or any object with its fields, e.g. a ``GuidanceConfig``).
     """
+    term_weights = {term.name: getattr(weights, term.name, 0.0) for term in terms}
     total = None
     for attention in maps.values():
         layer = compute_layer_energy(
             attention, targets.masks_for(attention.shape[2]), targets.token_weights,
             fg_top_p=weights.fg_top_p, bg_top_p=weights.bg_top_p, fg_weight=weights.fg_weight,
-            bg_weight=weights.bg_weight, com_loss_scale=weights.com_loss_scale,
-            use_ratio_based_loss=weights.use_ratio_based_loss, boxdiff_loss_scale=weights.boxdiff_loss_scale,
-            boxdiff_normed=weights.boxdiff_normed, attn_sync_weight=weights.attn_sync_weight)
+            bg_weight=weights.bg_weight, use_ratio_based_loss=weights.use_ratio_based_loss,
+            boxdiff_normed=weights.boxdiff_normed, terms=terms, **term_weights)
         total = layer if total is None else total + layer
     return total / (targets.num_objects * len(maps))

@@ -17,7 +17,7 @@ import torch
 from generation.backbones.base import Backbone
 from generation.config import ExecutionConfig, GuidanceConfig
 from generation.energies import EnergyWeights, GuidanceTargets, compute_guidance_energy, prepare_guidance_targets
-from generation.guidance import GuidanceSchedule, guide_batch
+from generation.guidance import GuidanceRecord, GuidanceSchedule, guide_batch
 from generation.loop import Step
 from models.attention import AttentionRecorder
 from utils.layout import LayoutCondition
@@ -58,7 +58,7 @@ def make_layout_energy_fn(backbone: Backbone, recorder: AttentionRecorder, cond:
 
 
 class LayoutGuidance:
-    """The LVD hook: a ``before_step`` that guides, and a context manager that installs the recorder."""
+    """The LVD control: a ``before_step`` that guides, and a lifetime that installs the recorder."""
 
     def __init__(self, backbone: Backbone, videos: Sequence[GuidedVideo | None], cond: torch.Tensor,
                  config: GuidanceConfig, execution: ExecutionConfig, step_sizes: torch.Tensor, num_map_frames: int):
@@ -90,6 +90,9 @@ class LayoutGuidance:
     @property
     def schedules(self) -> list[GuidanceSchedule | None]:
         return [video.schedule if video else None for video in self.videos]
+
+    def video_logs(self) -> list[list[GuidanceRecord]]:
+        return [list(schedule.log) if schedule else [] for schedule in self.schedules]
 
     def __enter__(self) -> "LayoutGuidance":
         self._recording = self.backbone.recording(self.recorder)

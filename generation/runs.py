@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 from generation.backbones import backbone_for
 from generation.config import ExecutionConfig, GuidanceConfig, SamplingConfig
+from generation.controls import family_of
 from generation.sampling import StepCallback, VideoRequest, VideoResult, generate_videos
 from models.gligen import GligenConfig
 from models.registry import WAN_FAMILY
@@ -41,8 +42,8 @@ logger = logging.getLogger(__name__)
 RUN_CONFIG_FILE = "config.json"
 LAYOUT_FILE = "layout.json"
 # The settings that must match when a run is resumed (a change is recorded and warned about).
-RUN_SETTINGS_KEYS = ("run_model", "sampling", "guidance", "gligen", "prompt_type", "template_version", "llm_model",
-                     "solver")
+RUN_SETTINGS_KEYS = ("run_model", "sampling", "guidance", "gligen", "controls", "prompt_type", "template_version",
+                     "llm_model", "solver")
 # Temporary files of an atomic write (utils.io.atomic_path) that a killed process left behind.
 TEMP_FILE_GLOB = ".*.tmp*"
 
@@ -166,14 +167,15 @@ def save_video_outputs(result: VideoResult, folder: Path, repeat_index: int, con
 
 
 def generate_and_save(model, jobs: Sequence[VideoJob], sampling: SamplingConfig, *,
-                      guidance: GuidanceConfig | None = None, gligen: GligenConfig | None = None,
-                      execution: ExecutionConfig | None = None, options: OutputOptions = OutputOptions(),
+                      controls: Sequence[Any] = (), guidance: GuidanceConfig | None = None,
+                      gligen: GligenConfig | None = None, execution: ExecutionConfig | None = None,
+                      options: OutputOptions = OutputOptions(),
                       step_callback: StepCallback | None = None) -> list[VideoResult]:
-    """Generate ``jobs`` as one batch (each keeps its seed, layout and guidance state) and save each."""
+    """Generate ``jobs`` as one batch (each keeps its seed, layout and control state) and save each."""
     started = time.perf_counter()
     requests = [VideoRequest(job.prompt, job.seed, job.condition) for job in jobs]
-    results = generate_videos(model, requests, sampling, guidance=guidance, gligen=gligen, execution=execution,
-                              step_callback=step_callback)
+    results = generate_videos(model, requests, sampling, controls=controls, guidance=guidance, gligen=gligen,
+                              execution=execution, step_callback=step_callback)
     elapsed = (time.perf_counter() - started) / max(len(jobs), 1)
     baselines = [None] * len(jobs)
     if options.compare_baseline:  # the baseline's video: the prompt as is, the same seed, no layout control
@@ -248,6 +250,8 @@ def run_settings(configs, model, *, prompt_type: str, template_version: str | No
         "guidance": dataclasses.asdict(configs.guidance) if configs.guidance is not None else None,
         "execution": dataclasses.asdict(configs.execution),
         "gligen": dataclasses.asdict(configs.gligen) if configs.gligen is not None else None,
+        "controls": {"families": list(configs.controls),
+                     **{family_of(config).name: dataclasses.asdict(config) for config in configs.attention}},
         "seed_rule": SEED_RULE, "solver": solver,
     }
 

@@ -12,7 +12,10 @@ import argparse
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 
-from models.registry import (GUIDED_METHODS, WAN_FAMILY, RunModelSpec, get_run_model,
+import dataclasses
+
+from generation.attention_config import MaskingConfig, ModulationConfig
+from models.registry import (CONTROL_FAMILY_NAMES, WAN_FAMILY, RunModelError, RunModelSpec, get_run_model,
                              run_model_names, wan_guided_layers)
 from utils.cli import float_in, int_in
 
@@ -25,7 +28,11 @@ if TYPE_CHECKING:
 SAVE_FORMATS = ("gif", "joblib", "mp4")
 # --save-formats when the flag is not given (this list object: Wan run-models then add mp4, at their 16 fps).
 DEFAULT_SAVE_FORMATS = ["gif", "joblib"]
-# The guidance flags (= GuidanceConfig fields), None when not given.
+# The attention control families whose config fields are flags: --<prefix>-<field> (README, "Layout control
+# families").
+ATTENTION_CONTROL_CONFIGS = {"mask": MaskingConfig, "modulate": ModulationConfig}
+# The guidance flags (= GuidanceConfig fields), None when not given. The energy terms' weights among them are
+# `generation.energies.ENERGY_TERMS` (tests/test_controls.py checks that every term has its flag here).
 GUIDANCE_FLAGS = ("loss_scale", "loss_threshold", "max_iter", "max_index_step", "fg_top_p", "bg_top_p", "fg_weight",
                   "bg_weight", "com_loss_scale", "boxdiff_loss_scale", "attn_sync_weight", "use_ratio_based_loss",
                   "boxdiff_normed")
@@ -70,6 +77,7 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                                "per-step: recompute the energy at every guided step (spec 15.2)")
     parser.add_argument("--gligen_scheduled_sampling_beta", type=float_in(0.0, 1.0), default=None,
                         help="LVD-GLIGEN / LVD-plus: fraction of steps with the fusers on (1.0)")
+    add_control_arguments(parser)
 
     wan = parser.add_argument_group("Wan 2.1 run-models (see README, 'Wan 2.1 (DiT backbone)')")
     wan.add_argument("--guided-blocks", type=int_in(0), nargs="+", default=None,
@@ -104,6 +112,48 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
                              "and write video_<r>_compare.gif: baseline | this video | the boxes")
 
 
+def add_control_arguments(parser: argparse.ArgumentParser) -> None:
+    """--control, and one flag per field of the masking / modulation configs (README, "Layout control families")."""
+    group = parser.add_argument_group("layout control families (README, 'Layout control families')")
+    group.add_argument("--control", nargs="+", default=None, choices=(*CONTROL_FAMILY_NAMES, "none"), metavar="FAMILY",
+                       help="the layout controls to run, any set of " + ", ".join(CONTROL_FAMILY_NAMES) +
+                            " (default: the run-model's method: lvd = energy, lvd-gligen = gligen, lvd-plus = "
+                            "gligen energy, baselines none); e.g. --control energy mask. 'none': the layout's "
+                            "prompt and layout.json, no control (the families' common zero)")
+    for prefix, config_type in ATTENTION_CONTROL_CONFIGS.items():
+        for field in dataclasses.fields(config_type):
+            kind = int_in(0, 1) if isinstance(field.default, bool) else type(field.default)
+            group.add_argument(f"--{prefix}-{field.name.replace('_', '-')}", dest=f"{prefix}_{field.name}", type=kind,
+                               default=None, help=f"--control {prefix}: {field.name} ({field.default})")
+
+
+def run_controls(args: argparse.Namespace, spec: RunModelSpec) -> tuple[str, ...]:
+    """The control families of this run: --control, else the run-model's method (raises RunModelError)."""
+    controls = tuple(dict.fromkeys(args.control)) if args.control else spec.controls
+    if "none" in controls:
+        if len(controls) > 1:
+            raise RunModelError(f"--control none takes no other family, got {' '.join(controls)}")
+        controls = ()
+    if "gligen" in controls and not spec.grounded:
+        raise RunModelError(f"--control gligen needs a grounded UNet (lvd-gligen_*, lvd-plus_*), not {spec.name!r}")
+    for prefix in ATTENTION_CONTROL_CONFIGS:
+        given = [key for key, value in vars(args).items() if key.startswith(f"{prefix}_") and value is not None]
+        if given and prefix not in controls:
+            raise RunModelError(f"{', '.join('--' + g.replace('_', '-') for g in given)} need --control {prefix}")
+    return controls
+
+
+def build_attention_control_configs(args: argparse.Namespace, controls: tuple[str, ...]) -> tuple:
+    """The masking / modulation configs of ``controls``, with their flags."""
+    configs = []
+    for prefix, config_type in ATTENTION_CONTROL_CONFIGS.items():
+        if prefix in controls:
+            overrides = {f.name: getattr(args, f"{prefix}_{f.name}") for f in dataclasses.fields(config_type)}
+            configs.append(config_type(**{k: type(getattr(config_type, k))(v) for k, v in overrides.items()
+                                          if v is not None}))
+    return tuple(configs)
+
+
 def parse_settings_argv(argv: Sequence[str]) -> argparse.Namespace:
     """The settings flags of a command line, parsed as generate.py parses them; raises SettingsError."""
 
@@ -124,7 +174,15 @@ class RunConfigs:
     sampling: SamplingConfig
     guidance: GuidanceConfig | None
     execution: ExecutionConfig
-    gligen: GligenConfig | None       # grounded run-models only
+    gligen: GligenConfig | None       # runs with GLIGEN grounding (grounded run-models only)
+    controls: tuple[str, ...] = ()    # the run's control families (generation.controls)
+    attention: tuple = ()             # the masking / modulation configs among them
+    layout_only: bool = False         # --control none: the layout's prompt and layout.json, no control
+
+    @property
+    def uses_layout(self) -> bool:
+        """Whether the run reads layouts: any control family, or --control none."""
+        return bool(self.controls) or self.layout_only
 
 
 def configs_from_args(args: argparse.Namespace) -> RunConfigs:
@@ -136,13 +194,17 @@ def configs_from_args(args: argparse.Namespace) -> RunConfigs:
     from generation.config import ExecutionConfig, GuidanceConfig, replace_config, sampling_config_for
 
     spec = get_run_model(args.run_model)
-    _check_flags_apply(args, spec)
+    controls = run_controls(args, spec)
+    _check_flags_apply(args, spec, controls)
     overrides = {name: getattr(args, name) for name in GUIDANCE_FLAGS}
     for name in ("use_ratio_based_loss", "boxdiff_normed"):
         overrides[name] = None if overrides[name] is None else bool(overrides[name])
     guidance = None
-    if spec.method in GUIDED_METHODS:
+    if "energy" in controls:
         guided_layers = spec.guided_layers if args.guided_blocks is None else wan_guided_layers(args.guided_blocks)
+        if not guided_layers:
+            raise RunModelError(f"--control energy needs guided layers and run-model {spec.name!r} names none; use "
+                                "its lvd_* run-model" + (" or --guided-blocks" if spec.family == WAN_FAMILY else ""))
         guidance = replace_config(GuidanceConfig(guided_layers=guided_layers, stop_rule=args.guidance_stop),
                                   **overrides)
     else:
@@ -154,17 +216,20 @@ def configs_from_args(args: argparse.Namespace) -> RunConfigs:
                                    num_inference_steps=args.num_inference_steps, initial_noise=args.initial_noise,
                                    corrector_off_steps=_corrector_off_steps(args, spec, guidance))
     return RunConfigs(spec=spec, sampling=sampling, guidance=guidance,
-                      execution=ExecutionConfig(low_memory=args.low_memory), gligen=_gligen_config(args, spec))
+                      execution=ExecutionConfig(low_memory=args.low_memory),
+                      gligen=_gligen_config(args, spec) if "gligen" in controls else None, controls=controls,
+                      attention=build_attention_control_configs(args, controls),
+                      layout_only=args.control == ["none"])
 
 
-def _check_flags_apply(args: argparse.Namespace, spec: RunModelSpec) -> None:
+def _check_flags_apply(args: argparse.Namespace, spec: RunModelSpec, controls: tuple[str, ...]) -> None:
     wan_flags = [flag for flag, value in (("--guided-blocks", args.guided_blocks),
                                           ("--corrector-off-steps", args.corrector_off_steps),
                                           ("--offload-text-encoder", args.offload_text_encoder or None))
                  if value is not None]
     if spec.family != WAN_FAMILY and wan_flags:
         raise SettingsError(f"{', '.join(wan_flags)} apply to the Wan run-models only, not to {spec.name!r}")
-    if args.guided_blocks is not None and spec.method not in GUIDED_METHODS:
+    if args.guided_blocks is not None and "energy" not in controls:
         raise SettingsError(f"run-model {spec.name!r} ({spec.method}) has no attention guidance; remove --guided-blocks")
     if args.gligen_scheduled_sampling_beta is not None and not spec.grounded:
         raise SettingsError(f"--gligen_scheduled_sampling_beta does not apply to {spec.name!r}")

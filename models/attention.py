@@ -150,3 +150,29 @@ def run_recorded_forward(unet: torch.nn.Module, recorder: AttentionRecorder, *ar
     if missing:
         raise RuntimeError(f"the forward pass did not reach the guided layers {missing}")
     return recorder.maps
+
+
+class BiasedAttnProcessor:
+    """Adds a logit bias to an attention module and otherwise runs the processor it replaced.
+
+    ``bias_fn(hidden_states, keys_length)`` returns a ``(rows, 1, queries, keys)`` additive bias (``-inf``
+    masks a pair), broadcast over heads, or None to leave the call untouched (the replaced processor then sees
+    exactly its usual arguments, so an inactive bias changes nothing, bit for bit). A bias handed in by an
+    outer processor is added to, so several installations compose. The replaced processor applies it as
+    its ``attention_mask`` (diffusers' ``AttnProcessor2_0`` and ``WanAttnProcessor`` both add a float mask to
+    the scaled scores inside SDPA), so no attention math is duplicated here.
+    """
+
+    def __init__(self, layer_name: str, fallback, bias_fn: Callable[[torch.Tensor, int], torch.Tensor | None]):
+        self.layer_name = layer_name
+        self.fallback = fallback
+        self.bias_fn = bias_fn
+
+    def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs) -> torch.Tensor:
+        keys = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        bias = self.bias_fn(hidden_states, keys.shape[1])
+        if bias is not None:
+            bias = bias.to(hidden_states.dtype)
+            attention_mask = bias if attention_mask is None else attention_mask + bias
+        return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)

@@ -1,7 +1,9 @@
 """The `--run-model` choices as data (spec 1.5): which weights, resolution, frames and guided layers.
 
-Each choice is a frozen `RunModelSpec`. Methods (`lvd`, `baseline`, `lvd-gligen`, `lvd-plus`)
-are plain strings, so a new method only adds entries to `RUN_MODELS`.
+Each choice is a frozen `RunModelSpec`: a method on a backbone family. `METHOD_CONTROLS` is the one table
+from a method to the layout controls it runs (`generation.controls.CONTROL_FAMILIES`), so a run-model
+names its backbone (``family``) and its controls (``controls``); a new method is one entry there and its
+entries in `RUN_MODELS`.
 """
 from __future__ import annotations
 
@@ -38,11 +40,20 @@ LVD_GLIGEN_MODELSCOPE_ID = "longlian/text-to-video-lvd-ms"
 LVD_GLIGEN_ZEROSCOPE_ID = "longlian/text-to-video-lvd-zs"
 # LVD-plus loads the ModelScope adapter from this revision (no hub pipeline code; spec 6.2).
 LVD_PLUS_REVISION = "weights_only"
+# The layout control families (generation.controls.CONTROL_FAMILIES builds them; generate.py's --control).
+CONTROL_FAMILY_NAMES = ("gligen", "energy", "mask", "modulate")
+# Method -> the layout control families it runs by default (generate.py's --control replaces them).
+METHOD_CONTROLS: types.MappingProxyType[str, tuple[str, ...]] = types.MappingProxyType({
+    "baseline": (),
+    "lvd": ("energy",),                  # spec 4: energy guidance on the cross-attention maps
+    "lvd-gligen": ("gligen",),           # spec 6.1: GLIGEN adapters, no guidance
+    "lvd-plus": ("gligen", "energy"),    # spec 6.2: both
+})
 # Methods whose UNet carries GLIGEN fusers and a position net.
-GROUNDED_METHODS = ("lvd-gligen", "lvd-plus")
+GROUNDED_METHODS = tuple(method for method, controls in METHOD_CONTROLS.items() if "gligen" in controls)
 # Methods that take a layout (the others are the text-only baselines), and those with attention guidance.
-LAYOUT_METHODS = ("lvd", "lvd-plus", "lvd-gligen")
-GUIDED_METHODS = ("lvd", "lvd-plus")
+LAYOUT_METHODS = tuple(method for method, controls in METHOD_CONTROLS.items() if controls)
+GUIDED_METHODS = tuple(method for method, controls in METHOD_CONTROLS.items() if "energy" in controls)
 # cross_attention_dim of the published adapters' UNets: the OpenCLIP-H text width of ModelScope / Zeroscope.
 GLIGEN_CROSS_ATTENTION_DIM = 1024
 # Folder names of the architecture configs (no weights) used for random-weight benchmarks.
@@ -151,6 +162,11 @@ class RunModelSpec:
     size_multiple: int | None = None         # None: the size is fixed; else --height/--width must be multiples
     frames_step: int = 1                     # num_frames must be 1 + k * frames_step (a temporal VAE factor)
     bundled: str | None = None               # weights shipped in shapes/weights/<bundled> (models/shapes.py)
+
+    @property
+    def controls(self) -> tuple[str, ...]:
+        """The layout control families the method runs by default (`METHOD_CONTROLS`)."""
+        return METHOD_CONTROLS[self.method]
 
     @property
     def grounded(self) -> bool:

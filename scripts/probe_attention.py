@@ -128,7 +128,7 @@ def probe_prompt(model, condition, sampling, layers, probe_steps, top_q, seed: i
     probe = AttentionProbe(backbone, recorder, text.cond, targets, num_map_frames, probe_steps, top_q)
     with probe:
         denoise(backbone, latents, scheduler, scheduler.timesteps[:last + 1], text, sampling.guidance_scale,
-                hooks=[probe])
+                controls=[probe])
     return probe.scores
 
 

@@ -11,18 +11,27 @@ a new model family is a new adapter, not an edit of the loop.
 Attention maps reach the energies in one layout, whatever the family: per guided module a tensor
 ``(videos * map_frames, heads, h * w, tokens)``, batch-major, the token axis holding only the columns
 the recorder was asked for.
+
+Classifier-free guidance is one wrapper (`generation.cfg`): :meth:`Backbone.predict` asks the guider how many
+branches to run, :meth:`Backbone.predict_branches` runs them the family's way, the guider combines them.
+Which videos of a model call are conditional is exposed, not assumed (:attr:`Backbone.model_call`), so an
+attention processor that acts on the conditional branch only (attention masking, modulation) works on both
+layouts: one call on ``[uncond; cond]`` (UNet3D) or one call per branch (Wan). Processors for any purpose
+(recording, masking, modulation) are installed by :meth:`Backbone.attention_processors`, which restores the
+previous ones on exit; installations nest, each new processor wrapping the one it replaces.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
-from models.attention import AttentionRecorder
+from generation.cfg import ClassifierFreeGuidance
+from models.attention import AttentionRecorder, processors_replaced
 from utils.layout import LayoutCondition, SceneLayout
 
 
@@ -34,11 +43,31 @@ class TextConditioning:
     uncond: torch.Tensor | None = None  # (B, tokens, D): the negative prompt; None: no CFG pass
 
 
+# Kinds of attention modules (`Backbone.attention_layers`): what their queries and keys are.
+from generation.attention_config import CROSS, SPATIAL, TEMPORAL, VIDEO  # noqa: E402,F401  (the kinds)
+ATTENTION_KINDS = (CROSS, SPATIAL, TEMPORAL, VIDEO)
+
+
+@dataclass(frozen=True)
+class ModelCall:
+    """The batch of the model call in progress: ``num_videos`` videos, the conditional (prompt) ones at
+    ``cond`` (a slice of videos; the others see the negative prompt). Rows of every attention module are
+    video-major, so video ``v`` owns rows ``[v * r, (v + 1) * r)`` for ``r = rows / num_videos``."""
+
+    num_videos: int
+    cond: slice
+
+
 class Backbone(abc.ABC):
     """One family of text-to-video diffusion models, as the sampling loop and the guidance see it."""
 
+    #: The CFG rule of the pipeline this family reproduces (see `generation.cfg`).
+    cfg_skips_at_or_below_one: bool = False
+
     def __init__(self, model: Any):
         self.model = model
+        #: Set while `predict_branches` calls the model (None otherwise, e.g. in guided passes).
+        self.model_call: ModelCall | None = None
 
     @property
     def device(self) -> torch.device:
@@ -70,10 +99,37 @@ class Backbone(abc.ABC):
         """A fresh scheduler of this model (schedulers keep solver state between steps); ``corrector_off_steps``
         is `SamplingConfig.corrector_off_steps` (None: the model's sampler as loaded)."""
 
-    @abc.abstractmethod
+    def make_guider(self, guidance_scale: float) -> ClassifierFreeGuidance:
+        """Classifier-free guidance at ``guidance_scale`` with this family's pipeline rule."""
+        return ClassifierFreeGuidance(guidance_scale, skip_at_or_below_one=self.cfg_skips_at_or_below_one)
+
     def predict(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
-                guidance_scale: float, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
-        """The model output at ``timestep``, classifier-free guided when ``text.uncond`` is given."""
+                guidance, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
+        """The model output at ``timestep``, classifier-free guided when ``text.uncond`` is given.
+
+        ``guidance``: a CFG scale (this family's guider) or a guider with diffusers' interface.
+        """
+        guider = self.make_guider(guidance) if isinstance(guidance, (int, float)) else guidance
+        with_uncond = text.uncond is not None and guider.num_conditions == 2
+        pred_cond, pred_uncond = self.predict_branches(scheduler, latents, timestep, text, with_uncond,
+                                                       model_kwargs or {})
+        return guider.forward(pred_cond, pred_uncond).pred if with_uncond else pred_cond
+
+    @abc.abstractmethod
+    def predict_branches(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
+                         with_uncond: bool, model_kwargs: dict[str, Any]
+                         ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(conditional, unconditional or None) model outputs at ``timestep``, each call inside
+        :meth:`calling` so that processors know which videos are conditional."""
+
+    @contextlib.contextmanager
+    def calling(self, num_videos: int, cond: slice) -> Iterator[None]:
+        """Mark a model call of ``num_videos`` videos whose conditional ones are ``cond``."""
+        self.model_call = ModelCall(num_videos, cond)
+        try:
+            yield
+        finally:
+            self.model_call = None
 
     @abc.abstractmethod
     def step(self, scheduler, model_output: torch.Tensor, timestep: torch.Tensor,
@@ -101,6 +157,24 @@ class Backbone(abc.ABC):
     @abc.abstractmethod
     def check_guided_layers(self, names: Sequence[str]) -> None:
         """Raise ValueError unless every name is a module this family can record."""
+
+    # -- attention processors --------------------------------------------------------------------
+
+    @property
+    @abc.abstractmethod
+    def attention_model(self) -> torch.nn.Module:
+        """The module whose ``attn_processors`` are the family's attention modules (a UNet, a transformer)."""
+
+    @abc.abstractmethod
+    def attention_layers(self) -> dict[str, str]:
+        """Module path -> kind (`ATTENTION_KINDS`) of every attention module of the model."""
+
+    def attention_processors(self, layer_names: Sequence[str], build: Callable[[str, Any], Any]
+                             ) -> contextlib.AbstractContextManager:
+        """Give each named module the processor ``build(name, the processor it replaces)``, for any purpose;
+        restores the previous processors on exit. The built processor should call the replaced one whenever it
+        does not act itself, so that installations compose (e.g. a mask under the LVD recorder)."""
+        return processors_replaced(self.attention_model, layer_names, build)
 
     @abc.abstractmethod
     def recording(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager:

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from generation.backbones.base import Backbone, TextConditioning
+from generation.backbones.base import CROSS, SPATIAL, TEMPORAL, Backbone, TextConditioning
 from generation.config import NOISE_CPU, NOISE_REFERENCE
 from generation.energies import compute_latent_map_sizes
 from generation.guidance import compute_step_sizes
@@ -89,6 +89,15 @@ def step_scheduler_over_frames(scheduler, noise: torch.Tensor, timestep: torch.T
     return flat_latents.reshape(batch, frames, channels, height, width).permute(0, 2, 1, 3, 4)
 
 
+def unet_attention_kind(name: str) -> str:
+    """The kind of a UNet3D attention module by its path: the temporal transformers (``transformer_in``,
+    ``temp_attentions``) attend across frames in both their modules; the spatial ones have self-attention
+    ``attn1`` and text cross-attention ``attn2``."""
+    if name.startswith("transformer_in.") or ".temp_attentions." in name:
+        return TEMPORAL
+    return CROSS if name.endswith("attn2") else SPATIAL
+
+
 class UNet3DBackbone(Backbone):
     """A `models.video_model.VideoModel` (UNet3D, AutoencoderKL, CLIP text encoder, DPM-Solver++)."""
 
@@ -113,18 +122,21 @@ class UNet3DBackbone(Backbone):
                              f"corrector_off_steps must be 0 or None, found {corrector_off_steps}")
         return self.model.make_scheduler()
 
-    def predict(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
-                guidance_scale: float, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
-        model_kwargs = model_kwargs or {}
-        if text.uncond is None:
+    def predict_branches(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
+                         with_uncond: bool, model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        videos = latents.shape[0]
+        if not with_uncond:
             model_input = scheduler.scale_model_input(latents, timestep)
-            return self.model.unet(model_input, timestep, encoder_hidden_states=text.cond, return_dict=False,
-                                   **model_kwargs)[0]
+            with self.calling(videos, slice(0, videos)):
+                return self.model.unet(model_input, timestep, encoder_hidden_states=text.cond, return_dict=False,
+                                       **model_kwargs)[0], None
+        # One call on [uncond; cond], as the reference pipeline (spec 5.2); GLIGEN objects follow that order.
         model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
-        noise = self.model.unet(model_input, timestep, encoder_hidden_states=torch.cat([text.uncond, text.cond]),
-                                return_dict=False, **model_kwargs)[0]
+        with self.calling(2 * videos, slice(videos, 2 * videos)):
+            noise = self.model.unet(model_input, timestep, encoder_hidden_states=torch.cat([text.uncond, text.cond]),
+                                    return_dict=False, **model_kwargs)[0]
         noise_uncond, noise_cond = noise.chunk(2)
-        return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+        return noise_cond, noise_uncond
 
     def step(self, scheduler, model_output: torch.Tensor, timestep: torch.Tensor,
              latents: torch.Tensor) -> torch.Tensor:
@@ -142,6 +154,15 @@ class UNet3DBackbone(Backbone):
 
     def check_guided_layers(self, names: Sequence[str]) -> None:
         check_guided_layers(self.model.unet, names)
+
+    @property
+    def attention_model(self) -> torch.nn.Module:
+        return self.model.unet
+
+    def attention_layers(self) -> dict[str, str]:
+        names = (key.removesuffix(".processor") for key in self.model.unet.attn_processors)
+        # attn1 / attn2 of the transformer blocks (not e.g. GLIGEN's gated self-attention, ``fuser.attn``)
+        return {name: unet_attention_kind(name) for name in names if name.endswith(("attn1", "attn2"))}
 
     def recording(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager:
         return recording_attention(self.model.unet, recorder)

@@ -24,7 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from generation.backbones.base import Backbone, TextConditioning
+from generation.backbones.base import CROSS, VIDEO, Backbone, TextConditioning
 from generation.config import NOISE_CPU, NOISE_REFERENCE
 from models.attention import AttentionRecorder, run_recorded_forward
 from models.wan import (WAN_TEXT_TOKENS, WanVideoModel, clean_prompt, compute_wan_token_positions,
@@ -64,6 +64,8 @@ def prepare_wan_latents(seed: int, num_frames: int, height: int, width: int, cha
 
 class WanBackbone(Backbone):
     """A `models.wan.WanVideoModel` (WanTransformer3DModel, AutoencoderKLWan, umT5, UniPC)."""
+
+    cfg_skips_at_or_below_one = True  # WanPipeline: CFG only above 1
 
     def __init__(self, model: WanVideoModel):
         super().__init__(model)
@@ -113,20 +115,24 @@ class WanBackbone(Backbone):
             return self.model.make_scheduler()
         return self.model.with_corrector_off_steps(corrector_off_steps).make_scheduler()
 
-    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def _call_transformer(self, latents: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor,
+                          **model_kwargs) -> torch.Tensor:
         return self.transformer(hidden_states=latents.to(self.dtype), timestep=timestep.expand(latents.shape[0]),
-                                encoder_hidden_states=text, return_dict=False)[0]
+                                encoder_hidden_states=text, return_dict=False, **model_kwargs)[0]
 
-    def predict(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
-                guidance_scale: float, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
-        if model_kwargs:
-            raise ValueError(f"the Wan backbone takes no extra model inputs, got {sorted(model_kwargs)} "
+    def predict_branches(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
+                         with_uncond: bool, model_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        unknown = sorted(set(model_kwargs) - {"attention_kwargs"})
+        if unknown:
+            raise ValueError(f"the Wan transformer takes attention_kwargs only as extra model inputs, got {unknown} "
                              "(GLIGEN adapters exist for the UNet3D models only)")
-        cond = self._call_transformer(latents, timestep, text.cond)
-        if text.uncond is None or guidance_scale <= 1.0:  # WanPipeline: CFG only above 1
-            return cond
-        uncond = self._call_transformer(latents, timestep, text.uncond)
-        return uncond + guidance_scale * (cond - uncond)
+        videos = latents.shape[0]
+        with self.calling(videos, slice(0, videos)):  # the prompt first, then the negative prompt (WanPipeline)
+            cond = self._call_transformer(latents, timestep, text.cond, **model_kwargs)
+        if not with_uncond:
+            return cond, None
+        with self.calling(videos, slice(0, 0)):
+            return cond, self._call_transformer(latents, timestep, text.uncond, **model_kwargs)
 
     def step(self, scheduler, model_output: torch.Tensor, timestep: torch.Tensor,
              latents: torch.Tensor) -> torch.Tensor:
@@ -155,6 +161,15 @@ class WanBackbone(Backbone):
 
     def check_guided_layers(self, names: Sequence[str]) -> None:
         check_wan_guided_layers(self.transformer, names)
+
+    @property
+    def attention_model(self) -> torch.nn.Module:
+        return self.transformer
+
+    def attention_layers(self) -> dict[str, str]:
+        """``blocks.<i>.attn1``: 3-D self-attention over latent frames x patches; ``blocks.<i>.attn2``: text."""
+        names = (key.removesuffix(".processor") for key in self.transformer.attn_processors)
+        return {name: CROSS if name.endswith("attn2") else VIDEO for name in names}
 
     def recording(self, recorder: AttentionRecorder) -> contextlib.AbstractContextManager:
         return WanRecordingContext(self, recorder)
