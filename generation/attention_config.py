@@ -4,12 +4,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
-
-    from generation.attention_control import RegionGrid
 
 # Kinds of attention layers (generation.backbones.base re-exports them).
 CROSS = "cross"        # queries: positions of one frame (UNet3D) or of the whole video (Wan); keys: text tokens
@@ -35,11 +29,6 @@ class MaskingConfig:
     def strength_at(self, kind: str, step_index: int, num_steps: int) -> float:
         return 1.0 if step_index < self.max_index_step else 0.0
 
-    def compute_bias(self, kind: str, queries: "RegionGrid", keys: "RegionGrid", strength: float) -> "torch.Tensor":
-        from generation.attention_control import compute_mask_bias
-
-        return compute_mask_bias(queries.regions, keys.regions)
-
 
 @dataclass(frozen=True)
 class ModulationConfig:
@@ -63,10 +52,3 @@ class ModulationConfig:
             return 0.0
         scale = self.cross_strength if kind == CROSS else self.self_strength
         return float(scale * (1.0 - step_index / num_steps) ** self.decay_power)
-
-    def compute_bias(self, kind: str, queries: "RegionGrid", keys: "RegionGrid", strength: float) -> "torch.Tensor":
-        from generation.attention_control import compute_cross_modulation, compute_self_modulation
-
-        if kind == CROSS:
-            return compute_cross_modulation(queries.regions, queries.areas, keys.token_objects, strength)
-        return compute_self_modulation(queries.regions, keys.regions, keys.weights, strength)

@@ -49,6 +49,16 @@ from utils.layout import LayoutCondition
 SPECIAL_TOKENS = frozenset({"<|startoftext|>", "<|endoftext|>", "</s>", "<s>", "<pad>", "<unk>"})
 
 
+def compute_config_bias(config: MaskingConfig | ModulationConfig, kind: str, queries: "RegionGrid",
+                        keys: "RegionGrid", strength: float) -> torch.Tensor:
+    """The logit bias of ``config``'s family for one kind of attention layer (the definitions in the README)."""
+    if isinstance(config, MaskingConfig):
+        return compute_mask_bias(queries.regions, keys.regions)
+    if kind == CROSS:
+        return compute_cross_modulation(queries.regions, queries.areas, keys.token_objects, strength)
+    return compute_self_modulation(queries.regions, keys.regions, keys.weights, strength)
+
+
 # --------------------------------------------------------------------------------------------
 # Pure functions. Regions are (..., n, G) float32 with G = objects + 1 (the background last).
 
@@ -242,7 +252,7 @@ class AttentionLayoutControl(ControlBase):
             if video is None:
                 continue
             query_grid, key_grid = video.layout(kind, per_video, queries, num_keys)
-            video_bias = self.config.compute_bias(kind, query_grid, key_grid, strength)
+            video_bias = compute_config_bias(self.config, kind, query_grid, key_grid, strength)
             if bias is None:
                 bias = torch.zeros(rows, 1, queries, num_keys, device=device, dtype=dtype)
             bias[video_index * per_video:(video_index + 1) * per_video, 0] = video_bias.to(device, dtype)
