@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="gpt-4-1106-preview",
                         help="LLM name for 'LLM endpoint' (as for prompt_batch.py)")
     parser.add_argument("--template_version", default=backend.DEFAULT_TEMPLATE_VERSION)
+    parser.add_argument("--run-model", default=None, choices=[spec.name for spec in backend.RUN_MODELS], metavar="RUN_MODEL",
+                        help="the run-model the page opens on (default: lvd_shapes, the shipped trained model, when "
+                             "no real weights are found)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: automatic)")
     parser.add_argument("--threads", type=int_in(1), default=None,
                         help="torch CPU threads (default: generate.py's: $OMP_NUM_THREADS if set, else 1 for the tiny "
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = backend.StudioSettings(cache_dir=args.cache_dir, output_dir=args.output_dir,
                                           template_version=args.template_version, llm=backend.build_llm_settings(args),
                                           device=args.device, dtype=args.dtype,
-                                          model_paths=parse_model_paths(args.model_path), threads=args.threads)
+                                          model_paths=parse_model_paths(args.model_path), threads=args.threads,
+                                          opening_run_model=args.run_model)
     except (ValueError, OutputDirError, backend.StudioError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

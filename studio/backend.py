@@ -138,6 +138,7 @@ class StudioSettings:
     dtype: str | None = None
     model_paths: Mapping[str, str] = field(default_factory=dict)  # run-model name -> local folder
     threads: int | None = None  # torch CPU threads; None: models.devices.choose_cpu_threads (generate.py's rule)
+    opening_run_model: str | None = None  # the run-model the page opens on; None: Studio.default_run_model's rule
 
     @property
     def studio_cache_path(self) -> Path:

@@ -60,7 +60,14 @@ class Studio:
         return [status.name for status in self.run_models if status.available]
 
     def default_run_model(self) -> str:
+        """The opening run-model: the one asked for, else real weights found here, else the shipped shapes model,
+        else a tiny LVD model."""
         available = [s for s in self.run_models if s.available]
+        if self.settings.opening_run_model is not None:
+            if self.settings.opening_run_model not in {s.name for s in available}:
+                raise StudioError(f"run-model {self.settings.opening_run_model!r} is not available here; available: "
+                                  f"{', '.join(s.name for s in available)}")
+            return self.settings.opening_run_model
         real = [s.name for s in available if not s.tiny]
         tiny_lvd = [s.name for s in available if s.tiny and s.method == "lvd"]
         return (real or tiny_lvd or [s.name for s in available])[0]

@@ -288,3 +288,18 @@ def test_training_continues_from_an_exported_folder(tmp_path):
     assert fresh["vae"].config.scaling_factor == components["vae"].config.scaling_factor
     final = train_unet3d(fresh, config, tmp_path / "ck2", init_from=tmp_path / "out")
     assert final.stage == "done" and final.step == 3 and len(final.losses["denoiser"]) == 3
+
+
+def test_the_studio_opens_on_the_run_model_asked_for(tmp_path):
+    pytest.importorskip("gradio")
+    import dataclasses as dc
+
+    from studio import ui
+    from studio.backend import StudioError
+    from studio_fixtures import studio_settings
+
+    settings = dc.replace(studio_settings(tmp_path), opening_run_model="lvd_tiny")
+    studio = ui.Studio(settings)
+    assert studio.default_run_model() == "lvd_tiny" and studio.default_cache() == "cache_demo_v0.1_handwritten.json"
+    with pytest.raises(StudioError, match="not available here"):
+        ui.Studio(dc.replace(settings, opening_run_model="lvd_zeroscope")).default_run_model()
