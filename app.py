@@ -34,7 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default="gpt-4-1106-preview",
                         help="LLM name for 'LLM endpoint' (as for prompt_batch.py)")
     parser.add_argument("--template_version", default=backend.DEFAULT_TEMPLATE_VERSION)
-    parser.add_argument("--run-model", default=None, choices=[spec.name for spec in backend.RUN_MODELS], metavar="RUN_MODEL",
+    parser.add_argument("--run-model", default=None, choices=[spec.name for spec in backend.RUN_MODELS],
+                        metavar="RUN_MODEL",
                         help="the run-model the page opens on (default: lvd_shapes, the shipped trained model, when "
                              "no real weights are found)")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: automatic)")

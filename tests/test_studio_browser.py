@@ -116,7 +116,8 @@ def running_app(tmp_path):
                OMP_NUM_THREADS=_torch_threads())
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--cache-dir", str(cache_dir),
-                                    "--output-dir", str(output_dir), "--run-model", "lvd_tiny"], cwd=REPO, env=env, stdout=log,
+                                    "--output-dir", str(output_dir), "--run-model", "lvd_tiny"],
+                                   cwd=REPO, env=env, stdout=log,
                                    stderr=subprocess.STDOUT)
     try:
         url = f"http://127.0.0.1:{port}/"
