@@ -446,5 +446,9 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
         "- Loss curve: `loss_curve.png`; full record: `training.json`.",
         "",
     ]
+    if state.stage != "done":
+        lines[-1:-1] = [
+            f"- **Partial**: exported at {state.stage} step {state.step} of {config.steps} (`--export-partial`). "
+            "Continue with the same command (from its checkpoint) or with `--init-from` this folder.", ""]
     with atomic_path(folder / "README.md") as tmp:
         tmp.write_text("\n".join(lines))
