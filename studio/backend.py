@@ -741,4 +741,9 @@ def shipped_cache_name(run_model: str, template_version: str = DEFAULT_TEMPLATE_
     shapes models (``cache/cache_shapes_<template>_rule-based.json``), else the hand-written demo cache."""
     if get_spec(run_model).bundled:
         return cache_file_name("shapes", template_version, "rule-based")
+    return shipped_demo_cache_name(template_version)
+
+
+def shipped_demo_cache_name(template_version: str = DEFAULT_TEMPLATE_VERSION) -> str:
+    """The hand-written demo cache the repository ships (``cache/cache_demo_<template>_handwritten.json``)."""
     return cache_file_name("demo", template_version, "handwritten")

@@ -52,9 +52,10 @@ class Studio:
         """The shipped cache of the run-model the page opens on (the shapes benchmark's for the shapes models),
         else the shipped demo cache, else another demo cache, else the first."""
         choices = self.cache_choices()
-        shipped = backend.shipped_cache_name(self.default_run_model(), self.settings.template_version)
+        shipped = (backend.shipped_cache_name(self.default_run_model(), self.settings.template_version),
+                   backend.shipped_demo_cache_name(self.settings.template_version))
         demo = [name for name in choices if name.startswith("cache_demo_")]
-        return shipped if shipped in choices else (demo or choices or [None])[0]
+        return next((name for name in shipped if name in choices), None) or (demo or choices or [None])[0]
 
     def available_run_models(self) -> list[str]:
         return [status.name for status in self.run_models if status.available]

@@ -470,10 +470,11 @@ def test_generation_rejects_objects_whose_phrases_do_not_fit_naming_the_first(tm
 
 
 def test_guidance_made_impossible_by_the_settings_is_named(tmp_path):
-    # Issue 17, item 25: loss_scale 1e308 makes the carried start value 1e-304, below the threshold.
+    # Issue 17, item 25: loss_scale 1e6 (the studio's bound; 1e308 is refused) makes the carried start value 0.01,
+    # below the threshold.
     settings = studio_settings(tmp_path)
     request = backend.GenerationRequest(layout=demo_layout(), run_model="lvd_tiny", seed=0, num_inference_steps=1,
-                                        guidance_flags={"loss_scale": 1e308}, with_baseline=False)
+                                        guidance_flags={"loss_scale": 1e6}, with_baseline=False)
     result = backend.run_generation(request, settings, backend.ModelPool(settings))
     assert not result.guidance_log
     assert any("guidance off" in note and "loss_scale" in note and "loss_threshold 200" in note

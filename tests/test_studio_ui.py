@@ -17,12 +17,14 @@ def studio(tmp_path):
     return ui.Studio(studio_settings(tmp_path))
 
 
-def test_the_page_builds_offline_with_the_tiny_models_first(tmp_path, monkeypatch):
+def test_the_page_builds_offline_and_opens_on_the_shipped_shapes_model(tmp_path, monkeypatch):
+    # Issue 15: the studio opens on the shipped trained model (LVD-Shapes); the tiny models stay available.
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     app = ui.build_app(studio_settings(tmp_path))
     assert app.analytics_enabled is False
-    assert app.studio.default_run_model() == "lvd_tiny"
-    assert app.studio.available_run_models() == ["lvd_tiny", "lvd-gligen_tiny", "lvd-plus_tiny", "lvd_wan_tiny"]
+    assert app.studio.default_run_model() == "lvd_shapes"
+    assert app.studio.available_run_models() == ["lvd_tiny", "lvd-gligen_tiny", "lvd-plus_tiny", "lvd_shapes",
+                                                 "lvd_wan_tiny"]
     assert "<code>lvd_zeroscope</code>" in app.studio.unavailable_html()
     assert app.studio.default_cache() == DEMO_CACHE.name
 
