@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from models.devices import apply_cpu_threads, choose_cpu_threads
 
-    apply_cpu_threads(choose_cpu_threads(args.threads, small_model=spec.tiny))
+    apply_cpu_threads(choose_cpu_threads(args.threads, small_model=spec.small))
 
     # Without CUDA, processes started by a multi-process launcher (accelerate launch --multi_gpu, torchrun)
     # join a CPU (gloo) group; accelerate's own `--cpu` launcher starts one process unless MPI is set up.

@@ -19,9 +19,10 @@ def choose_cpu_threads(requested: int | None, *, small_model: bool, environ=None
     """The torch CPU thread count of a run, or None to keep torch's (one per physical core).
 
     ``requested`` (``--threads``) wins, then ``$OMP_NUM_THREADS`` (torch already follows it: None). A small
-    (tiny) model gets 1: its kernels are too small to share, and on a busy machine more threads only spin
-    (a baseline_tiny step: 3.6 s with torch's 2 threads, 0.43 s with one, docs/BENCHMARKS.md). On CPU the
-    count changes the last bits of floating-point sums, so a run records it (config.json, ``torch_threads``).
+    model (``RunModelSpec.small``: the tiny and shapes models) gets 1: its kernels are too small to
+    share, and on a busy machine more threads only spin (a baseline_tiny step: 3.6 s with torch's 2 threads,
+    0.43 s with one; the README's first command: 183 s and 82 s, docs/BENCHMARKS.md). On CPU the count
+    changes the last bits of floating-point sums, so a run records it (config.json, ``torch_threads``).
     """
     if requested is not None:
         if requested < 1:

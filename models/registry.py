@@ -164,6 +164,12 @@ class RunModelSpec:
     bundled: str | None = None               # weights shipped in shapes/weights/<bundled> (models/shapes.py)
 
     @property
+    def small(self) -> bool:
+        """A model small enough that one CPU thread runs it fastest (the tiny and the shipped shapes models:
+        models.devices.choose_cpu_threads)."""
+        return self.tiny or self.bundled is not None
+
+    @property
     def controls(self) -> tuple[str, ...]:
         """The layout control families the method runs by default (`METHOD_CONTROLS`)."""
         return METHOD_CONTROLS[self.method]

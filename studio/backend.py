@@ -629,7 +629,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     with pool.lock:
         from models.devices import apply_cpu_threads, choose_cpu_threads
 
-        apply_cpu_threads(choose_cpu_threads(settings.threads, small_model=spec.tiny))  # as generate.py does
+        apply_cpu_threads(choose_cpu_threads(settings.threads, small_model=spec.small))  # as generate.py does
         model = pool.get(spec)
         try:  # the layout is checked against the tokenizer before any folder is made
             from generation.backbones import backbone_for

@@ -396,3 +396,11 @@ def test_cpu_threads_default_to_one_for_tiny_models_unless_asked():
     assert choose_cpu_threads(None, small_model=True, environ={"OMP_NUM_THREADS": "2"}) is None  # torch follows it
     with pytest.raises(ValueError):
         choose_cpu_threads(0, small_model=True)
+
+
+def test_the_shipped_shapes_models_count_as_small_for_the_cpu_thread_choice():
+    # The README's first command runs lvd_shapes: 82 s on one thread, 183 s on torch's two (docs/BENCHMARKS.md).
+    from models.registry import RUN_MODELS_BY_NAME as specs
+
+    assert specs["lvd_shapes"].small and specs["baseline_shapes"].small and specs["lvd_tiny"].small
+    assert not specs["lvd_zeroscope"].small and not specs["lvd_wan2.1-1.3b"].small
