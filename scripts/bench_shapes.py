@@ -1,6 +1,7 @@
 """Baseline vs LVD on the shapes benchmark, one command: `python scripts/bench_shapes.py --family unet3d`.
 
-For each arm (baseline, LVD with the paper's defaults, LVD with a tuned preset) it generates the first
+For each arm (baseline, LVD with the paper's defaults, LVD with a tuned preset; on request the other layout
+control families, attention masking and modulation, alone and combined with tuned LVD) it generates the first
 ``--per-task`` prompts of each of the five tasks of ``--prompt-type shapes`` with generate.py (seed = prompt
 index, as the benchmark does), evaluates the run with ``scripts/eval_owl_vit.py --detector shapes`` (five-task
 accuracy), and measures, the same way for every arm, prompt following (every requested (colour, shape)
@@ -25,21 +26,29 @@ from utils.io import atomic_write_json, atomic_write_text
 FAMILIES = {"unet3d": ("baseline_shapes", "lvd_shapes")}
 PROMPTS_PER_TASK = 20          # --prompt-type shapes: 20 prompts per task, task by task
 TASKS = ("numeracy", "attribution", "visibility", "dynamic_spatial", "sequential")
+# generation.config.shapes_preset(): every guided iteration runs (the paper's threshold stops this model's
+# guidance after one), with a stronger step.
+TUNED = ["--loss_scale", "20", "--loss_threshold", "0"]
 # Arms: (name, run-model index in FAMILIES (0 baseline, 1 LVD), extra generate.py flags).
 PRESETS = {
     "baseline": (0, []),
     "lvd": (1, []),
-    # generation.config.shapes_preset(): every guided iteration runs (the paper's threshold stops this model's
-    # guidance after one), with a stronger step.
-    "lvd-tuned": (1, ["--loss_scale", "20", "--loss_threshold", "0"]),
+    "lvd-tuned": (1, TUNED),
+    # The other layout control families (README "Layout control families"), alone and under tuned energy.
+    "mask": (1, ["--control", "mask"]),
+    "modulate": (1, ["--control", "modulate"]),
+    "mask+lvd-tuned": (1, ["--control", "mask", "energy", *TUNED]),
+    "modulate+lvd-tuned": (1, ["--control", "modulate", "energy", *TUNED]),
 }
+DEFAULT_ARMS = ("baseline", "lvd", "lvd-tuned")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=tuple(FAMILIES), default="unet3d")
     parser.add_argument("--per-task", type=int_in(1, PROMPTS_PER_TASK), default=8, help="prompts per task (<= 20)")
-    parser.add_argument("--arms", nargs="+", choices=tuple(PRESETS), default=list(PRESETS))
+    parser.add_argument("--arms", nargs="+", choices=tuple(PRESETS), default=list(DEFAULT_ARMS),
+                        help=f"default: {' '.join(DEFAULT_ARMS)}")
     parser.add_argument("--out", type=Path, default=Path("bench_shapes"), help="runs and results go here")
     parser.add_argument("--model-path", default=None, help="another trained folder instead of the shipped one")
     parser.add_argument("--threads", type=int_in(1), default=None, help="passed to torch via OMP_NUM_THREADS")
