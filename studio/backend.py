@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from models.registry import GUIDED_METHODS, LAYOUT_METHODS, RUN_MODELS, WAN_FAMILY, RunModelError, RunModelSpec, get_run_model
+from models.registry import (CONTROL_FAMILY_NAMES, LAYOUT_METHODS, RUN_MODELS, WAN_FAMILY,
+                             RunModelError, RunModelSpec, get_run_model)
 from prompt import DEFAULT_TEMPLATE_VERSION
 from utils.cache import CacheFormatError, LayoutCache, cache_file_name
 from utils.io import atomic_write_json, atomic_write_text
@@ -322,10 +323,11 @@ class RunModelStatus:
     height: int
     num_frames: int
     tiny: bool
-    guided: bool
     available: bool
     baseline: str | None             # the baseline run-model the page generates beside it
     hint: str = ""                    # why it is not available and how to get it
+    controls: tuple[str, ...] = ()    # its layout control families by default (its method's)
+    control_choices: tuple[str, ...] = ()  # the families the page offers for it (`control_choices`)
 
 
 def baseline_for(spec: RunModelSpec) -> RunModelSpec | None:
@@ -365,9 +367,38 @@ def list_run_models(settings: StudioSettings) -> list[RunModelStatus]:
             baseline = None  # its weights are missing: the LVD video alone
         statuses.append(RunModelStatus(
             name=spec.name, method=spec.method, width=spec.width, height=spec.height,
-            num_frames=spec.default_num_frames, tiny=spec.tiny, guided=spec.method in GUIDED_METHODS,
-            available=not problem, baseline=baseline.name if baseline else None, hint=problem))
+            num_frames=spec.default_num_frames, tiny=spec.tiny,
+            available=not problem, baseline=baseline.name if baseline else None, hint=problem,
+            controls=spec.controls, control_choices=control_choices(spec)))
     return statuses
+
+
+def control_choices(spec: RunModelSpec) -> tuple[str, ...]:
+    """The layout control families the page offers for ``spec``: GLIGEN on a grounded UNet, energy guidance where
+    the run-model names guided layers, masking and modulation on every one (what generate.py's --control takes)."""
+    return tuple(name for name in CONTROL_FAMILY_NAMES
+                 if (name != "gligen" or spec.grounded) and (name != "energy" or spec.guided_layers))
+
+
+def check_controls(controls: Any, spec: RunModelSpec) -> tuple[str, ...]:
+    """A request's control families in `CONTROL_FAMILY_NAMES` order (None: the run-model's own); StudioError for
+    what is not a set of family names. Whether ``spec`` takes them is generate.py's check, made on the command
+    line the studio builds (``generation.settings.run_controls``)."""
+    if controls is None:
+        return spec.controls
+    if isinstance(controls, str) or not isinstance(controls, (list, tuple)):
+        raise StudioError(f"the layout controls must be a list of family names, found {_snippet(controls)}")
+    unknown = [name for name in controls if name not in CONTROL_FAMILY_NAMES]
+    if unknown:
+        raise StudioError(f"unknown layout control {_snippet(unknown[0])}; expected any set of "
+                          f"{', '.join(CONTROL_FAMILY_NAMES)} (an empty one for none); {spec.name} offers "
+                          f"{', '.join(control_choices(spec))}")
+    return tuple(name for name in CONTROL_FAMILY_NAMES if name in controls)
+
+
+def _snippet(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def get_spec(name: str) -> RunModelSpec:
@@ -452,8 +483,9 @@ class GenerationRequest:
     run_model: str
     seed: int
     num_inference_steps: int
-    guidance_flags: Mapping[str, float | int] = field(default_factory=dict)
+    guidance_flags: Mapping[str, float | int] = field(default_factory=dict)  # used when energy guidance runs
     with_baseline: bool = True
+    controls: tuple[str, ...] | None = None  # layout control families; None: the run-model's (``spec.controls``)
 
 
 @dataclass(frozen=True)
@@ -476,6 +508,7 @@ class GenerationResult:
     guidance_log: tuple[dict, ...]   # (step, iteration, timestep, energy, loss) of every guided iteration
     commands_file: Path
     notes: tuple[str, ...] = ()
+    controls: tuple[str, ...] = ()   # the layout control families the LVD arm ran
 
 
 ProgressFn = Callable[[str, int, int], None]  # (what, e.g. "lvd_tiny: denoising step 3/40"; steps done; in all)
@@ -589,8 +622,10 @@ def _generate_one(model, prompt: str, configs, seed: int, condition,
                   on_step: Callable[[int, int], None] | None):
     from generation.sampling import generate_video
 
-    return generate_video(model, prompt, configs.sampling, seed, condition=condition, guidance=configs.guidance,
-                          gligen=configs.gligen, execution=configs.execution, step_callback=on_step)
+    # The configs of the command line, passed as generate.py passes them: masking / modulation as controls.
+    return generate_video(model, prompt, configs.sampling, seed, condition=condition, controls=configs.attention,
+                          guidance=configs.guidance, gligen=configs.gligen, execution=configs.execution,
+                          step_callback=on_step)
 
 
 def run_generation(request: GenerationRequest, settings: StudioSettings, pool: ModelPool,
@@ -612,8 +647,11 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
         raise StudioError(str(error)) from None
     whole_number(request.num_inference_steps, "number of steps", 1, MAX_STEPS)
     whole_number(request.seed, "seed", 0, MAX_SEED)
+    controls = check_controls(request.controls, spec)
     flags = ({name: check_guidance_value(name, value) for name, value in request.guidance_flags.items()}
-             if spec.method in GUIDED_METHODS else {})
+             if "energy" in controls else {})
+    # The command names the families only when they are not the run-model's, as a user would write it.
+    command_controls = None if controls == spec.controls else controls
     problem = _weights_problem(spec, settings.model_paths.get(spec.name))
     if problem:
         raise StudioError(f"{spec.name}: {problem}")
@@ -621,7 +659,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     shared = commands.CommandSettings(seed=request.seed, num_inference_steps=request.num_inference_steps,
                                       device=settings.device, dtype=settings.dtype,
                                       model_path=settings.model_paths.get(spec.name))
-    config_argv = commands.build_lvd_command(spec.name, "", shared, flags, "").config_argv
+    config_argv = commands.build_lvd_command(spec.name, "", shared, flags, "", command_controls).config_argv
     configs = _build_configs(_parse_generate_args(config_argv))
     sampling = configs.sampling
     seed = _derive_seed(request.seed)
@@ -640,7 +678,7 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
         run_root = allocate_run_root(settings.output_dir)
         lvd_dir, layout_file = run_root / "lvd", run_root / "lvd" / "0" / "layout.json"
         lvd_command = commands.build_lvd_command(spec.name, display_path(layout_file), shared, flags,
-                                                 display_path(run_root / "reproduce" / "lvd"))
+                                                 display_path(run_root / "reproduce" / "lvd"), command_controls)
         args = _parse_generate_args(lvd_command.config_argv)
         write_layout_file(layout_file, request.layout, condition)
         baseline_spec = baseline_for(spec) if request.with_baseline else None
@@ -694,7 +732,8 @@ def run_generation(request: GenerationRequest, settings: StudioSettings, pool: M
     atomic_write_text(commands_file, "\n".join(lines) + "\n")
     log = tuple(dataclasses.asdict(record) for record in result.guidance_log)
     return GenerationResult(run_root=run_root, layout_file=layout_file, lvd=lvd, baseline=baseline,
-                            guidance_log=log, commands_file=commands_file, notes=tuple(notes))
+                            guidance_log=log, commands_file=commands_file, notes=tuple(notes),
+                            controls=configs.controls)
 
 
 def _derive_seed(seed_offset: int) -> int:

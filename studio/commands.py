@@ -4,9 +4,10 @@ The contract with generate.py (README, "Stage 2"): ``--layout-file PATH`` genera
 in a ``layout.json`` for its prompt, ``--prompts "..."`` takes free-text prompts, and a single prompt
 (index 0) with ``--seed_offset S`` gets seed S (``seed = prompt_index + 6789 * repeat + seed_offset``).
 Flags are written only where they differ from generate.py's defaults, except the seed and the steps,
-which are always spelled out.
+which are always spelled out. ``--control F ...`` names the layout control families when the caller's set
+is not the run-model's own (``--control none``: the empty set).
 
-Each command is split into ``config_argv`` (how to generate: run-model, seed, steps, guidance, device)
+Each command is split into ``config_argv`` (how to generate: run-model, seed, steps, controls, guidance, device)
 and the rest (what to generate and where), because the studio builds its configs by handing
 ``config_argv`` to the parser of generate.py's settings flags (``generation.settings``).
 """
@@ -65,10 +66,16 @@ def _shared_argv(run_model: str, settings: CommandSettings) -> list[str]:
 
 
 def build_lvd_command(run_model: str, layout_file: str, settings: CommandSettings,
-                      guidance_flags: Mapping[str, float | int], output_dir: str) -> GenerateCommand:
-    """``python generate.py --run-model M --seed_offset S --num_inference_steps N [--<guidance> V ...]
-    --layout-file L --output-dir O``; guidance flags in the given order."""
+                      guidance_flags: Mapping[str, float | int], output_dir: str,
+                      controls: Sequence[str] | None = None) -> GenerateCommand:
+    """``python generate.py --run-model M --seed_offset S --num_inference_steps N [--control F ...]
+    [--<guidance> V ...] --layout-file L --output-dir O``; guidance flags in the given order. ``controls``:
+    None for the run-model's families (no flag), else the families to run (empty: ``--control none``)."""
     config = _shared_argv(run_model, settings)
+    if controls is not None:
+        if isinstance(controls, str):
+            raise TypeError(f"controls is a sequence of family names, found the string {controls!r}")
+        config += ["--control", *(controls or ["none"])]
     for name, value in guidance_flags.items():
         config += [f"--{name}", format_flag_value(value)]
     return GenerateCommand(tuple(config), ("--layout-file", layout_file, "--output-dir", output_dir))

@@ -26,6 +26,10 @@ TINY_NOTE = ("**Tiny random-weight model:** its videos are **noise**. It runs th
              "attention recording, energy guidance, DPM-Solver, VAE) in seconds on a CPU; for real videos use a "
              "real run-model on a GPU.")
 GENERATION_CONCURRENCY_ID = "video-generation"  # one generation at a time on this server's device
+# The layout control families as the page names them (generate.py's --control values; README, "Layout control
+# families").
+CONTROL_LABELS = {"gligen": "GLIGEN grounding", "energy": "energy guidance", "mask": "attention masking",
+                  "modulate": "attention modulation"}
 
 
 def _error(prefix: str, error: BaseException) -> str:
@@ -156,20 +160,27 @@ class Studio:
         return gr.update(choices=self.cache_choices())
 
     def run_model_changed(self, run_model: str, state: Any, preset: str, *values):
-        """-> (editor state, tiny note, preview, edit status, download, *guidance field updates)."""
+        """-> (editor state, tiny note, layout controls, preview, edit status, download, *guidance field updates):
+        the layout controls offered for the run-model, its own families selected."""
         status = self.status_of(run_model)
+        controls = gr.update(choices=control_choices(status), value=list(status.controls))
         if state:
             new_state = editor.with_canvas(state, width=status.width, height=status.height)
             preview, edit_status, download = self.edited(new_state, run_model)
         else:
             new_state = preview = edit_status = download = gr.update()
+        guided = "energy" in status.controls
         if preset == backend.PRESET_CUSTOM:
-            fields = [gr.update(interactive=status.guided) for _ in backend.GUIDANCE_FIELDS]
+            fields = [gr.update(interactive=guided) for _ in backend.GUIDANCE_FIELDS]
         else:
             preset_values = backend.guidance_preset_values(preset, run_model)
-            fields = [gr.update(value=preset_values[name], interactive=status.guided)
-                      for name in backend.GUIDANCE_FIELDS]
-        return (new_state, gr.update(visible=status.tiny), preview, edit_status, download, *fields)
+            fields = [gr.update(value=preset_values[name], interactive=guided) for name in backend.GUIDANCE_FIELDS]
+        return (new_state, gr.update(visible=status.tiny), controls, preview, edit_status, download, *fields)
+
+    @staticmethod
+    def controls_changed(controls: list[str] | None) -> list:
+        """The guidance fields can be edited while energy guidance is selected (they are its settings)."""
+        return [gr.update(interactive="energy" in (controls or ())) for _ in backend.GUIDANCE_FIELDS]
 
     def preset_values(self, preset: str, run_model: str, *current) -> list:
         if preset == backend.PRESET_CUSTOM:
@@ -179,17 +190,21 @@ class Studio:
 
     # ---- generate ------------------------------------------------------------------------
 
-    def generate(self, state: Any, run_model: str, seed: Any, steps: Any, with_baseline: bool, *values,
-                 progress=gr.Progress()):
-        """-> (status, LVD gif, baseline gif, annotated gif, energy plot, command, saved files)."""
+    def generate(self, state: Any, run_model: str, seed: Any, steps: Any, with_baseline: bool, controls: Any,
+                 *values, progress=gr.Progress()):
+        """-> (status, LVD gif, baseline gif, annotated gif, energy plot, command, saved files).
+
+        ``controls``: the selected layout control families; ``values``: the guidance fields (read when energy
+        guidance is selected)."""
         empty = (None, None, None, None, "", "")
         try:
             layout = editor.state_to_layout(state)
             status = self.status_of(run_model)
             if not status.available:
                 raise StudioError(f"{run_model}: {status.hint}")
-            flags = backend.guidance_flags(dict(zip(backend.GUIDANCE_FIELDS, values))) if status.guided else {}
-            request = backend.GenerationRequest(layout=layout, run_model=run_model,
+            controls = backend.check_controls(controls, backend.get_spec(run_model))
+            flags = backend.guidance_flags(dict(zip(backend.GUIDANCE_FIELDS, values))) if "energy" in controls else {}
+            request = backend.GenerationRequest(layout=layout, run_model=run_model, controls=controls,
                                                 seed=backend.whole_number(seed, "seed", 0, backend.MAX_SEED),
                                                 num_inference_steps=backend.whole_number(
                                                     steps, "number of steps", 1, backend.MAX_STEPS),
@@ -216,9 +231,12 @@ class Studio:
                 + (f", {baseline.run_model} in {baseline.elapsed_s:.1f} s" if baseline else "") + "."]
         if status.tiny:
             text.append("These videos are noise (tiny random-weight model).")
+        ran = ", ".join(CONTROL_LABELS[name] for name in result.controls) or "none (the layout's prompt, no control)"
+        text.append(f"- layout controls: {ran}")
         text += [f"- {note}" for note in result.notes]
-        if not result.guidance_log and not any(note.startswith("guidance off") for note in result.notes):
-            text.append("- no guided iterations (guidance off for this run-model, or the layout has no objects)")
+        guided = "energy" in result.controls  # else the line above says that no guidance ran
+        if guided and not result.guidance_log and not any(note.startswith("guidance off") for note in result.notes):
+            text.append("- no guided iterations (the layout has no objects, or the energy stayed under loss_threshold)")
         elif len(result.guidance_log) == 1:  # a plot of one point says nothing: a sentence instead
             record = result.guidance_log[0]
             text.append(f"- one guided iteration, at denoising step {record['step']}: energy "
@@ -244,6 +262,11 @@ class Studio:
         return pd.DataFrame({"iteration": list(range(1, len(guidance_log) + 1)),
                              "energy": [float(record["energy"]) for record in guidance_log],
                              "step": [f"step {record['step']}" for record in guidance_log]})
+
+
+def control_choices(status: backend.RunModelStatus) -> list[tuple[str, str]]:
+    """(label, family) of the layout controls the page offers for a run-model."""
+    return [(CONTROL_LABELS[name], name) for name in status.control_choices]
 
 
 def _shell_block(lines: list[str]) -> str:
@@ -338,10 +361,15 @@ def build_app(settings: StudioSettings, default_prompt: str | None = None) -> gr
                                             elem_id="with-baseline")
             tiny_note = gr.Markdown(TINY_NOTE, visible=default_status.tiny, elem_id="tiny-note")
             gr.HTML(studio.unavailable_html(), elem_id="unavailable-models")
-            preset = gr.Radio(list(backend.GUIDANCE_PRESETS), value=opening_preset, label="Guidance preset",
-                              elem_id="preset")
             with gr.Row():
-                fields = [gr.Number(value=paper[name], label=name, interactive=default_status.guided,
+                layout_controls = gr.CheckboxGroup(
+                    control_choices(default_status), value=list(default_status.controls), label="Layout controls",
+                    info="the run-model's by default (generate.py --control); the strengths are the defaults",
+                    elem_id="layout-controls")
+                preset = gr.Radio(list(backend.GUIDANCE_PRESETS), value=opening_preset, label="Guidance preset",
+                                  info="energy guidance's settings", elem_id="preset")
+            with gr.Row():
+                fields = [gr.Number(value=paper[name], label=name, interactive="energy" in default_status.controls,
                                     elem_id=f"guidance-{name}", min_width=90)
                           for name in backend.GUIDANCE_FIELDS]
             generate_button = gr.Button("Generate", variant="primary", elem_id="generate-button")
@@ -376,11 +404,13 @@ def build_app(settings: StudioSettings, default_prompt: str | None = None) -> gr
         save_button.click(studio.save_to_cache, inputs=layout_editor, outputs=[edit_status, cache_file])
         app.load(studio.cache_file_choices, outputs=cache_file)  # cache files added since the server started
         run_model.change(studio.run_model_changed, inputs=[run_model, layout_editor, preset, *fields],
-                         outputs=[layout_editor, tiny_note, preview, edit_status, download, *fields])
+                         outputs=[layout_editor, tiny_note, layout_controls, preview, edit_status, download, *fields])
+        layout_controls.change(studio.controls_changed, inputs=layout_controls, outputs=fields)
         preset.change(studio.preset_values, inputs=[preset, run_model, *fields], outputs=fields)
         for number in fields:
             number.input(lambda: backend.PRESET_CUSTOM, outputs=preset)
-        generate_button.click(studio.generate, inputs=[layout_editor, run_model, seed, steps, with_baseline, *fields],
+        generate_button.click(studio.generate,
+                              inputs=[layout_editor, run_model, seed, steps, with_baseline, layout_controls, *fields],
                               outputs=[generate_status, lvd_video, base_video, annotated, energy, command, saved],
                               concurrency_limit=1, concurrency_id=GENERATION_CONCURRENCY_ID,
                               show_progress_on=[generate_status])  # one progress bar, not one per pane

@@ -134,6 +134,31 @@ def test_lvd_command_round_trips_through_the_shell_and_generate_parser():
     assert gligen is None
 
 
+def test_lvd_command_names_the_controls_only_when_they_are_not_the_run_models():
+    # Issue 16, item 4: any set of families from the studio, shown as generate.py's --control.
+    settings = commands.CommandSettings(seed=1, num_inference_steps=2)
+    default = commands.build_lvd_command("lvd_tiny", "l.json", settings, {}, "o")
+    assert "--control" not in default.argv
+    both = commands.build_lvd_command("lvd_tiny", "l.json", settings, {"max_iter": 1}, "o", ("energy", "mask"))
+    assert both.config_argv[-5:] == ("--control", "energy", "mask", "--max_iter", "1")
+    configs = backend._build_configs(backend._parse_generate_args(both.config_argv))
+    assert configs.controls == ("energy", "mask") and configs.guidance.max_iter == 1
+    assert [type(config).__name__ for config in configs.attention] == ["MaskingConfig"]
+    none = commands.build_lvd_command("lvd_tiny", "l.json", settings, {}, "o", ())
+    assert none.config_argv[-2:] == ("--control", "none")
+    configs = backend._build_configs(backend._parse_generate_args(none.config_argv))
+    assert configs.controls == () and configs.layout_only and configs.guidance is None
+
+
+def test_control_choices_follow_the_run_model(tmp_path):
+    statuses = {s.name: s for s in backend.list_run_models(studio_settings(tmp_path))}
+    assert statuses["lvd_tiny"].controls == ("energy",)
+    assert statuses["lvd_tiny"].control_choices == ("energy", "mask", "modulate")
+    assert statuses["lvd-gligen_tiny"].control_choices == ("gligen", "mask", "modulate")  # names no guided layers
+    assert statuses["lvd-plus_tiny"].controls == ("gligen", "energy")
+    assert statuses["lvd-plus_tiny"].control_choices == ("gligen", "energy", "mask", "modulate")
+
+
 def test_baseline_command_takes_the_prompt_as_it_is():
     settings = commands.CommandSettings(seed=5, num_inference_steps=40)
     command = commands.build_baseline_command("baseline_tiny", "A 'quoted' bear", settings, "out")
@@ -340,15 +365,18 @@ def test_generation_rejects_what_the_library_rejects(tmp_path):
 # Both arms of both backbone families equal their own commands (issue 17.1)
 
 
-@pytest.fixture(scope="module", params=["lvd_tiny", "lvd_wan_tiny"])
+@pytest.fixture(scope="module", params=[("lvd_tiny", None), ("lvd_wan_tiny", None), ("lvd_tiny", ("mask",))],
+                ids=["lvd_tiny", "lvd_wan_tiny", "lvd_tiny-mask"])
 def family_run(request, tmp_path_factory):
     """A studio run of each backbone family, guided on 2 of its 3 steps: the Wan sampler then differs from
-    both the pool model's default (corrector off on 10 steps) and the stock one."""
-    tmp_path = tmp_path_factory.mktemp(f"studio-{request.param}")
+    both the pool model's default (corrector off on 10 steps) and the stock one. And one with attention
+    masking instead of the run-model's energy guidance (issue 16, item 4): its guidance flags are not used."""
+    run_model, controls = request.param
+    tmp_path = tmp_path_factory.mktemp(f"studio-{run_model}")
     settings = studio_settings(tmp_path)
     flags = {"loss_threshold": 0.0, "max_iter": 1, "max_index_step": 2}
-    generation = backend.GenerationRequest(layout=demo_layout(), run_model=request.param, seed=3,
-                                           num_inference_steps=FAST_STEPS, guidance_flags=flags)
+    generation = backend.GenerationRequest(layout=demo_layout(), run_model=run_model, seed=3,
+                                           num_inference_steps=FAST_STEPS, guidance_flags=flags, controls=controls)
     return backend.run_generation(generation, settings, backend.ModelPool(settings)), tmp_path
 
 
@@ -367,8 +395,22 @@ def test_each_arm_equals_its_command_bit_for_bit(family_run, which):
     assert np.array_equal(joblib.load(reproduced[0]), joblib.load(video.video_joblib))
     ours = json.loads((video.run_dir / "config.json").read_text())
     theirs = json.loads(next(out.rglob("config.json")).read_text())
-    for key in ("sampling", "guidance", "solver"):
+    for key in ("sampling", "guidance", "solver", "controls"):
         assert ours[key] == theirs[key], key
+
+
+def test_a_studio_run_with_masking_records_it_as_generate_py_does(family_run):
+    result, _ = family_run
+    config = json.loads((result.lvd.run_dir / "config.json").read_text())
+    command = list(result.lvd.command)
+    if result.controls == ("mask",):
+        assert command[command.index("--control"):][:2] == ["--control", "mask"]
+        assert "--loss_threshold" not in command and config["guidance"] is None and not result.guidance_log
+        assert config["controls"]["families"] == ["mask"] and "mask" in config["controls"]
+    else:  # the run-model's own families: no --control, as a user would write the command
+        assert result.controls == ("energy",) and "--control" not in command
+        assert config["controls"] == {"families": ["energy"]}
+    assert json.loads((result.baseline.run_dir / "config.json").read_text())["controls"] == {"families": []}
 
 
 def test_the_wan_baseline_runs_the_lvd_arms_sampler_and_says_so(family_run):
@@ -409,6 +451,21 @@ def test_generation_checks_every_number_before_making_anything(tmp_path, overrid
         backend.run_generation(_request(**overrides), settings, backend.ModelPool(settings))
     assert str(error.value).startswith(message)
     assert not (tmp_path / "img_generations").exists()   # no run folder, no layout.json
+
+
+@pytest.mark.parametrize("run_model, controls, message", [
+    ("lvd_tiny", ("gligen",), "--control gligen needs a grounded UNet (lvd-gligen_*, lvd-plus_*), not 'lvd_tiny'"),
+    ("lvd-gligen_tiny", ("energy",), "--control energy needs guided layers and run-model 'lvd-gligen_tiny' names none"),
+    ("lvd_tiny", ("mask", "boxes"), "unknown layout control 'boxes'; expected any set of gligen, energy, mask, "
+                                    "modulate (an empty one for none); lvd_tiny offers energy, mask, modulate"),
+    ("lvd_tiny", "mask", "the layout controls must be a list of family names, found 'mask'"),
+])
+def test_controls_a_run_model_cannot_run_are_refused_before_anything_is_made(tmp_path, run_model, controls, message):
+    settings = studio_settings(tmp_path)
+    with pytest.raises(backend.StudioError) as error:
+        backend.run_generation(_request(run_model=run_model, controls=controls), settings, backend.ModelPool(settings))
+    assert str(error.value).startswith(message)
+    assert not (tmp_path / "img_generations").exists()
 
 
 def test_layouts_prompts_and_reply_numbers_are_bounded(tmp_path):

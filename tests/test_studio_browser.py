@@ -1,6 +1,7 @@
 """The studio in a real browser: `python app.py` in a subprocess, headless Chromium through Playwright.
 
-Loads the page, plans from the demo cache, drags a box, generates with lvd_tiny at a few steps, and
+Loads the page, checks the layout controls (the run-model's families ticked, energy guidance's fields
+editable only while it is), plans from the demo cache, drags a box, generates with lvd_tiny at a few steps, and
 checks that the videos, the energy plot and the reproduction command appear, that the files exist,
 that the saved layout has the moved box, and that the video equals the library's bit for bit. The
 page must make no request outside 127.0.0.1 (it works offline).
@@ -149,7 +150,7 @@ def _stage(page, name: str):
 
 
 def test_plan_edit_generate_in_chromium(running_app, tmp_path):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     artifacts = _artifacts_dir(tmp_path)
     shots = {}
@@ -168,6 +169,20 @@ def test_plan_edit_generate_in_chromium(running_app, tmp_path):
             page.goto(running_app["url"], wait_until="networkidle")
             assert "Tiny random-weight model" in page.inner_text("#tiny-note")
             assert page.input_value("#prompt textarea") == DEMO_PROMPT
+
+            # 0. Layout controls (issue 16, item 4): lvd_tiny's own family ticked; energy guidance's fields
+            # are editable only while it is.
+            group = page.locator("#layout-controls").first
+            assert "Layout controls" in group.inner_text()
+            ticked = {label: group.get_by_label(label, exact=True).is_checked()
+                      for label in ("energy guidance", "attention masking", "attention modulation")}
+            assert ticked == {"energy guidance": True, "attention masking": False, "attention modulation": False}
+            assert group.get_by_label("GLIGEN grounding").count() == 0  # lvd_tiny's UNet is not grounded
+            threshold = page.locator("#guidance-loss_threshold input")
+            group.get_by_label("energy guidance", exact=True).uncheck()
+            expect(threshold).to_be_disabled()
+            group.get_by_label("energy guidance", exact=True).check()
+            expect(threshold).to_be_enabled()
 
             # 1. Plan from the demo cache.
             page.click("#plan-button")

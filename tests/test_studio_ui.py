@@ -11,6 +11,8 @@ gr = pytest.importorskip("gradio", reason="the app extra is not installed (bash 
 from studio import backend, editor, ui  # noqa: E402
 from studio_fixtures import DEMO_CACHE, DEMO_PROMPT, studio_settings  # noqa: E402
 
+ENERGY = ["energy"]  # the layout controls of lvd_tiny (its method's), as the page sends them
+
 
 @pytest.fixture()
 def studio(tmp_path):
@@ -69,10 +71,15 @@ def test_presets_and_run_model_change(studio):
     assert [u["value"] for u in weak] == [2.5, 250.0, 1, 10, 0.25, 0.25, 1.0, 2.0, 0.0]
     assert all(u == gr.update() for u in studio.preset_values(backend.PRESET_CUSTOM, "lvd_tiny"))
     state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
-    new_state, note, preview, status, download, *fields = studio.run_model_changed(
+    new_state, note, controls, preview, status, download, *fields = studio.run_model_changed(
         "lvd-gligen_tiny", state, backend.PRESET_PAPER)
     assert note["visible"] is True and all(f["interactive"] is False for f in fields)  # no attention guidance
     assert new_state["objects"] == state["objects"]
+    assert controls["value"] == ["gligen"]
+    assert controls["choices"] == [("GLIGEN grounding", "gligen"), ("attention masking", "mask"),
+                                   ("attention modulation", "modulate")]
+    _, _, controls, _, _, _, *fields = studio.run_model_changed("lvd_tiny", None, backend.PRESET_CUSTOM)
+    assert controls["value"] == ["energy"] and all(f["interactive"] is True for f in fields)
 
 
 def test_a_failed_generation_is_a_message_and_the_next_one_works(studio, monkeypatch):
@@ -84,17 +91,17 @@ def test_a_failed_generation_is_a_message_and_the_next_one_works(studio, monkeyp
         raise RuntimeError("CUDA error: device-side assert triggered")
 
     monkeypatch.setattr(backend, "run_generation", failing)
-    outputs = studio.generate(state, "lvd_tiny", 0, 2, True, *values, progress=lambda *a, **k: None)
+    outputs = studio.generate(state, "lvd_tiny", 0, 2, True, ENERGY, *values, progress=lambda *a, **k: None)
     assert outputs[0] == "**Generation failed:** RuntimeError: CUDA error: device-side assert triggered"
     assert outputs[1:] == (None, None, None, None, "", "")
     monkeypatch.setattr(backend, "run_generation", real_run)
     bad = dict(state, prompt=" ".join(["very"] * 80) + " long bear")
-    outputs = studio.generate(bad, "lvd_tiny", 0, 2, True, *values, progress=lambda *a, **k: None)
+    outputs = studio.generate(bad, "lvd_tiny", 0, 2, True, ENERGY, *values, progress=lambda *a, **k: None)
     assert outputs[0].startswith("**Cannot generate:**") and "77-token limit" in outputs[0]
-    outputs = studio.generate(state, "lvd_tiny", 0.5, 2, True, *values, progress=lambda *a, **k: None)
+    outputs = studio.generate(state, "lvd_tiny", 0.5, 2, True, ENERGY, *values, progress=lambda *a, **k: None)
     assert outputs[0] == "**Cannot generate:** the seed must be a whole number, found 0.5"
     status, lvd, baseline, annotated, energy, command, saved = studio.generate(
-        state, "lvd_tiny", 3, 2, True, *values, progress=lambda *a, **k: None)
+        state, "lvd_tiny", 3, 2, True, ENERGY, *values, progress=lambda *a, **k: None)
     assert status.startswith("Done: lvd_tiny in") and "These videos are noise" in status
     assert lvd.endswith("lvd/0/video_0.gif") and baseline.endswith("baseline/0/video_0.gif")
     assert annotated.endswith("video_0_annotated.gif") and list(energy.columns) == ["iteration", "energy", "step"]
@@ -116,10 +123,10 @@ def test_nan_and_huge_numbers_are_messages_and_make_nothing(studio):
     for seed, steps, message in ((float("nan"), 2, "the seed must be a whole number, found nan"),
                                  (0, float("nan"), "the number of steps must be a whole number, found nan"),
                                  (1e308, 2, "the seed must be from 0 to 4294967295, found 1e+308")):
-        outputs = studio.generate(state, "lvd_tiny", seed, steps, True, *values, **no_progress)
+        outputs = studio.generate(state, "lvd_tiny", seed, steps, True, ENERGY, *values, **no_progress)
         assert outputs[0] == f"**Cannot generate:** {message}"
     nan_iter = [float("nan") if name == "max_iter" else v for name, v in zip(backend.GUIDANCE_FIELDS, values)]
-    outputs = studio.generate(state, "lvd_tiny", 0, 2, True, *nan_iter, **no_progress)
+    outputs = studio.generate(state, "lvd_tiny", 0, 2, True, ENERGY, *nan_iter, **no_progress)
     assert outputs[0] == "**Cannot generate:** the guidance value max_iter must be a whole number, found nan"
     assert not (studio.settings.output_dir / "studio" / "run0").exists()
 
@@ -154,7 +161,38 @@ def test_one_progress_bar_for_a_generation(tmp_path):
 def test_a_single_guided_iteration_is_a_sentence_not_a_plot(studio):
     state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
     values = dict(backend.guidance_preset_values(backend.PRESET_PAPER, "lvd_tiny"), max_iter=1, loss_threshold=0.0)
-    status, *_, energy, command, saved = studio.generate(state, "lvd_tiny", 0, 1, False, *values.values(),
+    status, *_, energy, command, saved = studio.generate(state, "lvd_tiny", 0, 1, False, ENERGY, *values.values(),
                                                          progress=lambda *a, **k: None)
     assert "- one guided iteration, at denoising step 0: energy " in status
     assert energy.empty and list(energy.columns) == ["iteration", "energy", "step"]
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 16, item 4: any set of layout control families from the page
+
+
+def test_the_layout_controls_open_on_the_run_models_families(tmp_path):
+    app = ui.build_app(studio_settings(tmp_path, opening_run_model="lvd_tiny"))
+    group = next(c for c in app.get_config_file()["components"] if c["props"].get("elem_id") == "layout-controls")
+    assert group["props"]["label"] == "Layout controls" and group["props"]["value"] == ["energy"]
+    assert [value for _, value in group["props"]["choices"]] == ["energy", "mask", "modulate"]
+
+
+def test_the_guidance_fields_follow_energy_guidance(studio):
+    assert all(u["interactive"] is False for u in studio.controls_changed(["mask"]))
+    assert all(u["interactive"] is False for u in studio.controls_changed([]))
+    assert all(u["interactive"] is True for u in studio.controls_changed(["energy", "mask"]))
+
+
+def test_a_generation_with_masking_says_so_and_shows_its_command(studio):
+    state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
+    values = dict(backend.guidance_preset_values(backend.PRESET_PAPER, "lvd_tiny"), max_iter=1, loss_threshold=0.0)
+    no_progress = {"progress": lambda *a, **k: None}
+    status, lvd, *_, energy, command, saved = studio.generate(state, "lvd_tiny", 0, 1, False, ["mask"],
+                                                              *values.values(), **no_progress)
+    assert status.startswith("Done: lvd_tiny in") and "- layout controls: attention masking" in status
+    assert "guided iteration" not in status and energy.empty
+    assert "--control mask --layout-file " in command and "--max_iter" not in command  # energy's flags: not used
+    outputs = studio.generate(state, "lvd_tiny", 0, 1, False, ["gligen"], *values.values(), **no_progress)
+    assert outputs[0] == ("**Cannot generate:** --control gligen needs a grounded UNet (lvd-gligen_*, lvd-plus_*), "
+                          "not 'lvd_tiny'")
