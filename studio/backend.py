@@ -328,6 +328,7 @@ class RunModelStatus:
     hint: str = ""                    # why it is not available and how to get it
     controls: tuple[str, ...] = ()    # its layout control families by default (its method's)
     control_choices: tuple[str, ...] = ()  # the families the page offers for it (`control_choices`)
+    num_inference_steps: int = 40     # its sampling default (the paper's 40; 20 for the shapes models)
 
 
 def baseline_for(spec: RunModelSpec) -> RunModelSpec | None:
@@ -369,7 +370,8 @@ def list_run_models(settings: StudioSettings) -> list[RunModelStatus]:
             name=spec.name, method=spec.method, width=spec.width, height=spec.height,
             num_frames=spec.default_num_frames, tiny=spec.tiny,
             available=not problem, baseline=baseline.name if baseline else None, hint=problem,
-            controls=spec.controls, control_choices=control_choices(spec)))
+            controls=spec.controls, control_choices=control_choices(spec),
+            num_inference_steps=spec.num_inference_steps))
     return statuses
 
 

@@ -21,7 +21,6 @@ logger = logging.getLogger(__name__)
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 SOURCE_CACHE = "Cache file"
 SOURCE_LLM = "LLM endpoint"
-DEFAULT_STEPS = 40   # the paper's (SamplingConfig default)
 TINY_NOTE = ("**Tiny random-weight model:** its videos are **noise**. It runs the real code paths (layout, "
              "attention recording, energy guidance, DPM-Solver, VAE) in seconds on a CPU; for real videos use a "
              "real run-model on a GPU.")
@@ -160,8 +159,8 @@ class Studio:
         return gr.update(choices=self.cache_choices())
 
     def run_model_changed(self, run_model: str, state: Any, preset: str, *values):
-        """-> (editor state, tiny note, layout controls, preview, edit status, download, *guidance field updates):
-        the layout controls offered for the run-model, its own families selected."""
+        """-> (editor state, tiny note, layout controls, steps, preview, edit status, download, *guidance field
+        updates): the layout controls offered for the run-model, its own families selected, its default steps."""
         status = self.status_of(run_model)
         controls = gr.update(choices=control_choices(status), value=list(status.controls))
         if state:
@@ -175,7 +174,8 @@ class Studio:
         else:
             preset_values = backend.guidance_preset_values(preset, run_model)
             fields = [gr.update(value=preset_values[name], interactive=guided) for name in backend.GUIDANCE_FIELDS]
-        return (new_state, gr.update(visible=status.tiny), controls, preview, edit_status, download, *fields)
+        return (new_state, gr.update(visible=status.tiny), controls, gr.update(value=status.num_inference_steps),
+                preview, edit_status, download, *fields)
 
     @staticmethod
     def controls_changed(controls: list[str] | None) -> list:
@@ -355,8 +355,8 @@ def build_app(settings: StudioSettings, default_prompt: str | None = None) -> gr
                 run_model = gr.Dropdown(run_model_choices, value=default_run_model, label="Run-model",
                                         elem_id="run-model")
                 seed = gr.Number(value=0, minimum=0, maximum=backend.MAX_SEED, label="Seed", elem_id="seed")
-                steps = gr.Number(value=DEFAULT_STEPS, minimum=1, maximum=backend.MAX_STEPS, label="Steps",
-                                  elem_id="steps")
+                steps = gr.Number(value=default_status.num_inference_steps, minimum=1, maximum=backend.MAX_STEPS,
+                                  label="Steps", elem_id="steps")
                 with_baseline = gr.Checkbox(value=True, label="Baseline beside it (same prompt and seed)",
                                             elem_id="with-baseline")
             tiny_note = gr.Markdown(TINY_NOTE, visible=default_status.tiny, elem_id="tiny-note")
@@ -404,7 +404,8 @@ def build_app(settings: StudioSettings, default_prompt: str | None = None) -> gr
         save_button.click(studio.save_to_cache, inputs=layout_editor, outputs=[edit_status, cache_file])
         app.load(studio.cache_file_choices, outputs=cache_file)  # cache files added since the server started
         run_model.change(studio.run_model_changed, inputs=[run_model, layout_editor, preset, *fields],
-                         outputs=[layout_editor, tiny_note, layout_controls, preview, edit_status, download, *fields])
+                         outputs=[layout_editor, tiny_note, layout_controls, steps, preview, edit_status, download,
+                                  *fields])
         layout_controls.change(studio.controls_changed, inputs=layout_controls, outputs=fields)
         preset.change(studio.preset_values, inputs=[preset, run_model, *fields], outputs=fields)
         for number in fields:

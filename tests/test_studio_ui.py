@@ -71,15 +71,18 @@ def test_presets_and_run_model_change(studio):
     assert [u["value"] for u in weak] == [2.5, 250.0, 1, 10, 0.25, 0.25, 1.0, 2.0, 0.0]
     assert all(u == gr.update() for u in studio.preset_values(backend.PRESET_CUSTOM, "lvd_tiny"))
     state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
-    new_state, note, controls, preview, status, download, *fields = studio.run_model_changed(
+    new_state, note, controls, steps, preview, status, download, *fields = studio.run_model_changed(
         "lvd-gligen_tiny", state, backend.PRESET_PAPER)
+    assert steps["value"] == 40  # the paper's
     assert note["visible"] is True and all(f["interactive"] is False for f in fields)  # no attention guidance
     assert new_state["objects"] == state["objects"]
     assert controls["value"] == ["gligen"]
     assert controls["choices"] == [("GLIGEN grounding", "gligen"), ("attention masking", "mask"),
                                    ("attention modulation", "modulate")]
-    _, _, controls, _, _, _, *fields = studio.run_model_changed("lvd_tiny", None, backend.PRESET_CUSTOM)
+    _, _, controls, _, _, _, _, *fields = studio.run_model_changed("lvd_tiny", None, backend.PRESET_CUSTOM)
     assert controls["value"] == ["energy"] and all(f["interactive"] is True for f in fields)
+    steps = studio.run_model_changed("lvd_shapes", None, backend.PRESET_CUSTOM)[3]
+    assert steps["value"] == 20  # the shapes models' default, not the paper's 40
 
 
 def test_a_failed_generation_is_a_message_and_the_next_one_works(studio, monkeypatch):
