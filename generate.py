@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 from generation.settings import (SettingsError, add_settings_arguments, configs_from_args, output_options_from_args,
@@ -182,6 +183,23 @@ def check_batch_flags(args, configs) -> None:
         raise UsageError("--visualize needs a layout method (baselines have no layout)")
 
 
+class _Stop(Exception):
+    """Ends the run before (or instead of) its videos: ``message`` on stderr, exit ``code``."""
+
+    def __init__(self, message: str, code: int = 2):
+        super().__init__(message)
+        self.code = code
+
+
+@contextmanager
+def _stop_on(*errors: type[BaseException]):
+    """Turns the given errors into a one-line ``error: ...`` stop (exit 2), no traceback."""
+    try:
+        yield
+    except errors as error:
+        raise _Stop(f"error: {error}") from error
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -190,38 +208,29 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
+        return _run(args)
+    except _Stop as stop:
+        print(stop, file=sys.stderr)
+        return stop.code
+
+
+def _run(args) -> int:
+    with _stop_on(*_USAGE_ERRORS):
         configs = configs_from_args(args)
         check_batch_flags(args, configs)
         llm_model = resolve_llm_model(args.model)
         prompt_list, source = resolve_prompt_list(args, configs.uses_layout, llm_model)
         items = plan_items(list(prompt_list.prompts), args)
-    except _USAGE_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     spec = configs.spec
     if configs.guidance is not None and configs.guidance.disabled_reason():  # the reference's quirk, said once
         print(f"warning: guidance is off for this run: {configs.guidance.disabled_reason()}", file=sys.stderr)
     if args.auto_query and not args.dry_run and source is not None and source.cache is not None:
-        code = _query_missing_layouts(args, items, source.cache)
-        if code:
-            return code
+        _query_missing_layouts(args, items, source.cache)
     if args.dry_run:
         return _dry_run(items, source, configs.sampling.num_frames, spec)
-    try:
+    with _stop_on(*_USAGE_ERRORS):
         ensure_writable_dir(args.output_dir, "--output-dir")
-    except _USAGE_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-    if not spec.tiny or args.model_path is not None:  # missing weights: one line before the heavy imports
-        from models.hub import MissingWeightsError
-        from models.weights import find_model_folder
-
-        try:
-            find_model_folder(spec, args.model_path)
-        except MissingWeightsError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
+    _check_weights(args, spec)
 
     import torch
     from accelerate import PartialState
@@ -242,25 +251,30 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"loading {spec.model_id or spec.name} ...", file=sys.stderr, flush=True)
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
-    try:
+    with _stop_on(Exception):  # missing weights and the like: one clear line, no traceback, no run folder
         model = _load_model(args, configs, device)
-    except Exception as error:  # missing weights and the like: one clear line, no traceback, no run folder
-        print(f"error: {error}", file=sys.stderr)
-        return 2
     if spec.tiny:
         print(f"note: {spec.name} is a tiny random-weight model; its videos are noise (it exercises the code paths)")
     run = _RunFolder(base / f"run{run_index}", args, configs, llm_model, model, state, source, prompt_list.prompt_type)
     try:
-        if (run.path / "config.json").is_file():
-            run.ensure()  # a resume: its settings are checked before any video
-        return _generate_all(my_items, args, configs, model, source, run, state)
-    except RunSettingsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        with _stop_on(RunSettingsError):
+            if (run.path / "config.json").is_file():
+                run.ensure()  # a resume: its settings are checked before any video
+            return _generate_all(my_items, args, configs, model, source, run, state)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: finished videos are kept in {run.path}; rerun the same command with "
-              f"--force_run_ind {run_index} to resume", file=sys.stderr)
-        return 130
+        raise _Stop(f"\ninterrupted: finished videos are kept in {run.path}; rerun the same command with "
+                    f"--force_run_ind {run_index} to resume", code=130) from None
+
+
+def _check_weights(args, spec) -> None:
+    """Missing weights: one line before the heavy imports (the tiny run-models are built, not loaded)."""
+    if spec.tiny and args.model_path is None:
+        return
+    from models.hub import MissingWeightsError
+    from models.weights import find_model_folder
+
+    with _stop_on(MissingWeightsError):
+        find_model_folder(spec, args.model_path)
 
 
 def _load_model(args, configs, device):
@@ -277,8 +291,8 @@ def _load_model(args, configs, device):
     return model
 
 
-def _query_missing_layouts(args, items, cache: LayoutCache) -> int:
-    """--auto-query: plan the layouts the cache lacks (utils.planner) before any model loads; 0, or the exit code."""
+def _query_missing_layouts(args, items, cache: LayoutCache) -> None:
+    """--auto-query: plan the layouts the cache lacks (utils.planner) before any model loads; stops on failure."""
     from models.tokenizer import build_clip_tokenizer
     from prompt import build_messages, load_template
     from utils.layout import validate_layout_for_generation
@@ -288,14 +302,13 @@ def _query_missing_layouts(args, items, cache: LayoutCache) -> int:
 
     wanted = [(prompt, occurrence) for _, prompt, occurrence in items if cache.get(prompt, occurrence) is None]
     if not wanted:
-        return 0
+        return
     try:
         template = load_template(args.template_version)
         ensure_writable_dir(cache.path.parent, "--cache-dir")
         client = build_client(llm_config_from_args(args), args.llm_api_key_file)
     except (LLMConfigError, OutputDirError, ValueError, OSError) as error:
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        return 2
+        raise _Stop(f"error: {' '.join(str(error).split())}") from error
     tokenizer = build_clip_tokenizer()  # saved replies must build the stage-2 condition, as in prompt_batch.py
     print(f"asking {client.config.model} for {len(wanted)} layout(s) the cache lacks ({cache.path}) ...",
           file=sys.stderr, flush=True)
@@ -312,10 +325,8 @@ def _query_missing_layouts(args, items, cache: LayoutCache) -> int:
         client.close()
     print(f"{report.new} new layout(s) saved to {cache.path}, {len(report.failures)} failed", file=sys.stderr)
     if report.stopped is not None:
-        print(f"error: {redact_secrets(report.stopped, client.secrets)}; the layouts saved so far are kept, rerun "
-              "the same command to resume", file=sys.stderr)
-        return 2
-    return 0
+        raise _Stop(f"error: {redact_secrets(report.stopped, client.secrets)}; the layouts saved so far are kept, "
+                    "rerun the same command to resume")
 
 
 def _dry_run(items, source: LayoutSource | None, num_frames: int, spec) -> int:
@@ -377,69 +388,39 @@ def _record_invocation(run_dir: Path, args, configs, llm_model, model, state, so
     return record_invocation(run_dir, settings, invocation, allow_changed=args.allow_mixed_settings)
 
 
-def _generate_all(items, args, configs, model, source: LayoutSource | None, run: _RunFolder, state) -> int:
-    import torch
-    from tqdm import tqdm
+class _Tally:
+    """The run's counts, and how a failed prompt is recorded (failures file, one line, CUDA cache freed)."""
 
-    from generation.backbones import backbone_for
-    from generation.config import derive_seed
-    from generation.runs import VideoJob, generate_and_save, is_video_done, remove_stale_temp_files, write_layout_record
+    def __init__(self, run: _RunFolder, state):
+        self.run, self.state = run, state
+        self.counts = {"videos": 0, "already_done": 0, "missing_layout": 0, "failed": 0}
 
-    sampling, guidance, execution, gligen = configs.sampling, configs.guidance, configs.execution, configs.gligen
-    options = output_options_from_args(args, configs.spec)
-    backbone = backbone_for(model)
-    counts = {"videos": 0, "already_done": 0, "missing_layout": 0, "failed": 0}
-    position = state.process_index
+    def fail(self, index: int, prompt: str, error: BaseException) -> None:
+        import torch
+        from tqdm import tqdm
 
-    def fail(index: int, prompt: str, error: BaseException) -> None:
-        counts["failed"] += 1
-        record_failure(run.ensure() / FAILURES_FILE, error, prompt_index=index, prompt=prompt, rank=state.process_index)
+        self.counts["failed"] += 1
+        failures = self.run.ensure() / FAILURES_FILE
+        record_failure(failures, error, prompt_index=index, prompt=prompt, rank=self.state.process_index)
         kind = "out of memory" if isinstance(error, torch.OutOfMemoryError) else describe_error(error)
-        tqdm.write(f"[{index}] {prompt!r} failed: {kind}; traceback in {run.path / FAILURES_FILE}")
+        tqdm.write(f"[{index}] {prompt!r} failed: {kind}; traceback in {failures}")
         if isinstance(error, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()
 
-    # 1. Layouts: parse every prompt of this process's share, list the videos still to make.
-    pending: list[VideoJob] = []
-    for index, prompt, occurrence in items:
-        prompt_dir = run.path / str(index)
-        if prompt_dir.is_dir():
-            remove_stale_temp_files(prompt_dir)  # left by a killed run; this process owns this prompt
-        todo = [r for r in range(args.repeats) if not is_video_done(prompt_dir, r, options)]
-        counts["already_done"] += args.repeats - len(todo)
-        if not todo:
-            continue
-        condition = None
-        if source is not None:
-            try:
-                layout = source.layout(index, prompt, occurrence)
-            except CacheMissError:
-                tqdm.write(f"[{index}] no cached layout for {prompt!r} (occurrence {occurrence}); skipped")
-                counts["missing_layout"] += 1
-                continue
-            except LayoutError as error:  # a bad cached reply never stops the batch (unless --fail-fast)
-                fail(index, prompt, error)
-                if args.fail_fast:
-                    return 1
-                continue
-            try:
-                condition = backbone.build_condition(layout, sampling.num_frames)
-                write_layout_record(run.prompt_folder(index), prompt=prompt, index=index, occurrence=occurrence,
-                                    layout=layout, condition=condition)
-                if args.visualize:
-                    from utils.visualize import save_layout_gif
 
-                    save_layout_gif(layout, prompt_dir / "boxes.gif")
-                    save_layout_gif(layout, prompt_dir / f"boxes_{index}.gif")
-            except Exception as error:  # a bad layout never stops the batch (unless --fail-fast)
-                fail(index, prompt, error)
-                if args.fail_fast:
-                    return 1
-                continue
-        pending += [VideoJob(index, prompt, r, derive_seed(index, r, args.seed_offset), condition, prompt_dir)
-                    for r in todo]
+def _generate_all(items, args, configs, model, source: LayoutSource | None, run: _RunFolder, state) -> int:
+    from tqdm import tqdm
 
-    # 2. Videos, --batch-size at a time (each keeps its own seed, layout and guidance state).
+    from generation.runs import generate_and_save
+
+    options = output_options_from_args(args, configs.spec)
+    tally = _Tally(run, state)
+    pending = _pending_jobs(items, args, configs, model, source, run, options, tally)
+    if pending is None:
+        return 1  # --fail-fast on a bad layout
+
+    # Videos, --batch-size at a time (each keeps its own seed, layout and guidance state).
+    position, sampling = state.process_index, configs.sampling
     bar = tqdm(total=len(pending), desc=f"videos (rank {position})" if state.num_processes > 1 else "videos",
                position=position, dynamic_ncols=True, unit="video")
     try:
@@ -450,13 +431,13 @@ def _generate_all(items, args, configs, model, source: LayoutSource | None, run:
                          position=position + state.num_processes, dynamic_ncols=True)
             try:
                 run.ensure()
-                generate_and_save(model, chunk, sampling, controls=configs.attention, guidance=guidance, gligen=gligen,
-                                  execution=execution,
+                generate_and_save(model, chunk, sampling, controls=configs.attention, guidance=configs.guidance,
+                                  gligen=configs.gligen, execution=configs.execution,
                                   options=options, step_callback=lambda i, n: steps.update(1))
-                counts["videos"] += len(chunk)
+                tally.counts["videos"] += len(chunk)
             except Exception as error:  # out of memory included: logged per video, the batch goes on
                 for video in chunk:
-                    fail(video.index, video.prompt, error)
+                    tally.fail(video.index, video.prompt, error)
                 if args.fail_fast:
                     return 1
             finally:
@@ -464,9 +445,55 @@ def _generate_all(items, args, configs, model, source: LayoutSource | None, run:
             bar.update(len(chunk))
     finally:
         bar.close()
+    counts = tally.counts
     summary = ", ".join(f"{k.replace('_', ' ')}: {v}" for k, v in counts.items())
     print(f"{run.path} (rank {state.process_index}): {summary}")
     return 1 if counts["failed"] or counts["missing_layout"] else 0
+
+
+def _pending_jobs(items, args, configs, model, source: LayoutSource | None, run: _RunFolder, options,
+                  tally: _Tally) -> list | None:
+    """Parses every prompt of this process's share and lists the videos still to make (None: --fail-fast hit)."""
+    from tqdm import tqdm
+
+    from generation.backbones import backbone_for
+    from generation.config import derive_seed
+    from generation.runs import VideoJob, is_video_done, remove_stale_temp_files, write_layout_record
+
+    backbone = backbone_for(model)
+    pending: list[VideoJob] = []
+    for index, prompt, occurrence in items:
+        prompt_dir = run.path / str(index)
+        if prompt_dir.is_dir():
+            remove_stale_temp_files(prompt_dir)  # left by a killed run; this process owns this prompt
+        todo = [r for r in range(args.repeats) if not is_video_done(prompt_dir, r, options)]
+        tally.counts["already_done"] += args.repeats - len(todo)
+        if not todo:
+            continue
+        condition = None
+        if source is not None:
+            try:  # a bad layout (cached reply, condition, drawing) never stops the batch (unless --fail-fast)
+                layout = source.layout(index, prompt, occurrence)
+                condition = backbone.build_condition(layout, configs.sampling.num_frames)
+                write_layout_record(run.prompt_folder(index), prompt=prompt, index=index, occurrence=occurrence,
+                                    layout=layout, condition=condition)
+                if args.visualize:
+                    from utils.visualize import save_layout_gif
+
+                    save_layout_gif(layout, prompt_dir / "boxes.gif")
+                    save_layout_gif(layout, prompt_dir / f"boxes_{index}.gif")
+            except CacheMissError:
+                tqdm.write(f"[{index}] no cached layout for {prompt!r} (occurrence {occurrence}); skipped")
+                tally.counts["missing_layout"] += 1
+                continue
+            except Exception as error:
+                tally.fail(index, prompt, error)
+                if args.fail_fast:
+                    return None
+                continue
+        pending += [VideoJob(index, prompt, r, derive_seed(index, r, args.seed_offset), condition, prompt_dir)
+                    for r in todo]
+    return pending
 
 
 if __name__ == "__main__":

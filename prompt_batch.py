@@ -247,150 +247,178 @@ def run_batch(config: BatchConfig, client_factory: Callable[[], LLMClient] | Non
     problems are reported on ``output`` and counted in the summary, and a batch stopped early (an
     unusable endpoint, end of input) says why in ``summary.stopped``.
     """
-    input_stream = sys.stdin if input_stream is None else input_stream
-    output = sys.stdout if output is None else output
-    prompts = config.prompt_list()
-    occurrences = occurrence_indices(prompts)
-    window = select_window(len(prompts), config.skip_first_prompts, config.num_prompts)
-    template = load_template(config.template_version)
-    if window and not config.cache_path.exists():
-        ensure_writable_dir(config.cache_path.parent, "--cache-dir")  # a new cache will be written there
-    if config.cache_path.exists():
-        recover_interrupted_writes(config.cache_path)  # temp files of a killed cache write
-    cache = LayoutCache.load(config.cache_path)
-    misses = [i for i in window if cache.get(prompts[i], occurrences[i]) is None]
-    logger.info("%s: %d prompts in the window, %d cached, %d to query", config.cache_path, len(window),
-                len(window) - len(misses), len(misses))
-    if misses and not config.cache_path.exists():
-        # A new model name simply starts a new cache; only a published cache's name means one was to be read.
-        published = config.cache_path.name in PUBLISHED_CACHE_FILES
-        (logger.warning if published else logger.info)(
-            "%s; %d prompt(s) need a reply, saved to a new cache there",
-            describe_missing_cache(config.cache_path, how_to_make=False) if published
-            else f"new layout cache {config.cache_path}", len(misses))
-    if misses:
-        ensure_writable_dir(config.cache_path.parent, "--cache-dir")
-    if (config.visualize and misses) or (config.visualize_cache_hit and len(misses) < len(window)):
-        ensure_writable_dir(config.img_dir, "--img-dir")
-    summary = BatchSummary(total=len(window))
-    visualize = _Visualizer(config.img_dir)
-    check = _GenerationCheck(config.check_for_generation)
-    guard = EndpointFailureGuard(config.max_endpoint_failures)
-    secrets: list[str] = []
+    batch = _BatchRun(config, sys.stdin if input_stream is None else input_stream,
+                      sys.stdout if output is None else output)
+    return batch.run(client_factory, show_progress)
 
-    def report_failure(index: int, problem: str) -> None:
-        problem = redact_secrets(" ".join(problem.split()), secrets)
-        summary.failures.append((index, prompts[index], problem))
-        tqdm.write(f"FAILED prompt {index} {prompts[index]!r}: {problem}", file=output)
 
-    client = None
-    pool = None
-    pending: dict[int, Future] = {}
-    if misses and config.auto_query:
+class _BatchRun:
+    """One ``run_batch`` call: the window, the cache and its misses, the LLM pool, the summary."""
+
+    def __init__(self, config: BatchConfig, input_stream: TextIO, output: TextIO):
+        self.config, self.input_stream, self.output = config, input_stream, output
+        self.prompts = config.prompt_list()
+        self.occurrences = occurrence_indices(self.prompts)
+        self.window = select_window(len(self.prompts), config.skip_first_prompts, config.num_prompts)
+        self.template = load_template(config.template_version)
+        self.cache = self._open_cache()
+        self.misses = [i for i in self.window if self.cache.get(self.prompts[i], self.occurrences[i]) is None]
+        self._prepare_folders()
+        self.summary = BatchSummary(total=len(self.window))
+        self.visualize = _Visualizer(config.img_dir)
+        self.check = _GenerationCheck(config.check_for_generation)
+        self.guard = EndpointFailureGuard(config.max_endpoint_failures)
+        self.secrets: list[str] = []
+        self.client: LLMClient | None = None
+        self.pool: ThreadPoolExecutor | None = None
+        self.pending: dict[int, Future] = {}
+
+    def _open_cache(self) -> LayoutCache:
+        path = self.config.cache_path
+        if self.window and not path.exists():
+            ensure_writable_dir(path.parent, "--cache-dir")  # a new cache will be written there
+        if path.exists():
+            recover_interrupted_writes(path)  # temp files of a killed cache write
+        return LayoutCache.load(path)
+
+    def _prepare_folders(self) -> None:
+        config, path, misses = self.config, self.config.cache_path, self.misses
+        logger.info("%s: %d prompts in the window, %d cached, %d to query", path, len(self.window),
+                    len(self.window) - len(misses), len(misses))
+        if misses and not path.exists():
+            # A new model name simply starts a new cache; only a published cache's name means one was to be read.
+            published = path.name in PUBLISHED_CACHE_FILES
+            (logger.warning if published else logger.info)(
+                "%s; %d prompt(s) need a reply, saved to a new cache there",
+                describe_missing_cache(path, how_to_make=False) if published else f"new layout cache {path}",
+                len(misses))
+        if misses:
+            ensure_writable_dir(path.parent, "--cache-dir")
+        if (config.visualize and misses) or (config.visualize_cache_hit and len(misses) < len(self.window)):
+            ensure_writable_dir(config.img_dir, "--img-dir")
+
+    # -- the LLM side
+
+    def _start_queries(self, client_factory: Callable[[], LLMClient] | None) -> None:
+        if not (self.misses and self.config.auto_query):
+            return
         if client_factory is None:
             raise LLMConfigError("cache misses must be queried, but no LLM client was given")
-        client = client_factory()
-        secrets.extend(client.secrets)
-
-        def ask_llm(index: int) -> LayoutReply:
-            messages = build_messages(template, prompts[index])
-            return query_layout(client, messages, prompts[index], max_parse_attempts=config.max_parse_attempts,
-                                parse_retry_delay_s=config.parse_retry_delay_s, validate=check)
-
+        self.client = client_factory()
+        self.secrets.extend(self.client.secrets)
         # All misses are submitted now; the pool keeps `concurrency` of them in flight, and the
-        # loop below consumes them in list order, so early replies simply wait in their futures.
-        pool = ThreadPoolExecutor(max_workers=config.concurrency, thread_name_prefix="llm")
-        pending = {i: pool.submit(ask_llm, i) for i in misses}
+        # loop consumes them in list order, so early replies simply wait in their futures.
+        self.pool = ThreadPoolExecutor(max_workers=self.config.concurrency, thread_name_prefix="llm")
+        self.pending = {i: self.pool.submit(self._ask_llm, i) for i in self.misses}
 
-    def query_for(index: int) -> Callable[[str], LayoutReply]:
+    def _ask_llm(self, index: int) -> LayoutReply:
+        config, prompt = self.config, self.prompts[index]
+        return query_layout(self.client, build_messages(self.template, prompt), prompt,
+                            max_parse_attempts=config.max_parse_attempts,
+                            parse_retry_delay_s=config.parse_retry_delay_s, validate=self.check)
+
+    def _query_for(self, index: int) -> Callable[[str], LayoutReply]:
+        """The first ask takes the reply already in flight; a repeated ask (reply refused) sends a new request."""
         first = [True]
 
         def query(prompt: str) -> LayoutReply:
-            if pool is None:
-                return _paste_layout(template, prompt, config, input_stream, output, check)
+            if self.pool is None:
+                return _paste_layout(self.template, prompt, self.config, self.input_stream, self.output, self.check)
             if first[0]:
                 first[0] = False
-                return pending.pop(index).result()
-            return pool.submit(ask_llm, index).result()
+                return self.pending.pop(index).result()
+            return self.pool.submit(self._ask_llm, index).result()
 
         return query
 
-    def accept_for(index: int) -> Callable[[LayoutReply], bool | None]:
+    def _accept_for(self, index: int) -> Callable[[LayoutReply], bool | None]:
         def accept(reply: LayoutReply) -> bool | None:
-            if config.visualize:
-                visualize(reply.layout, index)
-            if config.always_save:
+            if self.config.visualize:
+                self.visualize(reply.layout, index)
+            if self.config.always_save:
                 return True
-            output.write(f"Reply for prompt {index} {prompts[index]!r}:\n{redact_secrets(reply.text, secrets)}\n")
-            answer = _ask_save(input_stream, output)
+            self.output.write(f"Reply for prompt {index} {self.prompts[index]!r}:\n"
+                              f"{redact_secrets(reply.text, self.secrets)}\n")
+            answer = _ask_save(self.input_stream, self.output)
             if answer is None:
                 raise _EndOfInput(None)
             return answer  # any answer but y/Y asks again (spec 1.3)
 
         return accept
 
-    def process(index: int) -> None:
-        prompt, occurrence = prompts[index], occurrences[index]
-        is_miss = index in miss_set
+    # -- one prompt, and the loop
+
+    def _report_failure(self, index: int, problem: str) -> None:
+        problem = redact_secrets(" ".join(problem.split()), self.secrets)
+        self.summary.failures.append((index, self.prompts[index], problem))
+        tqdm.write(f"FAILED prompt {index} {self.prompts[index]!r}: {problem}", file=self.output)
+
+    def _process(self, index: int, is_miss: bool) -> None:
+        prompt, occurrence = self.prompts[index], self.occurrences[index]
         try:
             # New replies are checked for stage 2 inside the query (so a bad one is asked again); a cached
             # one was checked when it was saved (or is a published one, all of which pass), so it is only
             # parsed here and a run that only reads the cache needs no tokenizer.
-            planned = load_or_query_layout(cache, prompt, occurrence, query_for(index) if is_miss else None,
-                                           accept=accept_for(index))
+            planned = load_or_query_layout(self.cache, prompt, occurrence,
+                                           self._query_for(index) if is_miss else None,
+                                           accept=self._accept_for(index))
         except LayoutError as error:
-            report_failure(index, f"cached reply {occurrence} does not parse: {describe_layout_error(error)}")
+            self._report_failure(index, f"cached reply {occurrence} does not parse: {describe_layout_error(error)}")
             return
         except (LLMRequestError, LayoutQueryError) as error:
-            report_failure(index, error.problem if isinstance(error, LayoutQueryError) else str(error))
-            guard.record(error)  # raises LLMEndpointError at the limit
+            self._report_failure(index, error.problem if isinstance(error, LayoutQueryError) else str(error))
+            self.guard.record(error)  # raises LLMEndpointError at the limit
             return
         if is_miss:
-            guard.record(None)
+            self.guard.record(None)
         if planned.source == "llm":
-            summary.new += 1  # saved by this process (another one may have stored this occurrence first)
+            self.summary.new += 1  # saved by this process (another one may have stored this occurrence first)
         else:
-            summary.hits += 1
-            if config.visualize_cache_hit:
-                visualize(planned.layout, index)
+            self.summary.hits += 1
+            if self.config.visualize_cache_hit:
+                self.visualize(planned.layout, index)
 
-    miss_set = set(misses)
-    progress = tqdm(total=len(window), desc="layouts", unit="prompt", file=sys.stderr,
-                    disable=not show_progress or (bool(misses) and not config.auto_query))
-    finished = False
-    done = 0
-    try:
-        with logging_redirect_tqdm():
-            for index in window:
-                try:
-                    process(index)
-                except LLMEndpointError as error:
-                    summary.stopped = redact_secrets(str(error), secrets)
-                    done += 1
-                    break
-                except _EndOfInput as end:
-                    if end.args[0] is not None:  # no reply pasted: a failure of this prompt
-                        report_failure(index, end.args[0].problem)
-                    else:
-                        summary.not_saved += 1
-                    done += 1
-                    if done < len(window):
-                        summary.stopped = f"end of input after prompt {index}: the remaining prompts were not asked"
-                    break
+    def _loop(self, progress: tqdm) -> int:
+        """Processes the window in order; the number of prompts done (a stop says why in the summary)."""
+        summary, miss_set, done = self.summary, set(self.misses), 0
+        for index in self.window:
+            try:
+                self._process(index, index in miss_set)
+            except LLMEndpointError as error:
+                summary.stopped = redact_secrets(str(error), self.secrets)
+                return done + 1
+            except _EndOfInput as end:
+                if end.args[0] is not None:  # no reply pasted: a failure of this prompt
+                    self._report_failure(index, end.args[0].problem)
+                else:
+                    summary.not_saved += 1
                 done += 1
-                progress.update()
-        summary.not_run = len(window) - done
-        finished = True
-    finally:
-        if not finished:
-            progress.leave = False  # an interrupted bar would show a count that means nothing
-        progress.close()
-        if client is not None and (not finished or summary.stopped is not None):
-            client.close()  # backoff waits end, queued requests send nothing
-        if pool is not None:
-            # On Ctrl-C, drop the queued requests and do not wait for those in flight.
-            pool.shutdown(wait=finished, cancel_futures=True)
-    return summary
+                if done < len(self.window):
+                    summary.stopped = f"end of input after prompt {index}: the remaining prompts were not asked"
+                return done
+            done += 1
+            progress.update()
+        return done
+
+    def run(self, client_factory: Callable[[], LLMClient] | None, show_progress: bool) -> BatchSummary:
+        self._start_queries(client_factory)
+        progress = tqdm(total=len(self.window), desc="layouts", unit="prompt", file=sys.stderr,
+                        disable=not show_progress or (bool(self.misses) and not self.config.auto_query))
+        finished = False
+        try:
+            with logging_redirect_tqdm():
+                self.summary.not_run = len(self.window) - self._loop(progress)
+            finished = True
+        finally:
+            if not finished:
+                progress.leave = False  # an interrupted bar would show a count that means nothing
+            progress.close()
+            if self.client is not None and (not finished or self.summary.stopped is not None):
+                self.client.close()  # backoff waits end, queued requests send nothing
+            if self.pool is not None:
+                # On Ctrl-C, drop the queued requests and do not wait for those in flight.
+                self.pool.shutdown(wait=finished, cancel_futures=True)
+        return self.summary
 
 
 # --------------------------------------------------------------------------------------------
