@@ -25,6 +25,9 @@ TINY_NOTE = ("**Tiny random-weight model:** its videos are **noise**. It runs th
              "attention recording, energy guidance, DPM-Solver, VAE) in seconds on a CPU; for real videos use a "
              "real run-model on a GPU.")
 GENERATION_CONCURRENCY_ID = "video-generation"  # one generation at a time on this server's device
+# The energy plot's x categories in numeric order ("10" after "9"). Bounded: with a few thousand categories
+# the page's plot stays blank; Vega-Lite puts values past the list after it, in the data's (numeric) order.
+ITERATION_ORDER = [str(i) for i in range(1, 1001)]
 # The layout control families as the page names them (generate.py's --control values; README, "Layout control
 # families").
 CONTROL_LABELS = {"gligen": "GLIGEN grounding", "energy": "energy guidance", "mask": "attention masking",
@@ -254,12 +257,13 @@ class Studio:
     @staticmethod
     def energy_frame(guidance_log):
         """The guidance log as a table for the plot: guided iteration number, energy, denoising step (empty
-        for a single iteration, which the status states in a sentence)."""
+        for a single iteration, which the status states in a sentence). Iterations are categories (whole-number
+        ticks, in `ITERATION_ORDER`): a numeric axis over a few iterations ticks at 1.5, 2.5, ..."""
         import pandas as pd  # a Gradio dependency
 
         if len(guidance_log) < 2:
             guidance_log = []
-        return pd.DataFrame({"iteration": list(range(1, len(guidance_log) + 1)),
+        return pd.DataFrame({"iteration": [str(i) for i in range(1, len(guidance_log) + 1)],
                              "energy": [float(record["energy"]) for record in guidance_log],
                              "step": [f"step {record['step']}" for record in guidance_log]})
 
@@ -384,7 +388,8 @@ def build_app(settings: StudioSettings, default_prompt: str | None = None) -> gr
                                       elem_classes=["lvd-video"], height=256)
                 annotated = gr.Image(label="LVD with the layout boxes", type="filepath", interactive=False,
                                      elem_id="video-annotated", elem_classes=["lvd-video"], height=256)
-            energy = gr.LinePlot(x="iteration", y="energy", tooltip=["iteration", "step", "energy"],
+            energy = gr.LinePlot(x="iteration", y="energy", tooltip=["iteration", "step", "energy"], 
+                                 sort=ITERATION_ORDER,
                                  label="Energy over guided iterations (box energy before each latent update)",
                                  x_title="guided iteration", y_title="energy", height=240, elem_id="energy-plot")
             gr.Markdown("**Reproduce from the command line** (in the repository root):")

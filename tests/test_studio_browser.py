@@ -229,6 +229,9 @@ def test_plan_edit_generate_in_chromium(running_app, tmp_path):
             for element in ("#video-lvd img", "#video-baseline img", "#video-annotated img",
                             "#energy-plot svg.marks .mark-line path"):
                 page.wait_for_selector(element, timeout=30_000)
+            # Issue 17.16: the guided iterations are whole numbers on the plot's x axis, in order.
+            x_ticks = page.eval_on_selector_all(
+                '#energy-plot g.role-axis[aria-label^="X-axis"] g.role-axis-label text', "els => els.map(e => e.textContent)")
             command_text = page.inner_text("#repro-command")
             page.wait_for_timeout(500)  # let the plot finish its transition before the screenshot
             shots["result"] = artifacts / "result.png"
@@ -237,6 +240,7 @@ def test_plan_edit_generate_in_chromium(running_app, tmp_path):
         finally:
             browser.close()
 
+    assert len(x_ticks) >= 2 and x_ticks == [str(i) for i in range(1, len(x_ticks) + 1)], x_ticks
     assert outside_requests == [], f"the page asked for assets outside 127.0.0.1: {outside_requests}"
     assert not console_errors, console_errors
     lines = [line for line in command_text.splitlines() if line.startswith("python generate.py")]

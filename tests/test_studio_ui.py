@@ -199,3 +199,14 @@ def test_a_generation_with_masking_says_so_and_shows_its_command(studio):
     outputs = studio.generate(state, "lvd_tiny", 0, 1, False, ["gligen"], *values.values(), **no_progress)
     assert outputs[0] == ("**Cannot generate:** --control gligen needs a grounded UNet (lvd-gligen_*, lvd-plus_*), "
                           "not 'lvd_tiny'")
+
+
+def test_the_energy_plot_counts_iterations_in_whole_numbers():
+    """Issue 17.16: iterations are categories "1", "2", ... in numeric order (a numeric axis ticks at 1.5)."""
+    from studio.ui import ITERATION_ORDER, Studio
+
+    log = [{"energy": 10.0 - i, "step": i // 3} for i in range(12)]
+    frame = Studio.energy_frame(log)
+    assert list(frame["iteration"]) == [str(i) for i in range(1, 13)]
+    assert [ITERATION_ORDER.index(label) for label in frame["iteration"]] == list(range(12))  # "10" after "9"
+    assert Studio.energy_frame(log[:1]).empty  # one iteration: a sentence in the status instead
