@@ -11,13 +11,25 @@ The rule: the unconditional pass runs when a negative prompt is encoded, unless 
 pipeline that skips it at ``guidance_scale <= 1`` (``WanPipeline``: ``do_classifier_free_guidance = scale >
 1``); the reference's UNet3D pipeline never skips it. The combination is ``uncond + scale * (cond - uncond)``
 (diffusers' formula and operation order, so outputs are bit-identical to the backbones' former inline CFG).
+
+Variants, chosen by `SamplingConfig.cfg_variant` / ``--cfg`` (``standard``: the above, the default) and
+``--cfg-rescale``:
+
+- ``zero-star`` (CFG-Zero*, Fan et al. 2025, its optimised scale): the unconditional prediction is first
+  projected on the conditional one, ``s* = <x_cond, x_uncond> / ||x_uncond||^2`` per video, and
+  ``x = s* x_uncond + s (x_cond - s* x_uncond)``. (The paper's zero-init of the first steps is not applied.)
+- ``guidance_rescale`` ``phi`` (Lin et al. 2023, "Common diffusion noise schedules ...", eq. 15-16): ``x`` is
+  rescaled to the standard deviation of ``x_cond``, ``x <- phi x std(x_cond)/std(x) + (1 - phi) x``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+
 import torch
 from diffusers.guiders.guider_utils import GuiderOutput, rescale_noise_cfg
+
+from generation.config import CFG_STANDARD, CFG_VARIANTS, CFG_ZERO_STAR  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -30,6 +42,7 @@ class ClassifierFreeGuidance:
     skip_at_or_below_one: bool = False   # the pipeline's rule (WanPipeline: True; the LVD UNet3D pipeline: False)
     guidance_rescale: float = 0.0
     enabled: bool = True
+    zero_star: bool = False              # CFG-Zero*'s optimised scale on the unconditional prediction
 
     @property
     def num_conditions(self) -> int:
@@ -40,7 +53,16 @@ class ClassifierFreeGuidance:
         if pred_uncond is None or self.num_conditions == 1:
             pred = pred_cond
         else:
+            if self.zero_star:
+                pred_uncond = pred_uncond * zero_star_scale(pred_cond, pred_uncond)
             pred = pred_uncond + self.guidance_scale * (pred_cond - pred_uncond)
         if self.guidance_rescale > 0.0:
             pred = rescale_noise_cfg(pred, pred_cond, self.guidance_rescale)
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
+def zero_star_scale(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """CFG-Zero*'s ``s* = <x_cond, x_uncond> / ||x_uncond||^2``, one per video, shaped to broadcast."""
+    cond, uncond = pred_cond.flatten(1).float(), pred_uncond.flatten(1).float()
+    scale = (cond * uncond).sum(1) / (uncond.pow(2).sum(1) + eps)
+    return scale.to(pred_uncond.dtype).view(-1, *[1] * (pred_uncond.dim() - 1))

@@ -30,6 +30,9 @@ INITIAL_LOSS = 10000.0
 NOISE_CPU = "cpu"              # float32 noise from a CPU generator: the same on every machine (default)
 NOISE_REFERENCE = "reference"  # the reference's draw: a generator on the model's device, in its dtype
 NOISE_KINDS = (NOISE_CPU, NOISE_REFERENCE)
+CFG_STANDARD = "standard"      # classifier-free guidance as the pipelines run it (generation.cfg)
+CFG_ZERO_STAR = "zero-star"    # CFG-Zero*'s optimised scale (generation.cfg)
+CFG_VARIANTS = (CFG_STANDARD, CFG_ZERO_STAR)
 
 
 @dataclass(frozen=True)
@@ -46,8 +49,16 @@ class SamplingConfig:
     # Wan's UniPC with its corrector off on the first K steps, so guided edits survive (README, "Wan 2.1"; 0: the
     # stock sampler). None: the model's sampler as loaded. The UNet3D family's DPM-Solver has no such setting (0).
     corrector_off_steps: int | None = None
+    cfg_variant: str = CFG_STANDARD      # generation.cfg: "standard" or "zero-star"
+    guidance_rescale: float = 0.0        # generation.cfg: Lin et al.'s rescale (0: off)
 
     def __post_init__(self):
+        if self.cfg_variant not in CFG_VARIANTS:
+            raise ValueError(f"cfg_variant must be one of {CFG_VARIANTS}, found {self.cfg_variant!r}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ValueError(f"guidance_rescale must be in [0, 1], found {self.guidance_rescale}")
+        if self.guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, found {self.guidance_scale}")
         if self.initial_noise not in NOISE_KINDS:
             raise ValueError(f"initial_noise must be one of {NOISE_KINDS}, found {self.initial_noise!r}")
         if self.corrector_off_steps is not None and self.corrector_off_steps < 0:
@@ -125,7 +136,8 @@ class ExecutionConfig:
 def sampling_config_for(spec: RunModelSpec, *, num_frames: int | None = None, height: int | None = None,
                         width: int | None = None, num_inference_steps: int | None = None,
                         guidance_scale: float | None = None, initial_noise: str = NOISE_CPU,
-                        corrector_off_steps: int | None = None) -> SamplingConfig:
+                        corrector_off_steps: int | None = None, cfg_variant: str = CFG_STANDARD,
+                        guidance_rescale: float = 0.0) -> SamplingConfig:
     """The run-model's sampling defaults (size, frames, steps, CFG, negative prompt, sampler), with the given
     overrides validated against what the model allows (raises `models.registry.RunModelError`).
 
@@ -144,7 +156,8 @@ def sampling_config_for(spec: RunModelSpec, *, num_frames: int | None = None, he
         num_inference_steps=spec.num_inference_steps if num_inference_steps is None else num_inference_steps,
         guidance_scale=spec.guidance_scale if guidance_scale is None else guidance_scale,
         negative_prompt=NEGATIVE_PROMPT if spec.negative_prompt is None else spec.negative_prompt,
-        initial_noise=initial_noise, corrector_off_steps=corrector_off_steps)
+        initial_noise=initial_noise, corrector_off_steps=corrector_off_steps, cfg_variant=cfg_variant,
+        guidance_rescale=guidance_rescale)
 
 
 def weak_guidance_preset(base_model: str = "zeroscope") -> GuidanceConfig:

@@ -102,7 +102,8 @@ def generate_videos(model, requests: Sequence[VideoRequest], sampling: SamplingC
     with contextlib.ExitStack() as stack:
         for control in built:
             stack.enter_context(control)  # processors / fuser state, restored on exit
-        latents = denoise(backbone, latents, scheduler, timesteps, text, sampling.guidance_scale, controls=built,
+        guider = backbone.make_guider(sampling.guidance_scale, sampling.cfg_variant, sampling.guidance_rescale)
+        latents = denoise(backbone, latents, scheduler, timesteps, text, guider, controls=built,
                           step_callback=step_callback)
 
     logs: list[list[GuidanceRecord]] = [[] for _ in requests]

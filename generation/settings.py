@@ -15,15 +15,16 @@ from typing import TYPE_CHECKING, Sequence
 import dataclasses
 
 from generation.attention_config import MaskingConfig, ModulationConfig
+from generation.config import CFG_STANDARD, CFG_VARIANTS
 from models.registry import (CONTROL_FAMILY_NAMES, WAN_FAMILY, RunModelError, RunModelSpec, get_run_model,
                              run_model_names, wan_guided_layers)
 from utils.cli import float_in, int_in
 
 if TYPE_CHECKING:
-    from generation.config import ExecutionConfig, GuidanceConfig, SamplingConfig
+    from generation.config import ExecutionConfig, GuidanceConfig, SamplingConfig  # noqa: F401
     from models.gligen import GligenConfig
 
-# generation.config (and torch with it) is imported where configs are built: --help and --dry-run stay fast.
+# torch is imported where models are built, never here: --help and --dry-run stay fast (tests/test_fast_paths.py).
 
 SAVE_FORMATS = ("gif", "joblib", "mp4")
 # --save-formats when the flag is not given (this list object: Wan run-models then add mp4, at their 16 fps).
@@ -53,6 +54,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=int_in(1), default=None, help="default: the run-model's")
     parser.add_argument("--num_inference_steps", type=int_in(1), default=None, help="default: the run-model's")
 
+    cfg = parser.add_argument_group("classifier-free guidance (README, 'Classifier-free guidance variants')")
+    cfg.add_argument("--guidance-scale", type=float_in(0.0), default=None, help="CFG scale (None: the run-model's own)")
+    cfg.add_argument("--cfg", choices=CFG_VARIANTS, default=CFG_STANDARD,
+                     help="CFG variant: standard (the pipelines') or zero-star (CFG-Zero*'s optimised scale)")
+    cfg.add_argument("--cfg-rescale", type=float_in(0.0, 1.0), default=0.0,
+                     help="rescale the guided prediction towards the conditional one's std (Lin et al. 2023; 0: off)")
     guidance = parser.add_argument_group("LVD guidance (default: the paper's values, spec 4.8)")
     guidance.add_argument("--loss_scale", type=float_in(0.0, low_open=True), default=None,
                           help="scale of the energy in the latent update (5)")
@@ -214,7 +221,9 @@ def configs_from_args(args: argparse.Namespace) -> RunConfigs:
                                 f"remove {', '.join('--' + g for g in given)}")
     sampling = sampling_config_for(spec, num_frames=args.num_frames, height=args.height, width=args.width,
                                    num_inference_steps=args.num_inference_steps, initial_noise=args.initial_noise,
-                                   corrector_off_steps=_corrector_off_steps(args, spec, guidance))
+                                   corrector_off_steps=_corrector_off_steps(args, spec, guidance),
+                                   guidance_scale=args.guidance_scale, cfg_variant=args.cfg,
+                                   guidance_rescale=args.cfg_rescale)
     return RunConfigs(spec=spec, sampling=sampling, guidance=guidance,
                       execution=ExecutionConfig(low_memory=args.low_memory),
                       gligen=_gligen_config(args, spec) if "gligen" in controls else None, controls=controls,

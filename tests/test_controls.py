@@ -200,6 +200,38 @@ def test_cfg_is_one_guider_and_diffusers_guiders_plug_in(arm):
     assert torch.equal(ours, theirs)
 
 
+def test_cfg_variants_on_worked_examples():
+    """CFG-Zero* (s* = <c, u> / ||u||^2 per video) and Lin et al.'s rescale, on hand-made predictions."""
+    from generation.cfg import ClassifierFreeGuidance, zero_star_scale
+
+    uncond = torch.tensor([[1.0, 2.0, 0.0, -1.0], [1.0, 0.0, 0.0, 0.0]]).view(2, 1, 4)
+    cond = torch.stack([2 * uncond[0], torch.tensor([[0.0, 3.0, 0.0, 0.0]])])  # video 0: 2u; video 1: c orthogonal to u
+    assert zero_star_scale(cond, uncond).flatten().tolist() == pytest.approx([2.0, 0.0])
+    pred = ClassifierFreeGuidance(7.5, zero_star=True).forward(cond, uncond).pred
+    assert torch.allclose(pred[0], cond[0])              # s* u = c: nothing left to amplify
+    assert torch.allclose(pred[1], 7.5 * cond[1])        # s* = 0: s c
+    standard = ClassifierFreeGuidance(7.5).forward(cond, uncond).pred
+    assert torch.equal(standard, uncond + 7.5 * (cond - uncond))
+    rescaled = ClassifierFreeGuidance(7.5, guidance_rescale=1.0).forward(cond, uncond).pred
+    assert torch.allclose(rescaled.std(dim=(1, 2)), cond.std(dim=(1, 2)))
+
+
+def test_cfg_flags_reach_the_guider_and_the_video(arm):
+    args = generate.build_parser().parse_args(["--run-model", "lvd_tiny", "--cfg", "zero-star", "--cfg-rescale", "0.7",
+                                               "--guidance-scale", "4"])
+    from generation.settings import configs_from_args
+
+    sampling = configs_from_args(args).sampling
+    assert (sampling.cfg_variant, sampling.guidance_rescale, sampling.guidance_scale) == ("zero-star", 0.7, 4.0)
+    default = configs_from_args(generate.build_parser().parse_args(["--run-model", "lvd_tiny"])).sampling
+    assert (default.cfg_variant, default.guidance_rescale) == ("standard", 0.0)  # the pipelines' CFG by default
+    zero_star = dataclasses.replace(arm.sampling, cfg_variant="zero-star")
+    result = generate_video(arm.model, arm.condition.prompt, zero_star, SEED, condition=arm.condition)
+    assert not torch.equal(result.latents, arm.baseline.latents)
+    with pytest.raises(ValueError, match="cfg_variant"):
+        dataclasses.replace(arm.sampling, cfg_variant="cfg++")
+
+
 # --------------------------------------------------------------------------------------------
 # The assembly's tables
 

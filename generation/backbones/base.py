@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from generation.cfg import ClassifierFreeGuidance
+from generation.cfg import CFG_STANDARD, CFG_VARIANTS, CFG_ZERO_STAR, ClassifierFreeGuidance
 from models.attention import AttentionRecorder, processors_replaced
 from utils.layout import LayoutCondition, SceneLayout
 
@@ -99,9 +99,14 @@ class Backbone(abc.ABC):
         """A fresh scheduler of this model (schedulers keep solver state between steps); ``corrector_off_steps``
         is `SamplingConfig.corrector_off_steps` (None: the model's sampler as loaded)."""
 
-    def make_guider(self, guidance_scale: float) -> ClassifierFreeGuidance:
-        """Classifier-free guidance at ``guidance_scale`` with this family's pipeline rule."""
-        return ClassifierFreeGuidance(guidance_scale, skip_at_or_below_one=self.cfg_skips_at_or_below_one)
+    def make_guider(self, guidance_scale: float, variant: str = CFG_STANDARD,
+                    rescale: float = 0.0) -> ClassifierFreeGuidance:
+        """Classifier-free guidance at ``guidance_scale`` with this family's pipeline rule (``variant`` and
+        ``rescale``: `generation.cfg`'s variants)."""
+        if variant not in CFG_VARIANTS:
+            raise ValueError(f"CFG variant must be one of {CFG_VARIANTS}, found {variant!r}")
+        return ClassifierFreeGuidance(guidance_scale, skip_at_or_below_one=self.cfg_skips_at_or_below_one,
+                                      guidance_rescale=rescale, zero_star=variant == CFG_ZERO_STAR)
 
     def predict(self, scheduler, latents: torch.Tensor, timestep: torch.Tensor, text: TextConditioning,
                 guidance, model_kwargs: dict[str, Any] | None = None) -> torch.Tensor:
