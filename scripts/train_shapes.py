@@ -28,6 +28,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attention-loss-weight", type=float, default=None)
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop after this many minutes of this run (checkpointed; rerun to continue)")
+    parser.add_argument("--stop-after-step", type=int_in(1), default=None,
+                        help="stop once the denoiser has made this many steps (of --steps' schedule); with "
+                             "--export-partial it remakes a partly trained export, e.g. the shipped one's 622")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="default: .train_shapes/<family>/ in the repository")
     parser.add_argument("--out", type=Path, default=None, help="pipeline folder to write (default: the shipped one)")
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     try:
         state = train_unet3d(components, config, checkpoint_dir,
                              max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
-                             progress=progress, init_from=args.init_from)
+                             progress=progress, init_from=args.init_from, stop_after_step=args.stop_after_step)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint is in {checkpoint_dir}: rerun the same command to resume",
               file=sys.stderr)

@@ -288,12 +288,13 @@ def learning_rate(config: TrainConfig, step: int, base: float) -> float:
 
 def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
                  max_seconds: float | None = None, progress: Callable | None = None,
-                 init_from: Path | None = None) -> TrainState:
+                 init_from: Path | None = None, stop_after_step: int | None = None) -> TrainState:
     """Train (or resume) the VAE then the denoiser + text encoder in place; returns the final state.
 
     ``progress(stage, step, total, loss_text)`` is called after every step (the CLI's tqdm). Without a
     checkpoint, ``init_from`` starts from an exported folder (`load_exported_model`) instead of nothing.
-    Stops after the first step past ``max_seconds`` of this call (checkpointed, resumable) or when done.
+    Stops after the first step past ``max_seconds`` of this call (checkpointed, resumable), once the denoiser
+    has made ``stop_after_step`` steps (a partly trained export, at the same learning-rate schedule), or when done.
     """
     from diffusers import DDPMScheduler
 
@@ -322,7 +323,10 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
         state.seconds += now - last_tick
         last_tick = now
 
-    while state.stage != "done":
+    def stopped_at_step() -> bool:
+        return stop_after_step is not None and state.stage == "denoiser" and state.step >= stop_after_step
+
+    while state.stage != "done" and not stopped_at_step():
         if state.stage == "vae":
             vae = components["vae"].train()
             rng, generator = _step_generator(config.seed, "vae", state.step)

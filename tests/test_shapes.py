@@ -167,6 +167,13 @@ def test_training_resumed_from_a_checkpoint_equals_training_straight_through(tmp
             assert torch.equal(a, b), f"{name}.{key} differs after resuming"
     assert final.losses["denoiser"] == state.losses["denoiser"]
 
+    # --stop-after-step: a partly trained model on the full run's schedule (how the shipped one is remade).
+    partial = build_shapes_unet3d_components(0)
+    stopped = train_unet3d(partial, config, tmp_path / "partial", stop_after_step=1)
+    assert (stopped.stage, stopped.step) == ("denoiser", 1)
+    assert stopped.losses["denoiser"] == state.losses["denoiser"][:1]
+    assert train_unet3d(partial, config, tmp_path / "partial", stop_after_step=1).step == 1  # rerun: no more steps
+
 
 # --------------------------------------------------------------------------------------------
 # The effect: LVD moves the shapes into their boxes
