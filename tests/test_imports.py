@@ -156,3 +156,15 @@ def test_the_stage_two_cli_and_the_batch_runner_are_small_pieces():
                 usage_returns.append(f"generate.py:{node.lineno}")
     assert long_functions == []
     assert usage_returns == []  # usage errors end through generate._Stop, printed in one place
+
+
+def test_unused_names_are_gone_and_the_wan_guided_blocks_are_checked_in_one_place():
+    """Issue 17.3: ``Backbone.default_guided_layers`` and ``wan_attention.guided_block_indices`` were unused; the
+    guided blocks were validated in three places. One function, `check_wan_guided_layers`, now says it."""
+    sources = {name: path.read_text(encoding="utf-8") for name, path in project_modules().items()}
+    for unused in ("default_guided_layers", "guided_block_indices"):
+        assert [name for name, text in sources.items() if unused in text] == []
+    says_it = [name for name, text in sources.items() if "is not a cross-attention module of this transformer" in text]
+    assert says_it == ["models.wan_attention"]
+    defines_a_check = [name for name, text in sources.items() if "def check_wan_guided_layers" in text]
+    assert defines_a_check == ["models.wan_attention"]

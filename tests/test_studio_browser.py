@@ -212,6 +212,22 @@ def test_plan_edit_generate_in_chromium(running_app, tmp_path):
                                    timeout=30_000)
             moved = page.locator("#layout-editor .lvd-box[data-frame='3'] .lvd-rect").bounding_box()
             assert moved["x"] > box["x"] + 20 and moved["y"] < box["y"] - 15
+            # Issue 17.16: every phrase label lies within its box's part on the canvas (it was overflowing and clipped):
+            # an object with a long phrase is added (a quarter of the canvas wide), checked, and removed again.
+            page.fill("#layout-editor .lvd-new-phrase", "a very large brown bear wearing a bright red woollen hat")
+            page.click("#layout-editor .lvd-add")
+            page.wait_for_function("document.querySelectorAll('#layout-editor .lvd-box').length === 12")
+            overflowing = page.eval_on_selector_all("#layout-editor .lvd-box", """groups => groups.flatMap(g => {
+                const label = g.querySelector('.lvd-label'), rect = g.querySelector('.lvd-rect');
+                const svg = g.ownerSVGElement.getBoundingClientRect();
+                const l = label.getBoundingClientRect(), r = rect.getBoundingClientRect();
+                const left = Math.max(r.left, svg.left), right = Math.min(r.right, svg.right);
+                return label.textContent && (l.left < left - 1 || l.right > right + 1) ? [label.textContent] : [];
+            })""")
+            assert overflowing == [], overflowing
+            page.click("#layout-editor button[title='remove object 1']")
+            page.wait_for_function("document.querySelectorAll('#layout-editor .lvd-box').length === 6")
+            page.wait_for_function("document.querySelector('#edit-status').innerText.includes('Layout OK')")
             shots["edit"] = artifacts / "edit.png"
             _stage(page, "edit").screenshot(path=shots["edit"])
 
