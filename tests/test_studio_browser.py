@@ -7,13 +7,15 @@ that the saved layout has the moved box, and that the video equals the library's
 page must make no request outside 127.0.0.1 (it works offline).
 
 Screenshots of the three stages go to ``$LVD_TEST_ARTIFACTS/studio`` (default: the test's tmp folder).
-``LVD_STUDIO_DOCS=1`` also copies them to ``docs/studio-{plan,edit,result}.png`` (the README's).
+``LVD_STUDIO_DOCS=1`` runs one more test: the studio as a user opens it (on lvd_shapes), whose screenshots
+become ``docs/studio-{plan,edit,result}.png`` (the README's).
 
 Skipped only when no Chromium binary exists (``apt-get install chromium``; .ci/run installs it). Under
 CI (``CI=true``) a missing app extra (Gradio, Playwright) is a failure, not a skip.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -95,21 +97,14 @@ def _wait_for(url: str, process: subprocess.Popen, log_path: Path) -> None:
     pytest.fail(f"app.py did not answer on {url} within {APP_START_TIMEOUT_S} s:\n{log_path.read_text()[-3000:]}")
 
 
-@pytest.fixture()
-def running_app(tmp_path):
-    """``python app.py`` (the README command) on a free port, with private cache and output folders."""
+@contextlib.contextmanager
+def _launch_app(tmp_path: Path, cache_dir: Path, output_dir: Path, extra_args: list[str]):
+    """``python app.py`` on a free port (the README command, with ``extra_args``), stopped on exit."""
     chromium = _chromium()
     if chromium is None:
         pytest.skip("no Chromium binary (apt-get install chromium; .ci/run installs it)")
     _require("gradio")
     _require("playwright")
-    if _docs_mode():
-        # Screenshots for the README: the repository's folders, so the page shows the paths a user sees
-        # (the flow only reads cache/; outputs go to the git-ignored img_generations/).
-        cache_dir, output_dir = REPO / "cache", REPO / "img_generations"
-    else:
-        cache_dir, output_dir = tmp_path / "cache", tmp_path / "img_generations"
-        copy_demo_cache(cache_dir)
     port = _free_port()
     log_path = tmp_path / "app.log"
     env = dict(os.environ, GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1",
@@ -117,7 +112,7 @@ def running_app(tmp_path):
                OMP_NUM_THREADS=_torch_threads())
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "app.py", "--port", str(port), "--cache-dir", str(cache_dir),
-                                    "--output-dir", str(output_dir), "--run-model", "lvd_tiny"],
+                                    "--output-dir", str(output_dir), *extra_args],
                                    cwd=REPO, env=env, stdout=log,
                                    stderr=subprocess.STDOUT)
     try:
@@ -131,6 +126,22 @@ def running_app(tmp_path):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@pytest.fixture()
+def running_app(tmp_path):
+    """The app on lvd_tiny, with private cache and output folders."""
+    cache_dir, output_dir = tmp_path / "cache", tmp_path / "img_generations"
+    copy_demo_cache(cache_dir)
+    with _launch_app(tmp_path, cache_dir, output_dir, ["--run-model", "lvd_tiny"]) as app:
+        yield app
+
+
+def _open_page(playwright, app, tmp_path: Path):
+    """A fresh headless Chromium profile (Playwright passes it as --user-data-dir; it adds --headless itself)."""
+    return playwright.chromium.launch_persistent_context(
+        tmp_path / "chromium-profile", executable_path=app["chromium"], headless=True,
+        args=[arg for arg in CHROMIUM_ARGS if arg != "--headless"], viewport={"width": 1360, "height": 1000})
 
 
 def _docs_mode() -> bool:
@@ -157,10 +168,7 @@ def test_plan_edit_generate_in_chromium(running_app, tmp_path):
     outside_requests = []
     console_errors = []
     with sync_playwright() as playwright:
-        # A fresh profile folder (Playwright passes it as --user-data-dir; it adds --headless itself).
-        browser = playwright.chromium.launch_persistent_context(
-            tmp_path / "chromium-profile", executable_path=running_app["chromium"], headless=True,
-            args=[arg for arg in CHROMIUM_ARGS if arg != "--headless"], viewport={"width": 1360, "height": 1000})
+        browser = _open_page(playwright, running_app, tmp_path)
         try:
             page = browser.new_page()
             page.on("request", lambda r: outside_requests.append(r.url)
@@ -288,12 +296,48 @@ def test_plan_edit_generate_in_chromium(running_app, tmp_path):
     flags = {"loss_threshold": float(LOSS_THRESHOLD), "max_iter": MAX_ITER}
     assert np.array_equal(frames, direct_library_video(layout_file, "lvd_tiny", SEED, FAST_STEPS, flags))
 
-    if _docs_mode():
-        for stage, name in DOCS_NAMES.items():
-            shutil.copyfile(shots[stage], REPO / "docs" / name)
-
 
 def _demo_layout_json() -> str:
     from studio import backend
 
     return json.dumps(backend.layout_to_dict(backend.plan_from_cache(DEMO_CACHE, DEMO_PROMPT).layout))
+
+
+@pytest.mark.skipif(not _docs_mode(), reason="refreshes the README's screenshots: LVD_STUDIO_DOCS=1")
+def test_the_readme_screenshots_on_the_default_shapes_model(tmp_path):
+    """The studio as a user opens it (`python app.py`: lvd_shapes, the shapes cache): plan the first prompt,
+    drag the box of keyframe 4, generate with the page's defaults, and copy the three stages' screenshots to
+    docs/ (the repository's cache/ is read, outputs go to the git-ignored img_generations/)."""
+    from playwright.sync_api import sync_playwright
+
+    with _launch_app(tmp_path, REPO / "cache", REPO / "img_generations", []) as app, \
+            sync_playwright() as playwright:
+        browser = _open_page(playwright, app, tmp_path)
+        try:
+            page = browser.new_page()
+            page.goto(app["url"], wait_until="networkidle")
+            page.click("#plan-button")
+            page.wait_for_selector("#layout-editor .lvd-box", timeout=60_000)
+            page.wait_for_function("document.querySelector('#edit-status').innerText.includes('Layout OK')")
+            _stage(page, "plan").screenshot(path=tmp_path / "plan.png")
+            rect = page.locator("#layout-editor .lvd-box[data-frame='3'] .lvd-rect").first
+            rect.scroll_into_view_if_needed()
+            page.wait_for_timeout(500)
+            box = rect.bounding_box()
+            start = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+            page.mouse.move(*start)
+            page.mouse.down()
+            page.mouse.move(start[0] + DRAG_PX[0], start[1] + DRAG_PX[1], steps=10)
+            page.mouse.up()
+            page.wait_for_timeout(2000)
+            _stage(page, "edit").screenshot(path=tmp_path / "edit.png")
+            page.click("#generate-button")
+            page.wait_for_function("document.querySelector('#generate-status').innerText.includes('Done')",
+                                   timeout=900_000)
+            page.wait_for_selector("#video-lvd img", timeout=30_000)
+            page.wait_for_timeout(1000)
+            _stage(page, "result").screenshot(path=tmp_path / "result.png")
+        finally:
+            browser.close()
+    for stage, name in DOCS_NAMES.items():
+        shutil.copyfile(tmp_path / f"{stage}.png", REPO / "docs" / name)
