@@ -1,8 +1,11 @@
-"""Training the shapes models from nothing, on a CPU: the VAE first, then the denoiser and text encoder.
+"""Training the shapes models from nothing, on a CPU (or a CUDA device): the VAE first, then the denoiser and
+text encoder.
 
 Every step's randomness (its videos, caption variants, timesteps and noise) is derived from (seed, stage,
 step), so a run resumed from a checkpoint continues exactly where it stopped, and the same seed gives the
-same model on the same machine. Checkpoints are written atomically every few steps.
+same model on the same machine. Checkpoints are written atomically every few steps. Data, noise and timesteps
+are drawn on the CPU whatever the device, so a CUDA run draws the same batches as a CPU run (its sums differ in
+the last bits, as between CPUs).
 
 Denoiser objective: the epsilon loss of the model's DDPM schedule (ModelScope's scheduler config), with the
 caption dropped for 10 % of the videos (classifier-free guidance) and, with weight
@@ -159,7 +162,7 @@ def vae_step(vae, rng: np.random.Generator, generator: torch.Generator, config: 
     for index in range(config.vae_batch_frames):
         _, video = sample_video(_video_seed(seed, "vae", step, index))
         frames.append(video[int(rng.integers(len(video)))])
-    images = frames_to_tensor(np.stack(frames))
+    images = frames_to_tensor(np.stack(frames)).to(vae.device)
     posterior = vae.encode(images).latent_dist
     latents = posterior.sample(generator=generator)
     reconstruction = vae.decode(latents).sample
@@ -170,7 +173,7 @@ def vae_step(vae, rng: np.random.Generator, generator: torch.Generator, config: 
 def measure_latent_scale(vae, seed: int, num_videos: int = 16) -> float:
     """1 / std of the encoder's latents (the SD convention for ``scaling_factor``)."""
     videos = [frames_to_tensor(sample_video(_video_seed(seed, "vae", 2 ** 31, i))[1]) for i in range(num_videos)]
-    latents = vae.encode(torch.cat(videos)).latent_dist.mode()
+    latents = vae.encode(torch.cat(videos).to(vae.device)).latent_dist.mode()
     return float(1.0 / latents.std())
 
 
@@ -216,7 +219,7 @@ def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: Train
                 masks[height * width] = per_object.amax(dim=0)
             targets.append((index, position, masks))
     with torch.no_grad():
-        pixels = torch.cat(videos)                                               # (B*F, 3, H, W)
+        pixels = torch.cat(videos).to(vae.device)                                # (B*F, 3, H, W)
         latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
     latents = latents.unflatten(0, (config.batch_size, NUM_FRAMES)).permute(0, 2, 1, 3, 4)
     return DenoiserBatch(latents=latents.contiguous(), prompts=tuple(prompts), targets=tuple(targets))
@@ -232,7 +235,7 @@ def compute_attention_loss(maps: dict[str, torch.Tensor], targets, batch_size: i
         per_video = probs.unflatten(0, (batch_size, -1))                       # (B, F, heads, N, 77)
         for video_index, position, masks in targets:
             attention = per_video[video_index, :, :, :, position]              # (F, heads, N)
-            mask = masks[attention.shape[-1]]                                   # (F, N)
+            mask = masks[attention.shape[-1]].to(attention.device)              # (F, N)
             present = mask.sum(-1) > 0
             if not present.any():
                 continue
@@ -240,14 +243,14 @@ def compute_attention_loss(maps: dict[str, torch.Tensor], targets, batch_size: i
             inside = (share * mask[:, None, :]).sum(-1)                        # (F, heads)
             losses.append(-torch.log(inside[present] + 1e-6).mean())
     if not losses:
-        return torch.zeros(())
+        return torch.zeros((), device=next(iter(maps.values())).device if maps else None)
     return torch.stack(losses).mean()
 
 
 def encode_prompts(text_encoder, tokenizer, prompts) -> torch.Tensor:
     ids = tokenizer(list(prompts), padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+    return text_encoder(ids.to(text_encoder.device))[0]
 
 
 def denoiser_step(components: dict, noise_scheduler, rng: np.random.Generator, generator: torch.Generator,
@@ -257,9 +260,10 @@ def denoiser_step(components: dict, noise_scheduler, rng: np.random.Generator, g
     latent_size = unet.config.sample_size
     map_sizes = ((latent_size // 2, latent_size // 2), (latent_size // 4, latent_size // 4))
     batch = build_denoiser_batch(vae, tokenizer, rng, config, seed, step, map_sizes)
-    noise = torch.randn(batch.latents.shape, generator=generator)
+    device = batch.latents.device
+    noise = torch.randn(batch.latents.shape, generator=generator).to(device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,),
-                              generator=generator)
+                              generator=generator).to(device)
     noisy = noise_scheduler.add_noise(batch.latents, noise, timesteps)
     text = encode_prompts(text_encoder, tokenizer, batch.prompts)
     use_attention = config.attention_loss_weight > 0 and batch.targets
@@ -272,7 +276,7 @@ def denoiser_step(components: dict, noise_scheduler, rng: np.random.Generator, g
         attention_loss = compute_attention_loss(recorder.maps, batch.targets, config.batch_size)
     else:
         prediction = unet(noisy, timesteps, encoder_hidden_states=text).sample
-        attention_loss = torch.zeros(())
+        attention_loss = torch.zeros((), device=device)
     epsilon_loss = F.mse_loss(prediction, noise)
     total = epsilon_loss + config.attention_loss_weight * attention_loss
     return total, float(epsilon_loss), float(attention_loss)
@@ -288,17 +292,21 @@ def learning_rate(config: TrainConfig, step: int, base: float) -> float:
 
 def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
                  max_seconds: float | None = None, progress: Callable | None = None,
-                 init_from: Path | None = None, stop_after_step: int | None = None) -> TrainState:
+                 init_from: Path | None = None, stop_after_step: int | None = None,
+                 device: str | torch.device = "cpu") -> TrainState:
     """Train (or resume) the VAE then the denoiser + text encoder in place; returns the final state.
 
     ``progress(stage, step, total, loss_text)`` is called after every step (the CLI's tqdm). Without a
     checkpoint, ``init_from`` starts from an exported folder (`load_exported_model`) instead of nothing.
     Stops after the first step past ``max_seconds`` of this call (checkpointed, resumable), once the denoiser
     has made ``stop_after_step`` steps (a partly trained export, at the same learning-rate schedule), or when done.
+    The models train on ``device`` and are back on the CPU when it returns.
     """
     from diffusers import DDPMScheduler
 
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].to(device)  # in place: the optimisers below hold these parameters
     vae_opt = torch.optim.AdamW(components["vae"].parameters(), lr=config.vae_lr, weight_decay=0.0)
     denoiser_params = list(components["unet"].parameters()) + list(components["text_encoder"].parameters())
     denoiser_opt = torch.optim.AdamW(denoiser_params, lr=config.lr, weight_decay=0.0)
@@ -375,7 +383,7 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
     tick()
     save_checkpoint(checkpoint_dir, components, optimizers, state)
     for name in ("unet", "vae", "text_encoder"):
-        components[name].eval()
+        components[name].eval().to("cpu")
     return state
 
 

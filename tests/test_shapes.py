@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +311,19 @@ def test_the_studio_opens_on_the_run_model_asked_for(tmp_path):
     assert studio.default_run_model() == "lvd_tiny" and studio.default_cache() == "cache_demo_v0.1_handwritten.json"
     with pytest.raises(StudioError, match="not available here"):
         ui.Studio(dc.replace(settings, opening_run_model="lvd_zeroscope")).default_run_model()
+
+
+def test_training_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_shapes", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "train_shapes.py")
+    train_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_shapes)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device in ("cuda", "tpu"):
+        code = train_shapes.main(["--device", device, "--checkpoint-dir", str(tmp_path / "c"), "--out",
+                                  str(tmp_path / "o")])
+        assert code == 2
+        assert f"--device {device}: expected cpu, or cuda[:N] on a machine with CUDA" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
