@@ -9,8 +9,6 @@
 # scripts/gpu_bench.py, which writes OUT_DIR/gpu_bench.json and OUT_DIR/gpu_bench.md after every row.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bench_dir=${GPU_BENCH_DIR:-.gpu-bench}
-python_bin=${PYTHON:-python3}
 tiny=
 out=outputs/gpu_bench
 for arg in "$@"; do
@@ -19,12 +17,5 @@ for arg in "$@"; do
     *) out=$arg ;;
   esac
 done
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-if [ -z "$tiny" ] && ls "$bench_dir"/wheels/*.whl >/dev/null 2>&1; then
-  "$python_bin" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/lvd-site \
-    "$bench_dir"/wheels/*.whl
-  export PYTHONPATH="$PWD:/tmp/lvd-site${PYTHONPATH:+:$PYTHONPATH}"
-fi
-export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-"$python_bin" -c "import torch, diffusers, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'diffusers', diffusers.__version__, 'transformers', transformers.__version__)"
+. scripts/gpu_env.sh
 exec "$python_bin" scripts/gpu_bench.py $tiny --model-configs "$bench_dir/model-configs" --out "$out"

@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="write the pipeline folder even if training stopped before its last step")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     parser.add_argument("--threads", type=int_in(1), default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--workers", type=int_in(0), default=0,
+                        help="processes drawing the training videos (0: this one; the batches are the same): "
+                             "keeps a GPU fed")
     return parser.parse_args(argv)
 
 
@@ -80,7 +83,7 @@ def main(argv=None) -> int:
         state = train_unet3d(components, config, checkpoint_dir,
                              max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
                              progress=progress, init_from=args.init_from, stop_after_step=args.stop_after_step,
-                             device=args.device)
+                             device=args.device, workers=args.workers)
     except KeyboardInterrupt:
         print(f"\ninterrupted; the last checkpoint is in {checkpoint_dir}: rerun the same command to resume",
               file=sys.stderr)

@@ -156,12 +156,11 @@ def load_exported_model(folder: Path, components: dict) -> TrainState:
 
 
 def vae_step(vae, rng: np.random.Generator, generator: torch.Generator, config: TrainConfig,
-             seed: int, step: int) -> torch.Tensor:
-    """One reconstruction + KL step on random frames of random videos; returns the loss."""
-    frames = []
-    for index in range(config.vae_batch_frames):
-        _, video = sample_video(_video_seed(seed, "vae", step, index))
-        frames.append(video[int(rng.integers(len(video)))])
+             seed: int, step: int, draw: Callable = map) -> torch.Tensor:
+    """One reconstruction + KL step on random frames of random videos; returns the loss. ``draw``: ``map`` or a
+    process pool's (the videos depend on their seeds only, so the batch is the same)."""
+    seeds = [_video_seed(seed, "vae", step, index) for index in range(config.vae_batch_frames)]
+    frames = [video[int(rng.integers(len(video)))] for _, video in draw(sample_video, seeds)]
     images = frames_to_tensor(np.stack(frames)).to(vae.device)
     posterior = vae.encode(images).latent_dist
     latents = posterior.sample(generator=generator)
@@ -190,10 +189,10 @@ class DenoiserBatch:
 
 
 def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: TrainConfig, seed: int, step: int,
-                         map_sizes: tuple[tuple[int, int], ...]) -> DenoiserBatch:
+                         map_sizes: tuple[tuple[int, int], ...], draw: Callable = map) -> DenoiserBatch:
     videos, prompts, targets = [], [], []
-    for index in range(config.batch_size):
-        scene, video = sample_video(_video_seed(seed, "denoiser", step, index))
+    seeds = [_video_seed(seed, "denoiser", step, index) for index in range(config.batch_size)]
+    for index, (scene, video) in enumerate(draw(sample_video, seeds)):
         videos.append(frames_to_tensor(video))
         if rng.random() < config.caption_dropout:
             prompts.append("")
@@ -254,12 +253,12 @@ def encode_prompts(text_encoder, tokenizer, prompts) -> torch.Tensor:
 
 
 def denoiser_step(components: dict, noise_scheduler, rng: np.random.Generator, generator: torch.Generator,
-                  config: TrainConfig, seed: int, step: int) -> tuple[torch.Tensor, float, float]:
+                  config: TrainConfig, seed: int, step: int, draw: Callable = map) -> tuple[torch.Tensor, float, float]:
     """One epsilon-prediction step (+ the attention term); returns (total loss, epsilon loss, attention loss)."""
     unet, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
     latent_size = unet.config.sample_size
     map_sizes = ((latent_size // 2, latent_size // 2), (latent_size // 4, latent_size // 4))
-    batch = build_denoiser_batch(vae, tokenizer, rng, config, seed, step, map_sizes)
+    batch = build_denoiser_batch(vae, tokenizer, rng, config, seed, step, map_sizes, draw)
     device = batch.latents.device
     noise = torch.randn(batch.latents.shape, generator=generator).to(device)
     timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,),
@@ -293,14 +292,15 @@ def learning_rate(config: TrainConfig, step: int, base: float) -> float:
 def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
                  max_seconds: float | None = None, progress: Callable | None = None,
                  init_from: Path | None = None, stop_after_step: int | None = None,
-                 device: str | torch.device = "cpu") -> TrainState:
+                 device: str | torch.device = "cpu", workers: int = 0) -> TrainState:
     """Train (or resume) the VAE then the denoiser + text encoder in place; returns the final state.
 
     ``progress(stage, step, total, loss_text)`` is called after every step (the CLI's tqdm). Without a
     checkpoint, ``init_from`` starts from an exported folder (`load_exported_model`) instead of nothing.
     Stops after the first step past ``max_seconds`` of this call (checkpointed, resumable), once the denoiser
     has made ``stop_after_step`` steps (a partly trained export, at the same learning-rate schedule), or when done.
-    The models train on ``device`` and are back on the CPU when it returns.
+    The models train on ``device`` and are back on the CPU when it returns; ``workers`` processes draw the
+    videos (0: this process; same batches either way), which keeps a GPU fed.
     """
     from diffusers import DDPMScheduler
 
@@ -322,6 +322,24 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
             opt.load_state_dict(optimizer_states[name])
         logger.info("resumed from %s: stage %s, step %d", checkpoint_dir / CHECKPOINT_NAME, state.stage, state.step)
     noise_scheduler = DDPMScheduler.from_config(dict(MODELSCOPE_DDIM_SCHEDULER_CONFIG))
+    with contextlib.ExitStack() as stack:
+        draw = map
+        if workers > 0:
+            import multiprocessing
+
+            pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
+            draw = pool.map
+        _train_loop(components, config, checkpoint_dir, optimizers, state, noise_scheduler, draw, max_seconds,
+                    progress, stop_after_step)
+    for name in ("unet", "vae", "text_encoder"):
+        components[name].eval().to("cpu")
+    return state
+
+
+def _train_loop(components, config, checkpoint_dir, optimizers, state, noise_scheduler, draw, max_seconds,
+                progress, stop_after_step) -> None:
+    vae_opt, denoiser_opt = optimizers["vae"], optimizers["denoiser"]
+    denoiser_params = [p for group in denoiser_opt.param_groups for p in group["params"]]
     started = time.monotonic()
     last_tick = started
 
@@ -341,7 +359,7 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
             for group in vae_opt.param_groups:
                 group["lr"] = config.vae_lr
             with _step_global_rng(generator):
-                loss = vae_step(vae, rng, generator, config, config.seed, state.step)
+                loss = vae_step(vae, rng, generator, config, config.seed, state.step, draw)
                 vae_opt.zero_grad(set_to_none=True)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
@@ -364,7 +382,7 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
                 group["lr"] = learning_rate(config, state.step, config.lr)
             with _step_global_rng(generator):
                 total, eps, attention = denoiser_step(components, noise_scheduler, rng, generator, config,
-                                                      config.seed, state.step)
+                                                      config.seed, state.step, draw)
                 denoiser_opt.zero_grad(set_to_none=True)
                 total.backward()
             torch.nn.utils.clip_grad_norm_(denoiser_params, config.grad_clip)
@@ -382,9 +400,6 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
             break  # after at least one step, so every call makes progress
     tick()
     save_checkpoint(checkpoint_dir, components, optimizers, state)
-    for name in ("unet", "vae", "text_encoder"):
-        components[name].eval().to("cpu")
-    return state
 
 
 # --------------------------------------------------------------------------------------------

@@ -168,6 +168,13 @@ def test_training_resumed_from_a_checkpoint_equals_training_straight_through(tmp
             assert torch.equal(a, b), f"{name}.{key} differs after resuming"
     assert final.losses["denoiser"] == state.losses["denoiser"]
 
+    # --workers: the videos drawn by other processes make the same batches, so the same model.
+    pooled = build_shapes_unet3d_components(0)
+    assert train_unet3d(pooled, config, tmp_path / "pooled", workers=2).losses == state.losses
+    for name in ("unet", "vae", "text_encoder"):
+        for (key, a), b in zip(straight[name].state_dict().items(), pooled[name].state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{key} differs when other processes draw the videos"
+
     # --stop-after-step: a partly trained model on the full run's schedule (how the shipped one is remade).
     partial = build_shapes_unet3d_components(0)
     stopped = train_unet3d(partial, config, tmp_path / "partial", stop_after_step=1)
@@ -327,3 +334,30 @@ def test_training_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, m
         assert code == 2
         assert f"--device {device}: expected cpu, or cuda[:N] on a machine with CUDA" in capsys.readouterr().err
     assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_the_gpu_training_script_runs_on_the_cpu_and_packs_what_comes_back(tmp_path):
+    """scripts/gpu_train_shapes.sh, the device tool's one command, as a CPU dry run (2 + 2 steps, no benchmark):
+    it trains, exports and packs the pipeline folder into two tars under the 16 MiB a file may bring back."""
+    import os
+    import subprocess
+    import sys
+    import tarfile
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHON=sys.executable, GPU_TRAIN_DIR=str(tmp_path / "work"), GPU_TRAIN_BENCH_PER_TASK="0",
+               GPU_BENCH_DIR=str(tmp_path / "no-wheels"))
+    result = subprocess.run(["bash", "scripts/gpu_train_shapes.sh", str(tmp_path / "out"), "--device", "cpu",
+                             "--workers", "2", "--threads", "1", "--steps", "2", "--vae-steps", "2", "--batch-size",
+                             "1"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    names = set()
+    for part in ("unet3d_unet.tar", "unet3d_rest.tar"):
+        path = tmp_path / "out" / part
+        assert path.stat().st_size < 16 * 2 ** 20
+        with tarfile.open(path) as tar:
+            names |= set(tar.getnames())
+    assert {"unet3d/unet/diffusion_pytorch_model.safetensors", "unet3d/vae/diffusion_pytorch_model.safetensors",
+            "unet3d/text_encoder/model.safetensors", "unet3d/training.json", "unet3d/model_index.json"} <= names
+    assert "wrote" in (tmp_path / "out" / "train.log").read_text()
