@@ -71,6 +71,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(levelname)s %(name)s: %(message)s")
     try:  # every flag is checked here, before Gradio and the models are imported
         ensure_writable_dir(args.output_dir, "--output-dir")
+        if args.device is not None:  # else a bad device is seen only at the first generation, in the page
+            from models.devices import resolve_device
+
+            resolve_device(args.device)
         settings = backend.StudioSettings(cache_dir=args.cache_dir, output_dir=args.output_dir,
                                           template_version=args.template_version, llm=backend.build_llm_settings(args),
                                           device=args.device, dtype=args.dtype,

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from utils.cache import cache_path, describe_missing_cache
+
 REPO = Path(__file__).resolve().parents[1]
 # The arms of each pair besides its baseline: --control sets, in table order ("none": the layout's prompt, no
 # control; the reference of the adherence columns, since the baseline run-model has no layout).
@@ -146,19 +148,30 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["--child"]:
         return run_child(argv[1], argv[2:])
     args = build_parser().parse_args(argv)
+    pairs = [pair.partition(":")[::2] for pair in args.pairs]
+    for pair, (_, baseline) in zip(args.pairs, pairs):
+        if not baseline:
+            print(f"error: --pairs takes GUIDED:BASELINE run-model pairs, got {pair!r}", file=sys.stderr)
+            return 2
+    # Checked before the first arm: the baseline arm reads no layout, so a missing cache would otherwise
+    # surface only after the whole baseline has been generated.
+    layouts = cache_path(args.prompt_type, args.template_version, args.model, args.cache_dir)
+    if not layouts.is_file():
+        print(f"error: {describe_missing_cache(layouts)}", file=sys.stderr)
+        return 2
     output_dir = Path(args.output_dir).resolve()
     output_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     started = time.time()
-    for pair in args.pairs:
-        guided, _, baseline = pair.partition(":")
-        if not baseline:
-            print(f"error: --pairs takes GUIDED:BASELINE run-model pairs, got {pair!r}", file=sys.stderr)
-            return 2
+    for guided, baseline in pairs:
         reference = None
         for run_model, arm in [(baseline, None)] + [(guided, arm) for arm in args.arms]:
             print(f"[{time.time() - started:6.0f}s] {run_model} {arm or 'baseline'}", file=sys.stderr, flush=True)
-            run, stats = generate_arm(args, run_model, arm, output_dir)
+            try:
+                run, stats = generate_arm(args, run_model, arm, output_dir)
+            except RuntimeError as error:  # the child has printed its own error line
+                print(f"error: {error}", file=sys.stderr)
+                return 1
             row = {"run_model": run_model, "controls": arm or "none", **stats, **evaluate_arm(args, run)}
             reference = reference or row
             row["time_ratio"] = (row["seconds_per_video"] / reference["seconds_per_video"]

@@ -304,6 +304,19 @@ def test_control_flags_build_the_configs():
     assert run_controls(args, spec) == ("energy", "mask", "modulate")
 
 
+def test_compare_controls_names_a_missing_cache_before_generating_anything(tmp_path, capsys):
+    from tests.eval_run_fixtures import load_script
+
+    compare = load_script("compare_controls")
+    code = compare.main(["--pairs", "lvd_tiny:baseline_tiny", "--prompt-type", "lvd", "--model", "gpt-4-1106-preview",
+                         "--cache-dir", str(tmp_path / "DIR"), "--output-dir", str(tmp_path / "runs"), "--arms", "none",
+                         "--num_prompts", "1", "--num_inference_steps", "1", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: no layout cache at ")
+    assert "cache_lvd_v0.1_gpt-4-1106-preview.json is one of the authors' published caches" in err
+    assert not (tmp_path / "runs").exists()   # not even the baseline arm ran
+
+
 @pytest.mark.slow
 def test_compare_controls_writes_the_table_on_the_tiny_models(tmp_path):
     from tests.eval_run_fixtures import load_script

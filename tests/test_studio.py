@@ -12,6 +12,7 @@ import sys
 import joblib
 import numpy as np
 import pytest
+import torch
 
 from studio import backend, commands, editor
 from studio_fixtures import (DEMO_CACHE, DEMO_PROMPT, FAST_STEPS, REPO, demo_layout, direct_library_video,
@@ -512,6 +513,11 @@ def test_app_flags_are_checked_at_parse_time(tmp_path, capsys):
     assert app.main(["--output-dir", str(blocker / "out")]) == 2
     assert "--output-dir" in capsys.readouterr().err
     assert time.perf_counter() - started < 5
+    assert app.main(["--device", "gpu0"]) == 2
+    assert "error: unknown device 'gpu0'" in capsys.readouterr().err
+    if not torch.cuda.is_available():  # the README's `--device cuda:1` on a machine without CUDA
+        assert app.main(["--device", "cuda:1"]) == 2
+        assert "error: device 'cuda:1' requested but CUDA is not available" in capsys.readouterr().err
 
 
 def test_generation_rejects_objects_whose_phrases_do_not_fit_naming_the_first(tmp_path):
