@@ -46,6 +46,9 @@ RUN_SETTINGS_KEYS = ("run_model", "sampling", "guidance", "gligen", "controls", 
                      "llm_model", "solver")
 # Temporary files of an atomic write (utils.io.atomic_path) that a killed process left behind.
 TEMP_FILE_GLOB = ".*.tmp*"
+# Settings fields added after runs were recorded, with the value that reproduces those runs: a resume of such a run
+# reads a missing field as this value, so an old run folder resumes with the default settings.
+ADDED_SETTINGS = {"sampling": {"cfg_variant": "standard", "guidance_rescale": 0.0}}
 
 
 @dataclass(frozen=True)
@@ -302,10 +305,12 @@ def record_invocation(run_dir: Path, settings: dict[str, Any], invocation: dict[
         if not isinstance(existing, dict):
             existing = {**settings, "invocations": []}
         existing.setdefault("invocations", [])
+        recorded = {key: ({**ADDED_SETTINGS[key], **existing[key]} if isinstance(existing.get(key), dict)
+                          and key in ADDED_SETTINGS else existing.get(key)) for key in RUN_SETTINGS_KEYS}
         changed = [key for key in RUN_SETTINGS_KEYS
-                   if json.dumps(existing.get(key), sort_keys=True) != json.dumps(settings.get(key), sort_keys=True)]
+                   if json.dumps(recorded[key], sort_keys=True) != json.dumps(settings.get(key), sort_keys=True)]
         if changed and not allow_changed:
-            details = "; ".join(_describe_change(key, existing.get(key), settings.get(key)) for key in changed)
+            details = "; ".join(_describe_change(key, recorded[key], settings.get(key)) for key in changed)
             raise RunSettingsError(f"{run_dir} was made with other settings ({details}): its videos and this run's "
                                    "would be mixed in one run folder; use another --force_run_ind (or none, for a "
                                    "new run<k>), or pass --allow-mixed-settings")

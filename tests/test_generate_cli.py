@@ -408,6 +408,23 @@ def test_resuming_a_run_with_other_sampling_settings_is_refused(tmp_path, lvd_ca
     assert not (run_dir / "1").exists() and (run_dir / "config.json").read_text() == before
 
 
+def test_a_run_recorded_before_the_cfg_fields_resumes_and_a_changed_variant_is_refused(tmp_path, lvd_cache, capsys):
+    """Runs made before `SamplingConfig` had its CFG fields resume as the standard CFG they were made with."""
+    import json
+
+    assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    run_dir = _run_dir(tmp_path)
+    record = json.loads((run_dir / "config.json").read_text())
+    for name in ("cfg_variant", "guidance_rescale"):
+        del record["sampling"][name]
+    (run_dir / "config.json").write_text(json.dumps(record))
+    assert _run(tmp_path, "--num_prompts", "2", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
+    assert (run_dir / "1").is_dir()
+    capsys.readouterr()
+    assert _run(tmp_path, "--num_prompts", "3", "--force_run_ind", "0", "--cfg", "zero-star", cache_dir=lvd_cache) == 2
+    assert "cfg_variant 'standard' -> 'zero-star'" in capsys.readouterr().err and not (run_dir / "2").exists()
+
+
 def test_a_resume_removes_stale_run_root_temp_files_and_leaves_no_lock_file(tmp_path, lvd_cache):
     # Issue 17, items 14 and 24: kill -9 on the first config.json write left run0/.config.<random>.tmp.json.
     assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
