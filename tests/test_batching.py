@@ -39,7 +39,7 @@ def _requests(tokenizer):
     return requests
 
 
-@pytest.mark.parametrize("stop_rule", ["carried", "per-step"])
+@pytest.mark.parametrize("stop_rule", ["carried", pytest.param("per-step", marks=pytest.mark.slow)])
 def test_batched_guided_videos_equal_batch_one(model, stop_rule):
     requests = _requests(model.tokenizer)
     # A threshold between the videos' first energies, so that they stop guiding at different

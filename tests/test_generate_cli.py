@@ -92,6 +92,7 @@ def test_resume_without_joblib_counts_finished_videos(tmp_path, lvd_cache, capsy
     assert "videos: 0, already done: 2" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # an equivalence test over several runs: CI's slow pass (the default suite stays < 3 min)
 def test_config_keeps_one_record_per_shard(tmp_path, lvd_cache):
     assert _run(tmp_path, "--num_prompts", "2", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
     assert _run(tmp_path, "--skip_first_prompts", "2", "--num_prompts", "1", "--force_run_ind", "0",
@@ -191,6 +192,7 @@ def test_ctrl_c_prints_one_line_with_the_resume_hint(tmp_path, lvd_cache):
     assert "Traceback" not in err and "--force_run_ind 3" in err
 
 
+@pytest.mark.slow  # an equivalence test over several runs: CI's slow pass (the default suite stays < 3 min)
 def test_shards_equal_a_full_run(tmp_path, lvd_cache):
     assert _run(tmp_path, "--num_prompts", "6", "--force_run_ind", "0", cache_dir=lvd_cache, out="full") == 0
     assert _run(tmp_path, "--num_prompts", "3", "--force_run_ind", "0", cache_dir=lvd_cache, out="shards") == 0
@@ -289,6 +291,7 @@ def test_accelerate_two_processes_cover_every_prompt_once(tmp_path, lvd_cache):
     assert "(rank 0): videos: 3," in result.stdout and "(rank 1): videos: 3," in result.stdout, result.stdout
 
 
+@pytest.mark.slow  # an equivalence test over several runs: CI's slow pass (the default suite stays < 3 min)
 def test_batch_size_gives_the_batch_one_videos(tmp_path, lvd_cache):
     assert _run(tmp_path, "--num_prompts", "3", "--force_run_ind", "0", cache_dir=lvd_cache, out="one") == 0
     assert _run(tmp_path, "--num_prompts", "3", "--force_run_ind", "0", "--batch-size", "2", cache_dir=lvd_cache,
