@@ -63,6 +63,7 @@ def test_batched_guided_videos_equal_batch_one(model, stop_rule):
     assert len(set(counts)) > 1, counts
 
 
+@pytest.mark.slow  # generates videos: CI's slow pass (the default suite stays < 3 min)
 def test_batched_unguided_and_mixed_layouts(model):
     requests = _requests(model.tokenizer)
     empty = build_condition(parse_layout("Frame 1: []\nFrame 2: []\nFrame 3: []\nFrame 4: []\nFrame 5: []\n"
@@ -77,6 +78,7 @@ def test_batched_unguided_and_mixed_layouts(model):
     assert all(len(result.guidance_log) == 4 for result in batched[:-1])
 
 
+@pytest.mark.slow  # an equivalence test over several runs: CI's slow pass (the default suite stays < 3 min)
 def test_batched_gligen_equals_batch_one(tiny_grounded_model):
     grounded = tiny_grounded_model
     requests = _requests(grounded.tokenizer)[:2]

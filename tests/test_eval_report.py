@@ -70,6 +70,7 @@ def test_the_report_embeds_the_saved_video_or_writes_one(tmp_path, cli):
     assert load_video(report / "1_run1" / "media" / "0_video_0" / "video.gif").shape[0] == 16
 
 
+@pytest.mark.slow  # generates videos: CI's slow pass (the default suite stays < 3 min)
 def test_a_wan_run_of_81_frames(tmp_path, cli):
     """Wan 2.1 writes 81 frames, mp4 at 16 fps besides gif and joblib: frames are chosen as for 16 and 24."""
     run = write_run(tmp_path / "run0", [0, 300, 400], num_frames=81, height=48, width=80,

@@ -321,6 +321,7 @@ def test_free_text_prompts_have_a_prompt_type_of_their_own(tmp_path, capsys):
     assert "cache_custom_v0.1_my-llm.json" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # an equivalence test over several runs: CI's slow pass (the default suite stays < 3 min)
 def test_a_layout_file_generates_the_same_video_as_its_cache_reply(tmp_path, lvd_cache):
     assert _run(tmp_path, "--num_prompts", "1", "--force_run_ind", "0", cache_dir=lvd_cache) == 0
     layout_file = _run_dir(tmp_path) / "0" / "layout.json"

@@ -602,6 +602,7 @@ def test_every_published_reply_still_parses_and_validates_for_stage_2(path, toke
     assert count == sum(len(replies) for replies in entries.values()) and count > 0
 
 
+@pytest.mark.slow  # generates videos: CI's slow pass (the default suite stays < 3 min)
 def test_odd_replies_stage_1_accepts_generate_with_the_tiny_model(tiny_model):
     # The fixed point end to end: what stage 1 would save runs through stage 2's guided sampling loop.
     from generation.config import GuidanceConfig, SamplingConfig

@@ -15,7 +15,8 @@ from utils.layout import layout_to_dict
 GUIDED = {"max_index_step": 2, "loss_threshold": 0.0, "max_iter": 1}   # every step of a short run guided
 
 
-@pytest.mark.parametrize("run_model", ["lvd_tiny", "lvd_wan_tiny", "baseline_tiny"])
+@pytest.mark.parametrize("run_model", ["lvd_tiny", "lvd_wan_tiny",
+                                       pytest.param("baseline_tiny", marks=pytest.mark.slow)])
 def test_the_pipeline_equals_generate_py_bit_for_bit(tmp_path, run_model):
     layout = demo_layout()
     layout_file = tmp_path / "layout.json"

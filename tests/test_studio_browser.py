@@ -160,6 +160,19 @@ def _stage(page, name: str):
     return page.locator(f"#stage-{name}").first
 
 
+def _drag_by(page, rect, offset_px: tuple[int, int]) -> dict:
+    """Drags ``rect`` from its centre by ``offset_px``; returns its bounding box before the drag."""
+    rect.scroll_into_view_if_needed()
+    page.wait_for_timeout(500)  # the accordion above has finished opening: the box stays put
+    box = rect.bounding_box()
+    start = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.move(*start)
+    page.mouse.down()
+    page.mouse.move(start[0] + offset_px[0], start[1] + offset_px[1], steps=10)
+    page.mouse.up()
+    return box
+
+
 def test_plan_edit_generate_in_chromium(running_app, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
@@ -206,15 +219,7 @@ def test_plan_edit_generate_in_chromium(running_app, tmp_path):
 
             # 2. Drag the bear of keyframe 4 up and to the right.
             preview_before = page.get_attribute("#layout-preview img", "src")
-            rect = page.locator("#layout-editor .lvd-box[data-frame='3'] .lvd-rect")
-            rect.scroll_into_view_if_needed()
-            page.wait_for_timeout(500)  # the accordion above has finished opening: the box stays put
-            box = rect.bounding_box()
-            start = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.mouse.move(*start)
-            page.mouse.down()
-            page.mouse.move(start[0] + DRAG_PX[0], start[1] + DRAG_PX[1], steps=10)
-            page.mouse.up()
+            box = _drag_by(page, page.locator("#layout-editor .lvd-box[data-frame='3'] .lvd-rect"), DRAG_PX)
             page.wait_for_function("(before) => { const img = document.querySelector('#layout-preview img');"
                                    " return img && img.getAttribute('src') !== before; }", arg=preview_before,
                                    timeout=30_000)
@@ -320,15 +325,7 @@ def test_the_readme_screenshots_on_the_default_shapes_model(tmp_path):
             page.wait_for_selector("#layout-editor .lvd-box", timeout=60_000)
             page.wait_for_function("document.querySelector('#edit-status').innerText.includes('Layout OK')")
             _stage(page, "plan").screenshot(path=tmp_path / "plan.png")
-            rect = page.locator("#layout-editor .lvd-box[data-frame='3'] .lvd-rect").first
-            rect.scroll_into_view_if_needed()
-            page.wait_for_timeout(500)
-            box = rect.bounding_box()
-            start = (box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
-            page.mouse.move(*start)
-            page.mouse.down()
-            page.mouse.move(start[0] + DRAG_PX[0], start[1] + DRAG_PX[1], steps=10)
-            page.mouse.up()
+            _drag_by(page, page.locator("#layout-editor .lvd-box[data-frame='3'] .lvd-rect").first, DRAG_PX)
             page.wait_for_timeout(2000)
             _stage(page, "edit").screenshot(path=tmp_path / "edit.png")
             page.click("#generate-button")
