@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 
 import torch
+from diffusers.guiders.classifier_free_zero_star_guidance import cfg_zero_star_scale
 from diffusers.guiders.guider_utils import GuiderOutput, rescale_noise_cfg
 
 from generation.config import CFG_STANDARD, CFG_VARIANTS, CFG_ZERO_STAR  # noqa: F401 (re-exported)
@@ -61,8 +62,8 @@ class ClassifierFreeGuidance:
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
 
-def zero_star_scale(pred_cond: torch.Tensor, pred_uncond: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """CFG-Zero*'s ``s* = <x_cond, x_uncond> / ||x_uncond||^2``, one per video, shaped to broadcast."""
-    cond, uncond = pred_cond.flatten(1).float(), pred_uncond.flatten(1).float()
-    scale = (cond * uncond).sum(1) / (uncond.pow(2).sum(1) + eps)
-    return scale.to(pred_uncond.dtype).view(-1, *[1] * (pred_uncond.dim() - 1))
+def zero_star_scale(pred_cond: torch.Tensor, pred_uncond: torch.Tensor) -> torch.Tensor:
+    """CFG-Zero*'s ``s* = <x_cond, x_uncond> / ||x_uncond||^2``, one per video (diffusers' own function on the
+    flattened predictions), shaped to broadcast."""
+    scale = cfg_zero_star_scale(pred_cond.flatten(1), pred_uncond.flatten(1))
+    return scale.view(-1, *[1] * (pred_uncond.dim() - 1))

@@ -48,7 +48,8 @@ RUN_SETTINGS_KEYS = ("run_model", "sampling", "guidance", "gligen", "controls", 
 TEMP_FILE_GLOB = ".*.tmp*"
 # Settings fields added after runs were recorded, with the value that reproduces those runs: a resume of such a run
 # reads a missing field as this value, so an old run folder resumes with the default settings.
-ADDED_SETTINGS = {"sampling": {"cfg_variant": "standard", "guidance_rescale": 0.0}}
+ADDED_SETTINGS = {"sampling": {field.name: field.default for field in dataclasses.fields(SamplingConfig)
+                                if field.name in ("cfg_variant", "guidance_rescale")}}
 
 
 @dataclass(frozen=True)
