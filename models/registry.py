@@ -127,6 +127,14 @@ def wan_guided_layers(blocks) -> tuple[str, ...]:
 WAN_1_3B_GUIDED_LAYERS = wan_guided_layers(WAN_GUIDED_BLOCKS_1_3B)
 WAN_14B_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, WAN_NUM_LAYERS_14B))
 WAN_TINY_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, WAN_TINY_NUM_LAYERS))
+# The Wan shapes model: Wan's VAE factors, so 128x128 frames -> 16x16 latents -> guided maps 8x8; 17 frames -> 5
+# latent frames. 8 blocks; LVD guides the same relative depths as on the 1.3B: blocks 2-5.
+SHAPES_WAN_HEIGHT = 128
+SHAPES_WAN_WIDTH = 128
+SHAPES_WAN_NUM_FRAMES = 17
+SHAPES_WAN_NUM_LAYERS = 8
+SHAPES_WAN_FOLDER = "wan"
+SHAPES_WAN_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, SHAPES_WAN_NUM_LAYERS))
 
 
 class RunModelError(ValueError):
@@ -243,6 +251,12 @@ RUN_MODELS: tuple[RunModelSpec, ...] = (
           ("lvd_wan2.1-1.3b", "lvd", WAN_1_3B_ID, WAN_1_3B_GUIDED_LAYERS),
           ("wan2.1-14b", "baseline", WAN_14B_ID, WAN_14B_GUIDED_LAYERS),
           ("lvd_wan2.1-14b", "lvd", WAN_14B_ID, WAN_14B_GUIDED_LAYERS))),
+    # The Wan shapes model: trained here, shipped with the repository; both load the same weights.
+    *(RunModelSpec(name, method, None, SHAPES_WAN_HEIGHT, SHAPES_WAN_WIDTH, default_num_frames=SHAPES_WAN_NUM_FRAMES,
+                   guided_layers=SHAPES_WAN_GUIDED_LAYERS if method == "lvd" else (), bundled=SHAPES_WAN_FOLDER,
+                   family=WAN_FAMILY, num_inference_steps=SHAPES_NUM_INFERENCE_STEPS, guidance_scale=WAN_GUIDANCE_SCALE,
+                   negative_prompt="", frames_step=WAN_FRAMES_STEP, min_num_frames=1 + WAN_FRAMES_STEP)
+      for name, method in (("lvd_wan_shapes", "lvd"), ("wan_shapes", "baseline"))),
     # Tiny random-weight Wan (noise; for tests and demos); both build the same weights.
     *(RunModelSpec(name, method, None, WAN_TINY_HEIGHT, WAN_TINY_WIDTH, default_num_frames=WAN_TINY_NUM_FRAMES,
                    guided_layers=WAN_TINY_GUIDED_LAYERS if method == "lvd" else (), tiny=True, family=WAN_FAMILY,

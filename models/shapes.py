@@ -7,6 +7,11 @@ and layers per block (so LVD's six guided `...attn2` layers exist at the same mo
 over the real CLIP tokenizer, ModelScope's DDIM scheduler config (sampled with DPM-Solver++ like every
 UNet3D run-model). Saved as a diffusers pipeline folder, so `TextToVideoSDPipeline.from_pretrained(folder)`
 loads it as well as `load_video_model`.
+
+The Wan model is Wan 2.1 T2V at a CPU size: `WanTransformer3DModel` (8 blocks of width 128, patch 1x2x2), an
+`AutoencoderKLWan` with Wan's own factors (8x space, 4x time: 128x128 frames -> 16x16 latents -> guided maps
+8x8; 17 frames -> 5 latent frames), a small `UMT5EncoderModel` over a unigram tokenizer of the shapes world's
+words (umT5's structure, built offline), Wan's UniPC flow-matching scheduler; a `WanPipeline` folder.
 """
 from __future__ import annotations
 
@@ -15,13 +20,19 @@ import os
 import types
 from pathlib import Path
 
-from diffusers import AutoencoderKL, UNet3DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel
+from diffusers import AutoencoderKL, AutoencoderKLWan, UNet3DConditionModel, WanTransformer3DModel
+from transformers import CLIPTextConfig, CLIPTextModel, UMT5Config, UMT5EncoderModel
 
 from models.devices import build_seeded
 from models.schedulers import MODELSCOPE_DDIM_SCHEDULER_CONFIG
 from models.tiny import TINY_MODEL_INDEX
+from models.registry import SHAPES_WAN_NUM_LAYERS
+from models.schedulers import build_wan_scheduler
 from models.tokenizer import VOCAB_SIZE, build_clip_tokenizer
+from models.wan_configs import (TINY_WAN_MODEL_INDEX, WAN_1_3B_TRANSFORMER_CONFIG, WAN_UMT5_CONFIG, WAN_VAE_CONFIG,
+                                _config_dict)
+from models.wan_model import cast_wan_transformer
+from models.wan_text import build_tiny_umt5_tokenizer
 from utils.io import atomic_folder, atomic_write_json
 
 
@@ -94,4 +105,70 @@ def save_unet3d_pipeline_folder(folder: str | os.PathLike, components: dict, *, 
         components["tokenizer"].save_pretrained(str(staging / "tokenizer"))
         atomic_write_json(staging / "scheduler" / "scheduler_config.json", dict(MODELSCOPE_DDIM_SCHEDULER_CONFIG))
         atomic_write_json(staging / "model_index.json", dict(TINY_MODEL_INDEX))
+    return Path(folder)
+
+
+# --------------------------------------------------------------------------------------------
+# The Wan sibling
+
+SHAPES_WAN_TEXT_DIM = 64
+SHAPES_WAN_TRANSFORMER_CONFIG = types.MappingProxyType({
+    **WAN_1_3B_TRANSFORMER_CONFIG,
+    "attention_head_dim": 32,          # rotary split: 12 time + 10 + 10 space
+    "num_attention_heads": 4,
+    "ffn_dim": 512,
+    "freq_dim": 64,
+    "num_layers": SHAPES_WAN_NUM_LAYERS,
+    "text_dim": SHAPES_WAN_TEXT_DIM,
+})
+# Wan's factors and z_dim; small widths. latents_mean / latents_std are set from the trained encoder.
+SHAPES_WAN_VAE_CONFIG = types.MappingProxyType({
+    **WAN_VAE_CONFIG,
+    "base_dim": 16,
+    "num_res_blocks": 1,
+    "latents_mean": (0.0,) * WAN_VAE_CONFIG["z_dim"],
+    "latents_std": (1.0,) * WAN_VAE_CONFIG["z_dim"],
+})
+SHAPES_UMT5_OVERRIDES = types.MappingProxyType({
+    "d_ff": 2 * SHAPES_WAN_TEXT_DIM, "d_kv": 16, "d_model": SHAPES_WAN_TEXT_DIM, "num_decoder_layers": 2,
+    "num_heads": 4, "num_layers": 2,
+})
+# Every word of the shapes world's captions (tests/test_shapes.py checks each is one piece), plus "background"'s
+# comma form; other text falls back to characters.
+SHAPES_WORDS = (
+    "a", "and", "appears", "background", "beige", "black", "blue", "bottom", "circle", "circles", "disappears",
+    "four", "from", "gray", "green", "halfway", "its", "left", "lower", "moving", "of", "on", "one", "red", "right",
+    "square", "squares", "that", "the", "then", "three", "through", "to", "top", "triangle", "triangles", "two",
+    "upper", "white", "yellow",
+)
+
+
+def build_shapes_wan_components(seed: int = 0) -> dict:
+    """Untrained components of the Wan shapes model (fp32, CPU), seeded: transformer, vae, text_encoder,
+    tokenizer, scheduler."""
+    tokenizer = build_tiny_umt5_tokenizer(SHAPES_WORDS, ())
+    umt5_config = UMT5Config(**{**WAN_UMT5_CONFIG, **SHAPES_UMT5_OVERRIDES, "vocab_size": len(tokenizer)})
+    return {
+        "transformer": build_seeded(
+            seed, lambda: WanTransformer3DModel.from_config(_config_dict(SHAPES_WAN_TRANSFORMER_CONFIG))),
+        "vae": build_seeded(seed + 1, lambda: AutoencoderKLWan.from_config(_config_dict(SHAPES_WAN_VAE_CONFIG))),
+        "text_encoder": build_seeded(seed + 2, lambda: UMT5EncoderModel(umt5_config)),
+        "tokenizer": tokenizer,
+        "scheduler": build_wan_scheduler(),
+    }
+
+
+def save_wan_pipeline_folder(folder: str | os.PathLike, components: dict, *, dtype=None,
+                             overwrite: bool = True) -> Path:
+    """Write transformer / vae / text_encoder / tokenizer / scheduler / model_index.json as a `WanPipeline`
+    folder, atomically; ``dtype`` casts copies on save (loading upcasts: the VAE and CPU runs compute in fp32)."""
+    with atomic_folder(folder, overwrite=overwrite) as staging:
+        for name in ("transformer", "vae", "text_encoder", "tokenizer", "scheduler"):
+            module = components[name]
+            if dtype is not None and name == "transformer":  # its float32 modules stay float32, as diffusers loads them
+                module = cast_wan_transformer(copy.deepcopy(module), dtype)
+            elif dtype is not None and name in ("vae", "text_encoder"):
+                module = copy.deepcopy(module).to(dtype)
+            module.save_pretrained(str(staging / name))
+        atomic_write_json(staging / "model_index.json", dict(TINY_WAN_MODEL_INDEX))
     return Path(folder)

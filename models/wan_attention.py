@@ -67,6 +67,8 @@ class WanRecordingState:
         self.recompute_context: Callable[[], contextlib.AbstractContextManager] | None = None
         self._text: torch.Tensor | None = None          # the text embeddings the cached keys / values belong to
         self._text_kv: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        # Training (shapes/training.py): keys / values are computed in every pass, with their graph, not cached.
+        self.trainable_text = False
 
     def use_text(self, text: torch.Tensor) -> None:
         """Drop the cached keys / values unless they were computed for ``text`` (B, 512, D)."""
@@ -79,16 +81,17 @@ class WanRecordingState:
     def text_kv(self, layer_name: str, attn, encoder_hidden_states: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """(B, T, heads, d) normalised keys and values of ``attn`` for the current text, computed once."""
-        cached = self._text_kv.get(layer_name)
+        cached = None if self.trainable_text else self._text_kv.get(layer_name)
         if cached is None:
-            with torch.no_grad():  # text embeddings are constants of the guided pass
+            with contextlib.nullcontext() if self.trainable_text else torch.no_grad():  # constants of a guided pass
                 if getattr(attn, "fused_projections", False):
                     key, value = attn.to_kv(encoder_hidden_states).chunk(2, dim=-1)
                 else:
                     key, value = attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states)
                 key = attn.norm_k(key)
                 cached = (key.unflatten(2, (attn.heads, -1)), value.unflatten(2, (attn.heads, -1)))
-            self._text_kv[layer_name] = cached
+            if not self.trainable_text:
+                self._text_kv[layer_name] = cached
         return cached
 
     @contextlib.contextmanager

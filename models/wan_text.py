@@ -2,6 +2,7 @@
 encoding as `WanPipeline` does it, and the token positions of object phrases in a prompt."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from pathlib import Path
@@ -35,14 +36,15 @@ TINY_UMT5_PIECES = (f"{SPIECE_SPACE}gir", "affe", f"{SPIECE_SPACE}hedge", "hog",
 _ASCII_CHARS = "".join(chr(c) for c in range(33, 127))
 
 
-def build_tiny_umt5_tokenizer() -> T5TokenizerFast:
+def build_tiny_umt5_tokenizer(words: Sequence[str] = TINY_UMT5_WORDS,
+                              word_pieces: Sequence[str] = TINY_UMT5_PIECES) -> T5TokenizerFast:
     """A small `T5TokenizerFast` with umT5's structure: a sentencepiece unigram model with ``<pad>`` = 0,
     ``</s>`` = 1, ``<unk>`` = 2, NFKC and collapsed spaces, word-start marker ``▁`` prepended to every word,
-    ``</s>`` appended, no BOS. Built from a vocabulary list, offline."""
+    ``</s>`` appended, no BOS. Built offline from ``words`` (one piece each) and ``word_pieces``."""
     pieces: dict[str, float] = {}
-    for word in TINY_UMT5_WORDS:
+    for word in words:
         pieces.setdefault(SPIECE_SPACE + word, -3.0)
-    for piece in TINY_UMT5_PIECES:
+    for piece in word_pieces:
         pieces.setdefault(piece, -4.0)
     for char in _ASCII_CHARS:
         pieces.setdefault(SPIECE_SPACE + char, -9.0)
@@ -80,15 +82,16 @@ def clean_prompt(prompt: str) -> str:
 
 
 def encode_wan_prompts(tokenizer, text_encoder, prompts: Sequence[str], device: torch.device,
-                       dtype: torch.dtype, max_tokens: int = WAN_TEXT_TOKENS) -> torch.Tensor:
+                       dtype: torch.dtype, max_tokens: int = WAN_TEXT_TOKENS, *, grad: bool = False) -> torch.Tensor:
     """Prompts -> (n, 512, D) umT5 embeddings, as `WanPipeline` encodes them: cleaned, padded / truncated to
-    ``max_tokens`` with the attention mask, the states past each prompt's own tokens set to zero."""
+    ``max_tokens`` with the attention mask, the states past each prompt's own tokens set to zero (``grad``: with
+    the encoder's graph, for training)."""
     texts = [clean_prompt(prompt) for prompt in prompts]
     inputs = tokenizer(texts, padding="max_length", max_length=max_tokens, truncation=True, add_special_tokens=True,
                        return_attention_mask=True, return_tensors="pt")
     lengths = inputs.attention_mask.gt(0).sum(dim=1).long()
     encoder_device = next(text_encoder.parameters()).device
-    with torch.no_grad():
+    with contextlib.nullcontext() if grad else torch.no_grad():
         states = text_encoder(inputs.input_ids.to(encoder_device),
                               inputs.attention_mask.to(encoder_device)).last_hidden_state
     states = states.to(dtype=dtype, device=device)

@@ -23,7 +23,7 @@ from pathlib import Path
 from utils.cli import int_in
 from utils.io import atomic_write_json, atomic_write_text
 
-FAMILIES = {"unet3d": ("baseline_shapes", "lvd_shapes")}
+FAMILIES = {"unet3d": ("baseline_shapes", "lvd_shapes"), "wan": ("wan_shapes", "lvd_wan_shapes")}
 PROMPTS_PER_TASK = 20          # --prompt-type shapes: 20 prompts per task, task by task
 TASKS = ("numeracy", "attribution", "visibility", "dynamic_spatial", "sequential")
 # generation.config.shapes_preset(): every guided iteration runs (the paper's threshold stops this model's

@@ -18,15 +18,25 @@ from pathlib import Path
 
 from utils.cli import int_in
 
+# family -> the run-model whose shipped folder it writes
+FAMILIES = {"unet3d": "lvd_shapes", "wan": "lvd_wan_shapes"}
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=("unet3d",), default="unet3d", help="which backbone family to train")
+    parser.add_argument("--family", choices=tuple(FAMILIES), default="unet3d",
+                        help="which backbone family to train: unet3d (lvd_shapes) or wan (lvd_wan_shapes)")
     parser.add_argument("--seed", type=int_in(0), default=0)
     parser.add_argument("--steps", type=int_in(1), default=None, help="denoiser steps (default: TrainConfig's)")
     parser.add_argument("--vae-steps", type=int_in(1), default=None)
     parser.add_argument("--batch-size", type=int_in(1), default=None)
     parser.add_argument("--attention-loss-weight", type=float, default=None)
+    parser.add_argument("--lr", type=float, default=None, help="the denoiser's peak learning rate")
+    parser.add_argument("--denoiser-minutes", type=float, default=None,
+                        help="anneal the learning rate over this many minutes of denoiser training and stop there, "
+                             "instead of over --steps (a fixed GPU budget; the steps done are recorded)")
+    parser.add_argument("--checkpoint-every", type=int_in(1), default=None,
+                        help="steps between checkpoints (default: TrainConfig's; raise it on a fast GPU)")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop after this many minutes of this run (checkpointed; rerun to continue)")
     parser.add_argument("--stop-after-step", type=int_in(1), default=None,
@@ -55,21 +65,24 @@ def main(argv=None) -> int:
     from tqdm import tqdm
 
     from models.registry import get_run_model
-    from models.shapes import build_shapes_unet3d_components, save_unet3d_pipeline_folder
-    from shapes.training import TrainConfig, draw_loss_curve, train_unet3d, write_model_card
+    from models.shapes import (build_shapes_unet3d_components, build_shapes_wan_components,
+                               save_unet3d_pipeline_folder, save_wan_pipeline_folder)
+    from shapes.training import TrainConfig, draw_loss_curve, train_shapes_model, trained_names, write_model_card
 
     torch.set_num_threads(args.threads)
     overrides = {"steps": args.steps, "vae_steps": args.vae_steps, "batch_size": args.batch_size,
-                 "attention_loss_weight": args.attention_loss_weight}
+                 "attention_loss_weight": args.attention_loss_weight, "lr": args.lr,
+                 "denoiser_minutes": args.denoiser_minutes, "checkpoint_every": args.checkpoint_every}
     config = dataclasses.replace(TrainConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
     repo = Path(__file__).resolve().parent.parent
     checkpoint_dir = args.checkpoint_dir or repo / ".train_shapes" / args.family
-    out = args.out or get_run_model("lvd_shapes").bundled_folder
+    out = args.out or get_run_model(FAMILIES[args.family]).bundled_folder
     if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
         print(f"error: --device {args.device}: expected cpu, or cuda[:N] on a machine with CUDA "
               f"(torch.cuda.is_available() is {torch.cuda.is_available()})", file=sys.stderr)
         return 2
-    components = build_shapes_unet3d_components(config.seed)
+    wan = args.family == "wan"
+    components = (build_shapes_wan_components if wan else build_shapes_unet3d_components)(config.seed)
     bars: dict[str, tqdm] = {}
 
     def progress(stage: str, step: int, total: int, text: str) -> None:
@@ -80,7 +93,7 @@ def main(argv=None) -> int:
         bar.set_postfix_str(text, refresh=False)
 
     try:
-        state = train_unet3d(components, config, checkpoint_dir,
+        state = train_shapes_model(components, config, checkpoint_dir,
                              max_seconds=None if args.max_minutes is None else args.max_minutes * 60,
                              progress=progress, init_from=args.init_from, stop_after_step=args.stop_after_step,
                              device=args.device, workers=args.workers)
@@ -95,10 +108,10 @@ def main(argv=None) -> int:
         print(f"stopped at {state.stage} step {state.step} (checkpoint in {checkpoint_dir}); rerun to continue, "
               "or pass --export-partial to write the model as it is")
         return 0
-    save_unet3d_pipeline_folder(out, components, dtype=torch.float16)
+    (save_wan_pipeline_folder if wan else save_unet3d_pipeline_folder)(out, components, dtype=torch.float16)
     draw_loss_curve(out / "loss_curve.png", state.losses)
     num_parameters = {name: sum(p.numel() for p in components[name].parameters())
-                      for name in ("unet", "vae", "text_encoder")}
+                      for name in trained_names(components)}
     write_model_card(out, family=args.family, config=config, state=state, num_parameters=num_parameters,
                      device=args.device, threads=args.threads)
     print(f"wrote {out} ({state.stage}, {state.seconds / 60:.1f} min of training)")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 import time
@@ -30,8 +31,11 @@ import torch.nn.functional as F
 
 from generation.energies import compute_box_masks
 from models.attention import AttentionRecorder, recording_attention
-from models.registry import LVD_GUIDED_LAYERS
+from models.registry import (LVD_GUIDED_LAYERS, SHAPES_WAN_GUIDED_LAYERS, SHAPES_WAN_HEIGHT, SHAPES_WAN_NUM_FRAMES,
+                             SHAPES_WAN_WIDTH)
 from models.schedulers import MODELSCOPE_DDIM_SCHEDULER_CONFIG
+from models.wan_attention import recording_wan_attention
+from models.wan_text import clean_prompt, compute_wan_token_positions, encode_wan_prompts
 from shapes.world import NUM_FRAMES, sample_video, scene_boxes
 from utils.io import atomic_path, atomic_write_json
 from utils.layout import LayoutError, compute_token_positions
@@ -50,7 +54,11 @@ class TrainConfig:
     vae_batch_frames: int = 16
     vae_lr: float = 1e-3
     vae_kl_weight: float = 1e-6
+    vae_batch_videos: int = 2         # Wan: whole clips per VAE step (its VAE is a video VAE)
     steps: int = 3000                 # denoiser steps (a --max-minutes budget may stop earlier)
+    # Anneal the learning rate over this much denoiser wall time instead of ``steps``, and stop there (or at
+    # ``steps``, whichever comes first): a GPU's fixed budget; the steps done depend on the machine, and are recorded.
+    denoiser_minutes: float | None = None
     batch_size: int = 4
     lr: float = 5e-4
     warmup_steps: int = 50
@@ -68,6 +76,7 @@ class TrainState:
     stage: str = "vae"                # "vae", "denoiser", "done"
     step: int = 0
     seconds: float = 0.0              # training wall time so far, over every resumed run
+    denoiser_seconds: float = 0.0     # of which in the denoiser stage
     losses: dict = dataclasses.field(default_factory=lambda: {"vae": [], "denoiser": []})
 
 
@@ -104,7 +113,7 @@ def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
 def save_checkpoint(folder: Path, components: dict, optimizers: dict, state: TrainState) -> None:
     payload = {
         "state": dataclasses.asdict(state),
-        "models": {name: components[name].state_dict() for name in ("unet", "vae", "text_encoder")},
+        "models": {name: components[name].state_dict() for name in trained_names(components)},
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
     }
     with atomic_path(folder / CHECKPOINT_NAME) as tmp:
@@ -130,25 +139,30 @@ def load_exported_model(folder: Path, components: dict) -> TrainState:
     a run continued this way is close to, not equal to, one continued from its checkpoint."""
     import json
 
-    from diffusers import AutoencoderKL, UNet3DConditionModel
-    from transformers import CLIPTextModel
-
     record_path = folder / "training.json"
     if not record_path.is_file():
         raise FileNotFoundError(f"{record_path} not found: --init-from expects a folder written by train_shapes.py")
     record = json.loads(record_path.read_text())
-    loaded = {"unet": UNet3DConditionModel.from_pretrained(str(folder / "unet")),
-              "vae": AutoencoderKL.from_pretrained(str(folder / "vae")),
-              "text_encoder": CLIPTextModel.from_pretrained(str(folder / "text_encoder"))}
+    loaded = {name: type(components[name]).from_pretrained(str(folder / name)) for name in trained_names(components)}
     for name, module in loaded.items():
         components[name].load_state_dict({k: v.float() for k, v in module.state_dict().items()})
-    components["vae"].register_to_config(scaling_factor=loaded["vae"].config.scaling_factor)
+    components["vae"].register_to_config(**{key: loaded["vae"].config[key] for key in LATENT_STATS
+                                            if key in loaded["vae"].config})
     done = record["steps_done"]
     vae_finished = done["vae"] >= record["config"]["vae_steps"]
     history = record.get("loss_history", {})
     return TrainState(stage="denoiser" if vae_finished else "vae", step=done["denoiser"] if vae_finished else 0,
                       seconds=60.0 * record["wall_time_minutes"],
                       losses={"vae": list(history.get("vae", [])), "denoiser": list(history.get("denoiser", []))})
+
+
+def trained_names(components: dict) -> tuple[str, ...]:
+    """The trained modules of a family's components: its denoiser (``unet`` or ``transformer``), vae, text_encoder."""
+    return ("transformer" if "transformer" in components else "unet", "vae", "text_encoder")
+
+
+# The VAE config entries set from the trained encoder (UNet: SD's scaling_factor; Wan: per-channel statistics).
+LATENT_STATS = ("scaling_factor", "latents_mean", "latents_std")
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,6 +190,43 @@ def measure_latent_scale(vae, seed: int, num_videos: int = 16) -> float:
     return float(1.0 / latents.std())
 
 
+_wan_video = functools.partial(sample_video, height=SHAPES_WAN_HEIGHT, width=SHAPES_WAN_WIDTH,
+                               num_frames=SHAPES_WAN_NUM_FRAMES)
+
+
+def clips_to_tensor(videos) -> torch.Tensor:
+    """[(F, H, W, 3) uint8] -> (B, 3, F, H, W) float in [-1, 1] (a video VAE's input)."""
+    return torch.stack([frames_to_tensor(video).permute(1, 0, 2, 3) for video in videos])
+
+
+def wan_vae_step(vae, rng: np.random.Generator, generator: torch.Generator, config: TrainConfig,
+                 seed: int, step: int, draw: Callable = map) -> torch.Tensor:
+    """One reconstruction + KL step of the Wan VAE on whole clips; returns the loss."""
+    seeds = [_video_seed(seed, "vae", step, index) for index in range(config.vae_batch_videos)]
+    clips = clips_to_tensor([video for _, video in draw(_wan_video, seeds)]).to(vae.device)
+    posterior = vae.encode(clips).latent_dist
+    reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+    return F.mse_loss(reconstruction, clips) + config.vae_kl_weight * posterior.kl().mean()
+
+
+@torch.no_grad()
+def measure_wan_latent_stats(vae, seed: int, num_videos: int = 16) -> dict:
+    """Per-channel mean and std of the encoder's latents (Wan's ``latents_mean`` / ``latents_std``)."""
+    clips = clips_to_tensor([_wan_video(_video_seed(seed, "vae", 2 ** 31, i))[1] for i in range(num_videos)])
+    latents = torch.cat([vae.encode(clip[None].to(vae.device)).latent_dist.mode() for clip in clips])
+    channels = latents.transpose(0, 1).flatten(1)
+    return {"latents_mean": [round(float(v), 5) for v in channels.mean(1)],
+            "latents_std": [round(float(v), 5) for v in channels.std(1)]}
+
+
+def normalise_wan_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Encoder latents -> the denoiser's space, as `WanPipeline` un-normalises them in reverse."""
+    shape = (1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=latents.device).view(shape)
+    std = torch.tensor(vae.config.latents_std, device=latents.device).view(shape)
+    return (latents - mean) / std
+
+
 # --------------------------------------------------------------------------------------------
 # Denoiser
 
@@ -189,11 +240,16 @@ class DenoiserBatch:
 
 
 def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: TrainConfig, seed: int, step: int,
-                         map_sizes: tuple[tuple[int, int], ...], draw: Callable = map) -> DenoiserBatch:
+                         map_sizes: tuple[tuple[int, int], ...], draw: Callable = map, *,
+                         family: str = "unet3d") -> DenoiserBatch:
+    """Videos, prompts and attention targets of one step. ``family`` "unet3d": 64x64x16 videos, CLIP token
+    positions, maps per frame; "wan": 128x128x17 videos, umT5 positions on the cleaned prompt, maps per latent
+    frame (the boxes resampled to them, as LVD guides Wan)."""
+    wan = family == "wan"
     videos, prompts, targets = [], [], []
     seeds = [_video_seed(seed, "denoiser", step, index) for index in range(config.batch_size)]
-    for index, (scene, video) in enumerate(draw(sample_video, seeds)):
-        videos.append(frames_to_tensor(video))
+    for index, (scene, video) in enumerate(draw(_wan_video if wan else sample_video, seeds)):
+        videos.append(video)
         if rng.random() < config.caption_dropout:
             prompts.append("")
             continue
@@ -203,10 +259,13 @@ def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: Train
         prompts.append(prompt)
         phrases = [obj.phrase for obj in scene.objects]
         try:
-            positions, _ = compute_token_positions(prompt, phrases, tokenizer)
+            if wan:
+                positions, _ = compute_wan_token_positions(clean_prompt(prompt), phrases, tokenizer)
+            else:
+                positions, _ = compute_token_positions(prompt, phrases, tokenizer)
         except LayoutError:  # not expected for world captions; train on the video without the term
             continue
-        boxes = scene_boxes(scene, NUM_FRAMES)
+        boxes = scene_boxes(scene, (SHAPES_WAN_NUM_FRAMES - 1) // 4 + 1 if wan else NUM_FRAMES)
         by_token: dict[int, list[int]] = {}
         for object_index, span in enumerate(positions):
             for position in span:
@@ -218,9 +277,12 @@ def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: Train
                 masks[height * width] = per_object.amax(dim=0)
             targets.append((index, position, masks))
     with torch.no_grad():
-        pixels = torch.cat(videos).to(vae.device)                                # (B*F, 3, H, W)
-        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
-    latents = latents.unflatten(0, (config.batch_size, NUM_FRAMES)).permute(0, 2, 1, 3, 4)
+        if wan:
+            latents = normalise_wan_latents(vae, vae.encode(clips_to_tensor(videos).to(vae.device)).latent_dist.mode())
+        else:
+            pixels = torch.cat([frames_to_tensor(video) for video in videos]).to(vae.device)   # (B*F, 3, H, W)
+            latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+            latents = latents.unflatten(0, (config.batch_size, NUM_FRAMES)).permute(0, 2, 1, 3, 4)
     return DenoiserBatch(latents=latents.contiguous(), prompts=tuple(prompts), targets=tuple(targets))
 
 
@@ -281,19 +343,73 @@ def denoiser_step(components: dict, noise_scheduler, rng: np.random.Generator, g
     return total, float(epsilon_loss), float(attention_loss)
 
 
-def learning_rate(config: TrainConfig, step: int, base: float) -> float:
-    """Linear warm-up, then cosine decay to 10 % over ``config.steps``."""
+def wan_denoiser_step(components: dict, rng: np.random.Generator, generator: torch.Generator, config: TrainConfig,
+                      seed: int, step: int, draw: Callable = map) -> tuple[torch.Tensor, float, float]:
+    """One flow-matching step of the Wan transformer (+ the attention term): ``x_s = (1 - s) x_0 + s e`` at
+    ``s`` drawn uniformly and moved by the scheduler's flow shift (the sigmas it samples with), target
+    ``e - x_0`` (UniPC's ``flow_prediction``); returns (total loss, flow loss, attention loss)."""
+    transformer, vae, text_encoder, tokenizer = (components[k] for k in ("transformer", "vae", "text_encoder",
+                                                                         "tokenizer"))
+    patch_t, patch_h, patch_w = transformer.config.patch_size
+    latent_size = SHAPES_WAN_HEIGHT // 8
+    map_size = (latent_size // patch_h, latent_size // patch_w)
+    batch = build_denoiser_batch(vae, tokenizer, rng, config, seed, step, (map_size,), draw, family="wan")
+    device = batch.latents.device
+    noise = torch.randn(batch.latents.shape, generator=generator).to(device)
+    shift = float(components["scheduler"].config.flow_shift)
+    uniform = torch.rand(config.batch_size, generator=generator)
+    sigmas = (shift * uniform / (1 + (shift - 1) * uniform)).to(device)
+    s = sigmas.view(-1, 1, 1, 1, 1)
+    noisy = (1 - s) * batch.latents + s * noise
+    text = encode_wan_prompts(tokenizer, text_encoder, batch.prompts, device, torch.float32, grad=True)
+    use_attention = config.attention_loss_weight > 0 and batch.targets
+    recorder = AttentionRecorder(SHAPES_WAN_GUIDED_LAYERS if use_attention else (), stop_when_complete=False)
+
+    def predict():
+        return transformer(hidden_states=noisy, timestep=sigmas * 1000, encoder_hidden_states=text,
+                           return_dict=False)[0]
+
+    if use_attention:
+        with recording_wan_attention(transformer, recorder) as state:
+            state.trainable_text = True
+            state.grid = (batch.latents.shape[2] // patch_t, *map_size)
+            recorder.start()
+            prediction = predict()
+            recorder.stop()
+        attention_loss = compute_attention_loss(recorder.maps, batch.targets, config.batch_size)
+    else:
+        prediction = predict()
+        attention_loss = torch.zeros((), device=device)
+    flow_loss = F.mse_loss(prediction, noise - batch.latents)
+    total = flow_loss + config.attention_loss_weight * attention_loss
+    return total, float(flow_loss), float(attention_loss)
+
+
+@functools.lru_cache(maxsize=1)
+def _ddpm_scheduler():
+    """The UNet's training noise schedule (ModelScope's DDPM config)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler.from_config(dict(MODELSCOPE_DDIM_SCHEDULER_CONFIG))
+
+
+def learning_rate(config: TrainConfig, step: int, base: float, denoiser_seconds: float = 0.0) -> float:
+    """Linear warm-up, then cosine decay to 10 % over ``config.steps`` (or ``config.denoiser_minutes``)."""
     if step < config.warmup_steps:
         return base * (step + 1) / config.warmup_steps
-    progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
+    if config.denoiser_minutes is not None:
+        progress = min(1.0, denoiser_seconds / (60 * config.denoiser_minutes))
+    else:
+        progress = min(1.0, (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps))
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
-                 max_seconds: float | None = None, progress: Callable | None = None,
-                 init_from: Path | None = None, stop_after_step: int | None = None,
-                 device: str | torch.device = "cpu", workers: int = 0) -> TrainState:
-    """Train (or resume) the VAE then the denoiser + text encoder in place; returns the final state.
+def train_shapes_model(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
+                       max_seconds: float | None = None, progress: Callable | None = None,
+                       init_from: Path | None = None, stop_after_step: int | None = None,
+                       device: str | torch.device = "cpu", workers: int = 0) -> TrainState:
+    """Train (or resume) the VAE then the denoiser + text encoder in place; returns the final state. The family
+    follows the components (`models.shapes`): a ``unet`` (epsilon, DDPM) or a Wan ``transformer`` (flow matching).
 
     ``progress(stage, step, total, loss_text)`` is called after every step (the CLI's tqdm). Without a
     checkpoint, ``init_from`` starts from an exported folder (`load_exported_model`) instead of nothing.
@@ -302,13 +418,12 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
     The models train on ``device`` and are back on the CPU when it returns; ``workers`` processes draw the
     videos (0: this process; same batches either way), which keeps a GPU fed.
     """
-    from diffusers import DDPMScheduler
-
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("unet", "vae", "text_encoder"):
+    denoiser = trained_names(components)[0]
+    for name in trained_names(components):
         components[name].to(device)  # in place: the optimisers below hold these parameters
     vae_opt = torch.optim.AdamW(components["vae"].parameters(), lr=config.vae_lr, weight_decay=0.0)
-    denoiser_params = list(components["unet"].parameters()) + list(components["text_encoder"].parameters())
+    denoiser_params = list(components[denoiser].parameters()) + list(components["text_encoder"].parameters())
     denoiser_opt = torch.optim.AdamW(denoiser_params, lr=config.lr, weight_decay=0.0)
     optimizers = {"vae": vae_opt, "denoiser": denoiser_opt}
     state = TrainState()
@@ -321,7 +436,6 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
         for name, opt in optimizers.items():
             opt.load_state_dict(optimizer_states[name])
         logger.info("resumed from %s: stage %s, step %d", checkpoint_dir / CHECKPOINT_NAME, state.stage, state.step)
-    noise_scheduler = DDPMScheduler.from_config(dict(MODELSCOPE_DDIM_SCHEDULER_CONFIG))
     with contextlib.ExitStack() as stack:
         draw = map
         if workers > 0:
@@ -329,37 +443,46 @@ def train_unet3d(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
 
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
             draw = pool.map
-        _train_loop(components, config, checkpoint_dir, optimizers, state, noise_scheduler, draw, max_seconds,
-                    progress, stop_after_step)
-    for name in ("unet", "vae", "text_encoder"):
+        _train_loop(components, config, checkpoint_dir, optimizers, state, draw, max_seconds, progress,
+                    stop_after_step)
+    for name in trained_names(components):
         components[name].eval().to("cpu")
     return state
 
 
-def _train_loop(components, config, checkpoint_dir, optimizers, state, noise_scheduler, draw, max_seconds,
-                progress, stop_after_step) -> None:
+def _train_loop(components, config, checkpoint_dir, optimizers, state, draw, max_seconds, progress,
+                stop_after_step) -> None:
+    wan = "transformer" in components
+    denoiser = trained_names(components)[0]
     vae_opt, denoiser_opt = optimizers["vae"], optimizers["denoiser"]
     denoiser_params = [p for group in denoiser_opt.param_groups for p in group["params"]]
     started = time.monotonic()
     last_tick = started
 
-    def tick() -> None:
+    def tick(stage: str) -> None:
         nonlocal last_tick
         now = time.monotonic()
         state.seconds += now - last_tick
+        if stage == "denoiser":
+            state.denoiser_seconds += now - last_tick
         last_tick = now
+
+    def denoiser_finished() -> bool:
+        spent = config.denoiser_minutes is not None and state.denoiser_seconds >= 60 * config.denoiser_minutes
+        return spent or state.step >= config.steps
 
     def stopped_at_step() -> bool:
         return stop_after_step is not None and state.stage == "denoiser" and state.step >= stop_after_step
 
     while state.stage != "done" and not stopped_at_step():
-        if state.stage == "vae":
+        stage = state.stage
+        if stage == "vae":
             vae = components["vae"].train()
             rng, generator = _step_generator(config.seed, "vae", state.step)
             for group in vae_opt.param_groups:
                 group["lr"] = config.vae_lr
             with _step_global_rng(generator):
-                loss = vae_step(vae, rng, generator, config, config.seed, state.step, draw)
+                loss = (wan_vae_step if wan else vae_step)(vae, rng, generator, config, config.seed, state.step, draw)
                 vae_opt.zero_grad(set_to_none=True)
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
@@ -370,19 +493,23 @@ def _train_loop(components, config, checkpoint_dir, optimizers, state, noise_sch
                 progress("vae", state.step, config.vae_steps, f"recon {float(loss):.4f}")
             if state.step >= config.vae_steps:
                 vae.eval()
-                scale = measure_latent_scale(vae, config.seed)
-                vae.register_to_config(scaling_factor=scale)
+                vae.register_to_config(**(measure_wan_latent_stats(vae, config.seed) if wan else
+                                          {"scaling_factor": measure_latent_scale(vae, config.seed)}))
                 state.stage, state.step = "denoiser", 0
         else:
             components["vae"].eval().requires_grad_(False)
-            components["unet"].train()
+            components[denoiser].train()
             components["text_encoder"].train()
             rng, generator = _step_generator(config.seed, "denoiser", state.step)
             for group in denoiser_opt.param_groups:
-                group["lr"] = learning_rate(config, state.step, config.lr)
+                group["lr"] = learning_rate(config, state.step, config.lr, state.denoiser_seconds)
             with _step_global_rng(generator):
-                total, eps, attention = denoiser_step(components, noise_scheduler, rng, generator, config,
-                                                      config.seed, state.step, draw)
+                if wan:
+                    total, eps, attention = wan_denoiser_step(components, rng, generator, config, config.seed,
+                                                              state.step, draw)
+                else:
+                    total, eps, attention = denoiser_step(components, _ddpm_scheduler(), rng, generator, config,
+                                                          config.seed, state.step, draw)
                 denoiser_opt.zero_grad(set_to_none=True)
                 total.backward()
             torch.nn.utils.clip_grad_norm_(denoiser_params, config.grad_clip)
@@ -391,14 +518,15 @@ def _train_loop(components, config, checkpoint_dir, optimizers, state, noise_sch
             state.step += 1
             if progress:
                 progress("denoiser", state.step, config.steps, f"eps {eps:.4f} attn {attention:.3f}")
-            if state.step >= config.steps:
+            tick(stage)
+            if denoiser_finished():
                 state.stage = "done"
-        tick()
+        tick(stage)
         if state.step % config.checkpoint_every == 0 or state.stage == "done":
             save_checkpoint(checkpoint_dir, components, optimizers, state)
         if max_seconds is not None and time.monotonic() - started > max_seconds:
             break  # after at least one step, so every call makes progress
-    tick()
+    tick(state.stage)
     save_checkpoint(checkpoint_dir, components, optimizers, state)
 
 
@@ -439,10 +567,11 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
     tail = denoiser[-50:]
     final_eps = float(np.mean([v[0] for v in tail])) if tail else float("nan")
     final_attention = float(np.mean([v[1] for v in tail])) if tail else float("nan")
+    size = "128x128, 17 frames" if family == "wan" else "64x64, 16 frames"
     record = {
         "family": family,
-        "data": "shapes.world.sample_video(seed) for seeds derived from (seed, stage, step, index): 64x64, 16 "
-                "frames, shapes {circle, square, triangle} x colours {red, green, blue, yellow}, 1-4 objects, "
+        "data": f"shapes.world.sample_video(seed) for seeds derived from (seed, stage, step, index): {size}, "
+                "shapes {circle, square, triangle} x colours {red, green, blue, yellow}, 1-4 objects, "
                 "backgrounds {white, black, gray, beige}, the five LVD tasks uniformly",
         "config": dataclasses.asdict(config),
         "steps_done": {"vae": len(state.losses.get("vae", [])), "denoiser": len(denoiser)},

@@ -367,8 +367,10 @@ def render_video(scene: Scene, *, height: int = HEIGHT, width: int = WIDTH, num_
     return frames
 
 
-def sample_video(seed: int, task: str | None = None, **scene_options) -> tuple[Scene, np.ndarray]:
-    """A scene and its video from one integer seed (the training set's item ``seed``)."""
+def sample_video(seed: int, task: str | None = None, *, height: int = HEIGHT, width: int = WIDTH,
+                 num_frames: int = NUM_FRAMES, **scene_options) -> tuple[Scene, np.ndarray]:
+    """A scene and its video from one integer seed (the training set's item ``seed``); the scene does not depend
+    on the video's size or length."""
     rng = np.random.default_rng(seed)
     scene = sample_scene(rng, task, **scene_options)
-    return scene, render_video(scene, rng=rng)
+    return scene, render_video(scene, height=height, width=width, num_frames=num_frames, rng=rng)

@@ -149,19 +149,19 @@ def test_the_diffusers_pipeline_loads_the_shipped_folder_and_makes_our_video():
 @pytest.mark.slow
 def test_training_resumed_from_a_checkpoint_equals_training_straight_through(tmp_path):
     from models.shapes import build_shapes_unet3d_components
-    from shapes.training import TrainConfig, train_unet3d
+    from shapes.training import TrainConfig, train_shapes_model
 
     config = TrainConfig(vae_steps=2, vae_batch_frames=2, steps=2, batch_size=1, checkpoint_every=1, warmup_steps=1)
     straight = build_shapes_unet3d_components(0)
-    state = train_unet3d(straight, config, tmp_path / "straight")
+    state = train_shapes_model(straight, config, tmp_path / "straight")
     assert state.stage == "done" and len(state.losses["denoiser"]) == 2
 
     resumed = build_shapes_unet3d_components(0)
     # Stop right after the VAE stage (a time budget of 0 s stops after the first step), then resume.
-    first = train_unet3d(resumed, config, tmp_path / "resumed", max_seconds=0.0)
+    first = train_shapes_model(resumed, config, tmp_path / "resumed", max_seconds=0.0)
     assert first.stage == "vae" and first.step == 1
     again = build_shapes_unet3d_components(0)   # a fresh process: weights come from the checkpoint
-    final = train_unet3d(again, config, tmp_path / "resumed")
+    final = train_shapes_model(again, config, tmp_path / "resumed")
     assert final.stage == "done"
     for name in ("unet", "vae", "text_encoder"):
         for (key, a), b in zip(straight[name].state_dict().items(), again[name].state_dict().values()):
@@ -170,17 +170,17 @@ def test_training_resumed_from_a_checkpoint_equals_training_straight_through(tmp
 
     # --workers: the videos drawn by other processes make the same batches, so the same model.
     pooled = build_shapes_unet3d_components(0)
-    assert train_unet3d(pooled, config, tmp_path / "pooled", workers=2).losses == state.losses
+    assert train_shapes_model(pooled, config, tmp_path / "pooled", workers=2).losses == state.losses
     for name in ("unet", "vae", "text_encoder"):
         for (key, a), b in zip(straight[name].state_dict().items(), pooled[name].state_dict().values()):
             assert torch.equal(a, b), f"{name}.{key} differs when other processes draw the videos"
 
     # --stop-after-step: a partly trained model on the full run's schedule (how the shipped one is remade).
     partial = build_shapes_unet3d_components(0)
-    stopped = train_unet3d(partial, config, tmp_path / "partial", stop_after_step=1)
+    stopped = train_shapes_model(partial, config, tmp_path / "partial", stop_after_step=1)
     assert (stopped.stage, stopped.step) == ("denoiser", 1)
     assert stopped.losses["denoiser"] == state.losses["denoiser"][:1]
-    assert train_unet3d(partial, config, tmp_path / "partial", stop_after_step=1).step == 1  # rerun: no more steps
+    assert train_shapes_model(partial, config, tmp_path / "partial", stop_after_step=1).step == 1  # rerun: no more steps
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,12 +286,12 @@ def test_the_studio_opens_on_the_shapes_model_its_cache_and_tuned_guidance(tmp_p
 @pytest.mark.slow
 def test_training_continues_from_an_exported_folder(tmp_path):
     from models.shapes import build_shapes_unet3d_components, save_unet3d_pipeline_folder
-    from shapes.training import TrainConfig, load_exported_model, train_unet3d, write_model_card
+    from shapes.training import TrainConfig, load_exported_model, train_shapes_model, write_model_card
 
     config = TrainConfig(vae_steps=1, vae_batch_frames=2, steps=3, batch_size=1, warmup_steps=1)
     components = build_shapes_unet3d_components(0)
-    state = train_unet3d(components, config, tmp_path / "ck", max_seconds=0.0)   # the VAE step
-    state = train_unet3d(components, config, tmp_path / "ck", max_seconds=0.0)   # one denoiser step
+    state = train_shapes_model(components, config, tmp_path / "ck", max_seconds=0.0)   # the VAE step
+    state = train_shapes_model(components, config, tmp_path / "ck", max_seconds=0.0)   # one denoiser step
     assert (state.stage, state.step) == ("denoiser", 1)
     save_unet3d_pipeline_folder(tmp_path / "out", components)
     write_model_card(tmp_path / "out", family="unet3d", config=config, state=state, num_parameters={},
@@ -301,7 +301,7 @@ def test_training_continues_from_an_exported_folder(tmp_path):
     assert (restored.stage, restored.step) == ("denoiser", 1) and len(restored.losses["denoiser"]) == 1
     assert torch.equal(fresh["unet"].conv_in.weight, components["unet"].conv_in.weight)
     assert fresh["vae"].config.scaling_factor == components["vae"].config.scaling_factor
-    final = train_unet3d(fresh, config, tmp_path / "ck2", init_from=tmp_path / "out")
+    final = train_shapes_model(fresh, config, tmp_path / "ck2", init_from=tmp_path / "out")
     assert final.stage == "done" and final.step == 3 and len(final.losses["denoiser"]) == 3
 
 
@@ -338,26 +338,31 @@ def test_training_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, m
 
 @pytest.mark.slow
 def test_the_gpu_training_script_runs_on_the_cpu_and_packs_what_comes_back(tmp_path):
-    """scripts/gpu_train_shapes.sh, the device tool's one command, as a CPU dry run (2 + 2 steps, no benchmark):
-    it trains, exports and packs the pipeline folder into two tars under the 16 MiB a file may bring back."""
+    """scripts/gpu_train_shapes.sh, the device tool's one command, as a CPU dry run (2 + 2 steps of both families
+    at once, no benchmark): it trains, exports and packs each pipeline folder into two tars under the 16 MiB a file
+    may bring back."""
     import os
     import subprocess
     import sys
     import tarfile
 
     repo = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, PYTHON=sys.executable, GPU_TRAIN_DIR=str(tmp_path / "work"), GPU_TRAIN_BENCH_PER_TASK="0",
+    env = dict(os.environ, PYTHON=sys.executable, GPU_TRAIN_DIR=str(tmp_path / "work"),
                GPU_BENCH_DIR=str(tmp_path / "no-wheels"))
     result = subprocess.run(["bash", "scripts/gpu_train_shapes.sh", str(tmp_path / "out"), "--device", "cpu",
-                             "--workers", "2", "--threads", "1", "--steps", "2", "--vae-steps", "2", "--batch-size",
-                             "1"], cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+                             "--workers", "1", "--steps", "2", "--vae-steps", "2", "--batch-size", "1"],
+                            cwd=repo, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    names = set()
-    for part in ("unet3d_unet.tar", "unet3d_rest.tar"):
-        path = tmp_path / "out" / part
-        assert path.stat().st_size < 16 * 2 ** 20
-        with tarfile.open(path) as tar:
-            names |= set(tar.getnames())
-    assert {"unet3d/unet/diffusion_pytorch_model.safetensors", "unet3d/vae/diffusion_pytorch_model.safetensors",
-            "unet3d/text_encoder/model.safetensors", "unet3d/training.json", "unet3d/model_index.json"} <= names
-    assert "wrote" in (tmp_path / "out" / "train.log").read_text()
+    expected = {"unet3d": ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                           "text_encoder/model.safetensors", "training.json", "model_index.json"),
+                "wan": ("transformer/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+                        "text_encoder/model.safetensors", "tokenizer/tokenizer.json", "training.json")}
+    for family, files in expected.items():
+        names = set()
+        for part in ("denoiser", "rest"):
+            path = tmp_path / "out" / f"{family}_{part}.tar"
+            assert path.stat().st_size < 16 * 2 ** 20
+            with tarfile.open(path) as tar:
+                names |= set(tar.getnames())
+        assert {f"{family}/{name}" for name in files} <= names, family
+        assert "wrote" in (tmp_path / "out" / f"train_{family}.log").read_text()
