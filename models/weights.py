@@ -42,11 +42,16 @@ def find_model_folder(spec: RunModelSpec, model_path: str | os.PathLike | None =
         folder = spec.bundled_folder
         missing = find_missing_files(folder, WAN_MODEL_CONFIG_FILES if wan else VIDEO_MODEL_CONFIG_FILES,
                                      WAN_MODEL_WEIGHT_FOLDERS if wan else VIDEO_MODEL_WEIGHT_FOLDERS)
+        train = f"`python scripts/train_shapes.py --family {'wan' if wan else 'unet3d'}`"
+        if not folder.is_dir():
+            raise MissingWeightsError(
+                f"{spec.name!r} has no weights in this checkout ({folder} does not exist); train them with "
+                f"{train}, which writes that folder, or pass --model-path DIR")
         if missing:
             raise MissingWeightsError(
                 f"the shipped weights of {spec.name!r} are incomplete in {folder} (missing {', '.join(missing)}); "
-                "restore them with `git checkout -- shapes/weights`, or train them with "
-                "`python scripts/train_shapes.py` (or pass --model-path DIR)")
+                f"restore them with `git checkout -- shapes/weights`, or train them with {train} "
+                "(or pass --model-path DIR)")
         return folder
     return resolve_model_folder(spec.model_id, model_path, spec.revision,
                                 required_files=WAN_MODEL_CONFIG_FILES if wan else VIDEO_MODEL_CONFIG_FILES,

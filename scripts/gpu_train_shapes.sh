@@ -20,7 +20,7 @@ work=${GPU_TRAIN_DIR:-/tmp/lvd-train}
 families=${GPU_TRAIN_FAMILIES:-unet3d wan}
 declare -A defaults=(
   [unet3d]="--steps 100000 --batch-size 16 --workers 6 --denoiser-minutes 7.0 --max-minutes 7.8"
-  [wan]="--steps 100000 --batch-size 8 --lr 3e-4 --vae-steps 500 --workers 8 --denoiser-minutes 6.0 --max-minutes 7.8"
+  [wan]="--steps 100000 --batch-size 8 --vae-steps 500 --workers 8 --denoiser-minutes 6.0 --max-minutes 7.8"
 )
 declare -A denoiser=([unet3d]=unet [wan]=transformer)
 

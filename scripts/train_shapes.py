@@ -1,4 +1,4 @@
-"""Train an LVD-Shapes model from nothing: `python scripts/train_shapes.py --family unet3d`.
+"""Train an LVD-Shapes model from nothing: `python scripts/train_shapes.py --family unet3d` (or `--family wan`).
 
 Trains the VAE, then the denoiser and text encoder, on videos drawn by `shapes/world.py`, with a progress bar
 showing the losses. A checkpoint is written every few steps to `--checkpoint-dir`; rerunning the same command
@@ -6,12 +6,11 @@ after Ctrl-C or a kill resumes from it (same seed, same result). When training i
 spent, with `--export-partial`), it writes a diffusers pipeline folder (`--out`, default: the shipped
 `shapes/weights/<family>/`, fp16 safetensors) with a model card (README.md, training.json) and a loss curve.
 CPU by default (one thread per process: small models run fastest so on a shared machine); CUDA with --device cuda
-(the same batches, drawn on the CPU; written and checked on the CPU path only so far: no GPU was lent yet).
+(the same batches, drawn on the CPU; run once on an H200 through scripts/gpu_train_shapes.sh).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 from pathlib import Path
@@ -32,6 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int_in(1), default=None)
     parser.add_argument("--attention-loss-weight", type=float, default=None)
     parser.add_argument("--lr", type=float, default=None, help="the denoiser's peak learning rate")
+    parser.add_argument("--vae-lr", type=float, default=None, help="the VAE's learning rate")
     parser.add_argument("--denoiser-minutes", type=float, default=None,
                         help="anneal the learning rate over this many minutes of denoiser training and stop there, "
                              "instead of over --steps (a fixed GPU budget; the steps done are recorded)")
@@ -67,13 +67,13 @@ def main(argv=None) -> int:
     from models.registry import get_run_model
     from models.shapes import (build_shapes_unet3d_components, build_shapes_wan_components,
                                save_unet3d_pipeline_folder, save_wan_pipeline_folder)
-    from shapes.training import TrainConfig, draw_loss_curve, train_shapes_model, trained_names, write_model_card
+    from shapes.training import draw_loss_curve, train_config, train_shapes_model, trained_names, write_model_card
 
     torch.set_num_threads(args.threads)
     overrides = {"steps": args.steps, "vae_steps": args.vae_steps, "batch_size": args.batch_size,
-                 "attention_loss_weight": args.attention_loss_weight, "lr": args.lr,
+                 "attention_loss_weight": args.attention_loss_weight, "lr": args.lr, "vae_lr": args.vae_lr,
                  "denoiser_minutes": args.denoiser_minutes, "checkpoint_every": args.checkpoint_every}
-    config = dataclasses.replace(TrainConfig(seed=args.seed), **{k: v for k, v in overrides.items() if v is not None})
+    config = train_config(args.family, seed=args.seed, **overrides)
     repo = Path(__file__).resolve().parent.parent
     checkpoint_dir = args.checkpoint_dir or repo / ".train_shapes" / args.family
     out = args.out or get_run_model(FAMILIES[args.family]).bundled_folder

@@ -69,6 +69,20 @@ class TrainConfig:
     checkpoint_every: int = 20
 
 
+# Where the Wan family's recipe differs. Its VAE's decoder clamps to [-1, 1]: at 1e-3 an early step can push a white
+# or black background past the clamp, where no gradient flows, and the VAE stays at the mean colour (seen on the GPU
+# run; a lower rate fits a clip). The DiT takes a lower rate than the UNet.
+FAMILY_RECIPES = {"unet3d": {}, "wan": {"vae_lr": 2e-4, "lr": 3e-4}}
+
+
+def train_config(family: str, **overrides) -> TrainConfig:
+    """The family's recipe (`FAMILY_RECIPES` over `TrainConfig`'s defaults), then ``overrides`` (None: default)."""
+    if family not in FAMILY_RECIPES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(FAMILY_RECIPES)}")
+    values = {**FAMILY_RECIPES[family], **{k: v for k, v in overrides.items() if v is not None}}
+    return dataclasses.replace(TrainConfig(), **values)
+
+
 @dataclasses.dataclass
 class TrainState:
     """Mutable progress of a run (what a checkpoint holds besides the weights)."""
@@ -287,25 +301,34 @@ def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: Train
 
 
 def compute_attention_loss(maps: dict[str, torch.Tensor], targets, batch_size: int) -> torch.Tensor:
-    """Mean over layers, targets, heads and frames with a box of ``-log`` (attention share inside the box).
+    """Mean over layers and targets of the mean over heads and frames with a box of ``-log`` (attention share
+    inside the box); targets with no box in any frame are left out.
 
-    ``maps[layer]``: (B*F, heads, h*w, 77) cross-attention probabilities.
+    ``maps[layer]``: (B*F, heads, h*w, tokens) cross-attention probabilities. All targets of a layer at once, with
+    no host synchronisation (a per-target loop kept a GPU waiting on every target).
     """
-    losses = []
-    for probs in maps.values():
-        per_video = probs.unflatten(0, (batch_size, -1))                       # (B, F, heads, N, 77)
-        for video_index, position, masks in targets:
-            attention = per_video[video_index, :, :, :, position]              # (F, heads, N)
-            mask = masks[attention.shape[-1]].to(attention.device)              # (F, N)
-            present = mask.sum(-1) > 0
-            if not present.any():
-                continue
-            share = attention / attention.sum(-1, keepdim=True).clamp_min(1e-8)
-            inside = (share * mask[:, None, :]).sum(-1)                        # (F, heads)
-            losses.append(-torch.log(inside[present] + 1e-6).mean())
-    if not losses:
+    if not maps or not targets:
         return torch.zeros((), device=next(iter(maps.values())).device if maps else None)
-    return torch.stack(losses).mean()
+    videos = torch.tensor([video for video, _, _ in targets])
+    positions = torch.tensor([position for _, position, _ in targets])
+    masks_by_size: dict[int, torch.Tensor] = {}
+    total, count = 0.0, 0.0
+    for probs in maps.values():
+        per_video = probs.unflatten(0, (batch_size, -1))                         # (B, F, heads, N, tokens)
+        size = per_video.shape[-2]
+        if size not in masks_by_size:
+            masks_by_size[size] = torch.stack([masks[size] for _, _, masks in targets]).to(probs.device)
+        mask = masks_by_size[size]                                                # (K, F, N)
+        attention = per_video[videos.to(probs.device), :, :, :, positions.to(probs.device)]   # (K, F, heads, N)
+        share = attention / attention.sum(-1, keepdim=True).clamp_min(1e-8)
+        inside = (share * mask[:, :, None, :]).sum(-1)                            # (K, F, heads)
+        present = (mask.sum(-1) > 0).to(inside.dtype)                             # (K, F)
+        frames = present.sum(1)                                                   # (K,)
+        per_target = -(torch.log(inside + 1e-6) * present[..., None]).sum((1, 2)) / (frames * inside.shape[-1]).clamp_min(1)
+        valid = (frames > 0).to(inside.dtype)
+        total = total + (per_target * valid).sum()
+        count = count + valid.sum()
+    return total / torch.as_tensor(count).clamp_min(1)
 
 
 def encode_prompts(text_encoder, tokenizer, prompts) -> torch.Tensor:
@@ -561,6 +584,12 @@ def draw_loss_curve(path: Path, losses: dict) -> None:
         image.save(tmp, format="PNG")
 
 
+def _planned(config: TrainConfig) -> str:
+    if config.denoiser_minutes is None:
+        return str(config.steps)
+    return f"a {config.denoiser_minutes:g}-minute denoiser budget"
+
+
 def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: TrainState, num_parameters: dict,
                      device: str, threads: int) -> None:
     denoiser = state.losses.get("denoiser", [])
@@ -576,6 +605,7 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
         "config": dataclasses.asdict(config),
         "steps_done": {"vae": len(state.losses.get("vae", [])), "denoiser": len(denoiser)},
         "wall_time_minutes": round(state.seconds / 60, 1),
+        "denoiser_wall_time_minutes": round(state.denoiser_seconds / 60, 1),
         "device": device,
         "threads": threads,
         "final_loss_epsilon_last50": round(final_eps, 5),
@@ -604,7 +634,7 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
     ]
     if state.stage != "done":
         lines[-1:-1] = [
-            f"- **Partial**: exported at {state.stage} step {state.step} of {config.steps} (`--export-partial`). "
+            f"- **Partial**: exported at {state.stage} step {state.step} of {_planned(config)} (`--export-partial`). "
             "Continue with the same command (from its checkpoint) or with `--init-from` this folder.", ""]
     with atomic_path(folder / "README.md") as tmp:
         tmp.write_text("\n".join(lines))

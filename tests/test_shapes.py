@@ -84,16 +84,17 @@ def test_unknown_task_or_background_is_named():
 # --------------------------------------------------------------------------------------------
 # The shipped model
 
-def _shipped_folder():
+def _shipped_folder(run_model: str = "lvd_shapes"):
     from models.registry import get_run_model
 
-    folder = get_run_model("lvd_shapes").bundled_folder
+    folder = get_run_model(run_model).bundled_folder
     if not (folder / "model_index.json").is_file():
         pytest.skip(f"no shipped shapes weights in {folder}")  # only in a checkout without them
     return folder
 
 
 def test_shapes_run_models_load_the_shipped_weights_by_name():
+    from models.attention import check_guided_layers
     from models.loading import load_video_model
     from models.registry import get_run_model
 
@@ -103,20 +104,38 @@ def test_shapes_run_models_load_the_shipped_weights_by_name():
     assert lvd.source == baseline.source == str(folder)
     assert lvd.unet.dtype == torch.float32
     # LVD's six guided layers exist at ModelScope's module paths.
-    from models.attention import check_guided_layers
     check_guided_layers(lvd.unet, get_run_model("lvd_shapes").guided_layers)
     for a, b in zip(lvd.unet.parameters(), baseline.unet.parameters()):
         assert torch.equal(a, b)
 
 
-def test_a_missing_shipped_folder_names_the_training_command(tmp_path, monkeypatch):
+def test_the_wan_shapes_tokenizer_keeps_every_caption_word_whole():
+    from models.shapes import build_shapes_wan_components
+    from models.wan_text import SPIECE_SPACE
+
+    tokenizer = build_shapes_wan_components()["tokenizer"]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        caption = sample_scene(rng).caption
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer(caption).input_ids)
+        expected = []
+        for word in caption.split():  # "left," is the word and a comma
+            expected += [SPIECE_SPACE + word.rstrip(",")] + ([","] if word.endswith(",") else [])
+        assert pieces == expected + ["</s>"], caption
+
+
+@pytest.mark.parametrize("run_model, family", [("lvd_shapes", "unet3d"), ("wan_shapes", "wan")])
+def test_a_missing_shipped_folder_names_the_training_command(tmp_path, monkeypatch, run_model, family):
     from models import registry
     from models.hub import MissingWeightsError
     from models.loading import load_video_model
 
     monkeypatch.setattr(registry, "BUNDLED_WEIGHTS_DIR", tmp_path)
-    with pytest.raises(MissingWeightsError, match="scripts/train_shapes.py"):
-        load_video_model(registry.get_run_model("lvd_shapes"), device="cpu")
+    with pytest.raises(MissingWeightsError, match=f"does not exist.*train_shapes.py --family {family}"):
+        load_video_model(registry.get_run_model(run_model), device="cpu")
+    (tmp_path / registry.get_run_model(run_model).bundled).mkdir()
+    with pytest.raises(MissingWeightsError, match=f"incomplete.*train_shapes.py --family {family}"):
+        load_video_model(registry.get_run_model(run_model), device="cpu")
 
 
 @pytest.mark.slow
@@ -142,8 +161,101 @@ def test_the_diffusers_pipeline_loads_the_shipped_folder_and_makes_our_video():
     assert torch.allclose(ours.latents, latents, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
+def test_the_wan_family_trains_loads_by_name_and_equals_wan_pipeline(tmp_path, monkeypatch):
+    """`train_shapes.py --family wan` (1 + 1 steps) writes a folder that `lvd_wan_shapes` / `wan_shapes` load by name
+    from the shipped location (Wan's guided blocks at their module paths) and that `WanPipeline.from_pretrained`
+    loads and samples to our latents."""
+    import importlib.util
+
+    from diffusers import WanPipeline
+
+    from generation.config import sampling_config_for
+    from generation.sampling import generate_video
+    from models import registry
+    from models.loading import load_video_model
+    from models.wan_attention import check_wan_guided_layers
+
+    script = importlib.util.spec_from_file_location("train_shapes", Path(__file__).parents[1] / "scripts/train_shapes.py")
+    train_shapes = importlib.util.module_from_spec(script)
+    script.loader.exec_module(train_shapes)
+    assert train_shapes.main(["--family", "wan", "--steps", "1", "--vae-steps", "1", "--batch-size", "1",
+                              "--checkpoint-dir", str(tmp_path / "checkpoint"), "--out", str(tmp_path / "wan")]) == 0
+    monkeypatch.setattr(registry, "BUNDLED_WEIGHTS_DIR", tmp_path)
+    lvd = load_video_model(registry.get_run_model("lvd_wan_shapes"), device="cpu")
+    model = load_video_model(registry.get_run_model("wan_shapes"), device="cpu")
+    assert lvd.source == model.source == str(tmp_path / "wan")
+    assert registry.get_run_model("lvd_wan_shapes").guided_layers == tuple(f"blocks.{i}.attn2" for i in (2, 3, 4, 5))
+    check_wan_guided_layers(lvd.transformer, registry.get_run_model("lvd_wan_shapes").guided_layers)
+    sampling = dataclasses.replace(sampling_config_for(registry.get_run_model("wan_shapes")), num_inference_steps=4)
+    prompt = "a red circle moving from the left to the right"
+    ours = generate_video(model, prompt, sampling, seed=4)
+    pipe = WanPipeline.from_pretrained(str(tmp_path / "wan"), dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    latents = pipe(prompt, negative_prompt="", num_frames=17, height=128, width=128, num_inference_steps=4,
+                   guidance_scale=sampling.guidance_scale, generator=torch.Generator("cpu").manual_seed(4),
+                   output_type="latent").frames
+    assert ours.latents.shape == latents.shape == (1, 16, 5, 16, 16)
+    assert torch.allclose(ours.latents, latents, atol=1e-5, rtol=0)
+
+
 # --------------------------------------------------------------------------------------------
 # Training
+
+
+def test_the_attention_term_on_a_worked_example():
+    """Uniform attention over 16 cells: a box of 4 cells holds a quarter of it, so the term is -log(1/4); a frame
+    without the box and a target without any box are left out."""
+    import math
+
+    from shapes.training import compute_attention_loss
+
+    maps = {"layer": torch.full((2 * 3, 2, 16, 77), 1 / 77)}         # 2 videos x 3 frames, 2 heads, 4x4 map
+    box = torch.zeros(3, 16)
+    box[:2, :4] = 1                                                     # frames 0 and 1: 4 cells; frame 2: none
+    targets = [(0, 5, {16: box}), (1, 7, {16: torch.zeros(3, 16)})]
+    assert float(compute_attention_loss(maps, targets, 2)) == pytest.approx(-math.log(0.25 + 1e-6), rel=1e-6)
+    assert float(compute_attention_loss(maps, [], 2)) == 0.0
+
+
+def test_a_wan_step_trains_the_text_side_of_the_guided_layers():
+    """The Wan denoiser step records its guided layers with the text keys in the graph (a guided pass at sampling
+    time caches them as constants): the attention term reaches the text encoder and each guided block's to_k."""
+    from models.registry import SHAPES_WAN_GUIDED_LAYERS
+    from models.shapes import build_shapes_wan_components
+    from shapes.training import TrainConfig, _step_generator, wan_denoiser_step
+
+    components = build_shapes_wan_components(0)
+    config = TrainConfig(batch_size=1, caption_dropout=0.0)
+    rng, generator = _step_generator(0, "denoiser", 0)
+    total, flow, attention = wan_denoiser_step(components, rng, generator, config, 0, 0)
+    assert flow > 0 and attention > 0
+    total.backward()
+    assert components["text_encoder"].shared.weight.grad.abs().sum() > 0
+    for name in SHAPES_WAN_GUIDED_LAYERS:
+        assert components["transformer"].get_submodule(name).to_k.weight.grad.abs().sum() > 0, name
+
+
+def test_each_family_starts_from_its_recipe_and_flags_win():
+    from shapes.training import TrainConfig, train_config
+
+    assert train_config("unet3d") == TrainConfig()
+    wan = train_config("wan", seed=3, batch_size=None)
+    assert (wan.vae_lr, wan.lr, wan.seed, wan.batch_size) == (2e-4, 3e-4, 3, TrainConfig().batch_size)
+    assert train_config("wan", vae_lr=1e-3).vae_lr == 1e-3
+    with pytest.raises(ValueError, match="unknown family 'dit'; expected one of unet3d, wan"):
+        train_config("dit")
+
+
+def test_a_time_budget_anneals_the_learning_rate_by_the_clock():
+    from shapes.training import TrainConfig, learning_rate
+
+    config = TrainConfig(steps=100000, warmup_steps=10, denoiser_minutes=2.0)
+    assert learning_rate(config, 5, 1.0, 0.0) == pytest.approx(0.6)              # warm-up still counts steps
+    assert learning_rate(config, 500, 1.0, 60.0) == pytest.approx(0.55)          # half the budget: halfway down
+    assert learning_rate(config, 900, 1.0, 120.0) == pytest.approx(0.1)          # spent: the floor
+    assert learning_rate(TrainConfig(steps=110, warmup_steps=10), 60, 1.0, 60.0) == pytest.approx(0.55)  # by steps
+
 
 
 @pytest.mark.slow
