@@ -363,7 +363,7 @@ def denoiser_step(components: dict, noise_scheduler, rng: np.random.Generator, g
         attention_loss = torch.zeros((), device=device)
     epsilon_loss = F.mse_loss(prediction, noise)
     total = epsilon_loss + config.attention_loss_weight * attention_loss
-    return total, float(epsilon_loss), float(attention_loss)
+    return total, float(epsilon_loss.detach()), float(attention_loss.detach())
 
 
 def wan_denoiser_step(components: dict, rng: np.random.Generator, generator: torch.Generator, config: TrainConfig,
@@ -405,7 +405,7 @@ def wan_denoiser_step(components: dict, rng: np.random.Generator, generator: tor
         attention_loss = torch.zeros((), device=device)
     flow_loss = F.mse_loss(prediction, noise - batch.latents)
     total = flow_loss + config.attention_loss_weight * attention_loss
-    return total, float(flow_loss), float(attention_loss)
+    return total, float(flow_loss.detach()), float(attention_loss.detach())
 
 
 @functools.lru_cache(maxsize=1)
@@ -510,10 +510,10 @@ def _train_loop(components, config, checkpoint_dir, optimizers, state, draw, max
                 loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), config.grad_clip)
             vae_opt.step()
-            state.losses["vae"].append(float(loss))
+            state.losses["vae"].append(float(loss.detach()))
             state.step += 1
             if progress:
-                progress("vae", state.step, config.vae_steps, f"recon {float(loss):.4f}")
+                progress("vae", state.step, config.vae_steps, f"recon {state.losses['vae'][-1]:.4f}")
             if state.step >= config.vae_steps:
                 vae.eval()
                 vae.register_to_config(**(measure_wan_latent_stats(vae, config.seed) if wan else
