@@ -127,10 +127,10 @@ def wan_guided_layers(blocks) -> tuple[str, ...]:
 WAN_1_3B_GUIDED_LAYERS = wan_guided_layers(WAN_GUIDED_BLOCKS_1_3B)
 WAN_14B_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, WAN_NUM_LAYERS_14B))
 WAN_TINY_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, WAN_TINY_NUM_LAYERS))
-# The Wan shapes model: Wan's VAE factors, so 128x128 frames -> 16x16 latents -> guided maps 8x8; 17 frames -> 5
-# latent frames. 8 blocks; LVD guides the same relative depths as on the 1.3B: blocks 2-5.
-SHAPES_WAN_HEIGHT = 128
-SHAPES_WAN_WIDTH = 128
+# The Wan shapes model: the UNet's 64x64 world, a 4x VAE (Wan's own is 8x), so 16x16 latents -> guided maps 8x8; 17
+# frames -> 5 latent frames (Wan's 4x in time). 8 blocks; LVD guides the 1.3B's relative depths: blocks 2-5.
+SHAPES_WAN_HEIGHT = 64
+SHAPES_WAN_WIDTH = 64
 SHAPES_WAN_NUM_FRAMES = 17
 SHAPES_WAN_NUM_LAYERS = 8
 SHAPES_WAN_FOLDER = "wan"

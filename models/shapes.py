@@ -8,10 +8,10 @@ over the real CLIP tokenizer, ModelScope's DDIM scheduler config (sampled with D
 UNet3D run-model). Saved as a diffusers pipeline folder, so `TextToVideoSDPipeline.from_pretrained(folder)`
 loads it as well as `load_video_model`.
 
-The Wan model is Wan 2.1 T2V at a CPU size: `WanTransformer3DModel` (8 blocks of width 128, patch 1x2x2), an
-`AutoencoderKLWan` with Wan's own factors (8x space, 4x time: 128x128 frames -> 16x16 latents -> guided maps
-8x8; 17 frames -> 5 latent frames), a small `UMT5EncoderModel` over a unigram tokenizer of the shapes world's
-words (umT5's structure, built offline), Wan's UniPC flow-matching scheduler; a `WanPipeline` folder.
+The Wan model is Wan 2.1 T2V at a CPU size: `WanTransformer3DModel` (8 blocks of width 128, patch 1x2x2), a
+3-level `AutoencoderKLWan` (4x in space like the UNet's VAE, Wan's 4x in time: 64x64 frames -> 16x16 latents ->
+guided maps 8x8; 17 frames -> 5 latent frames), a small `UMT5EncoderModel` over a unigram tokenizer of the shapes
+world's words (umT5's structure, built offline), Wan's UniPC flow-matching scheduler; a `WanPipeline` folder.
 """
 from __future__ import annotations
 
@@ -121,10 +121,15 @@ SHAPES_WAN_TRANSFORMER_CONFIG = types.MappingProxyType({
     "num_layers": SHAPES_WAN_NUM_LAYERS,
     "text_dim": SHAPES_WAN_TEXT_DIM,
 })
-# Wan's factors and z_dim; small widths. latents_mean / latents_std are set from the trained encoder.
+# Wan's z_dim and 4x in time; 3 levels, so 4x in space (8x made 64x64 frames 8x8 latents: maps of 4x4); small
+# widths. latents_mean / latents_std are set from the trained encoder.
 SHAPES_WAN_VAE_CONFIG = types.MappingProxyType({
     **WAN_VAE_CONFIG,
     "base_dim": 16,
+    "dim_mult": (1, 2, 4),
+    "temperal_downsample": (True, True),
+    "scale_factor_spatial": 4,
+    "scale_factor_temporal": 4,
     "num_res_blocks": 1,
     "latents_mean": (0.0,) * WAN_VAE_CONFIG["z_dim"],
     "latents_std": (1.0,) * WAN_VAE_CONFIG["z_dim"],

@@ -35,6 +35,7 @@ from models.registry import (LVD_GUIDED_LAYERS, SHAPES_WAN_GUIDED_LAYERS, SHAPES
                              SHAPES_WAN_WIDTH)
 from models.schedulers import MODELSCOPE_DDIM_SCHEDULER_CONFIG
 from models.wan_attention import recording_wan_attention
+from models.wan_model import wan_latent_num_frames
 from models.wan_text import clean_prompt, compute_wan_token_positions, encode_wan_prompts
 from shapes.world import NUM_FRAMES, sample_video, scene_boxes
 from utils.io import atomic_path, atomic_write_json
@@ -215,11 +216,14 @@ def clips_to_tensor(videos) -> torch.Tensor:
 
 def wan_vae_step(vae, rng: np.random.Generator, generator: torch.Generator, config: TrainConfig,
                  seed: int, step: int, draw: Callable = map) -> torch.Tensor:
-    """One reconstruction + KL step of the Wan VAE on whole clips; returns the loss."""
+    """One reconstruction + KL step of the Wan VAE on whole clips; returns the loss (``generator`` unused: no
+    sampling)."""
     seeds = [_video_seed(seed, "vae", step, index) for index in range(config.vae_batch_videos)]
     clips = clips_to_tensor([video for _, video in draw(_wan_video, seeds)]).to(vae.device)
     posterior = vae.encode(clips).latent_dist
-    reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+    # The posterior's mean, not a sample: the sample's unit noise drowned this small encoder's early latents (the
+    # decoder learnt to ignore them); the denoiser trains on the mean anyway.
+    reconstruction = vae.decode(posterior.mode()).sample
     return F.mse_loss(reconstruction, clips) + config.vae_kl_weight * posterior.kl().mean()
 
 
@@ -257,9 +261,10 @@ def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: Train
                          map_sizes: tuple[tuple[int, int], ...], draw: Callable = map, *,
                          family: str = "unet3d") -> DenoiserBatch:
     """Videos, prompts and attention targets of one step. ``family`` "unet3d": 64x64x16 videos, CLIP token
-    positions, maps per frame; "wan": 128x128x17 videos, umT5 positions on the cleaned prompt, maps per latent
+    positions, maps per frame; "wan": 64x64x17 videos, umT5 positions on the cleaned prompt, maps per latent
     frame (the boxes resampled to them, as LVD guides Wan)."""
     wan = family == "wan"
+    map_frames = wan_latent_num_frames(SHAPES_WAN_NUM_FRAMES, vae.config.scale_factor_temporal) if wan else NUM_FRAMES
     videos, prompts, targets = [], [], []
     seeds = [_video_seed(seed, "denoiser", step, index) for index in range(config.batch_size)]
     for index, (scene, video) in enumerate(draw(_wan_video if wan else sample_video, seeds)):
@@ -279,7 +284,7 @@ def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: Train
                 positions, _ = compute_token_positions(prompt, phrases, tokenizer)
         except LayoutError:  # not expected for world captions; train on the video without the term
             continue
-        boxes = scene_boxes(scene, (SHAPES_WAN_NUM_FRAMES - 1) // 4 + 1 if wan else NUM_FRAMES)
+        boxes = scene_boxes(scene, map_frames)
         by_token: dict[int, list[int]] = {}
         for object_index, span in enumerate(positions):
             for position in span:
@@ -374,8 +379,8 @@ def wan_denoiser_step(components: dict, rng: np.random.Generator, generator: tor
     transformer, vae, text_encoder, tokenizer = (components[k] for k in ("transformer", "vae", "text_encoder",
                                                                          "tokenizer"))
     patch_t, patch_h, patch_w = transformer.config.patch_size
-    latent_size = SHAPES_WAN_HEIGHT // 8
-    map_size = (latent_size // patch_h, latent_size // patch_w)
+    spatial = vae.config.scale_factor_spatial
+    map_size = (SHAPES_WAN_HEIGHT // (spatial * patch_h), SHAPES_WAN_WIDTH // (spatial * patch_w))
     batch = build_denoiser_batch(vae, tokenizer, rng, config, seed, step, (map_size,), draw, family="wan")
     device = batch.latents.device
     noise = torch.randn(batch.latents.shape, generator=generator).to(device)
@@ -596,7 +601,7 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
     tail = denoiser[-50:]
     final_eps = float(np.mean([v[0] for v in tail])) if tail else float("nan")
     final_attention = float(np.mean([v[1] for v in tail])) if tail else float("nan")
-    size = "128x128, 17 frames" if family == "wan" else "64x64, 16 frames"
+    size = "64x64, 17 frames" if family == "wan" else "64x64, 16 frames"
     record = {
         "family": family,
         "data": f"shapes.world.sample_video(seed) for seeds derived from (seed, stage, step, index): {size}, "
@@ -625,7 +630,8 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
         f"- Steps: VAE {record['steps_done']['vae']}, denoiser {record['steps_done']['denoiser']} "
         f"(batch {config.batch_size} videos).",
         f"- Wall time: {record['wall_time_minutes']} min on {device} ({threads} thread(s)).",
-        f"- Final losses (mean of the last 50 steps): epsilon {record['final_loss_epsilon_last50']}, "
+        f"- Final losses (mean of the last 50 steps): {'flow matching' if family == 'wan' else 'epsilon'} "
+        f"{record['final_loss_epsilon_last50']}, "
         f"attention localisation {record['final_loss_attention_last50']} "
         f"(weight {config.attention_loss_weight}).",
         f"- Parameters: {', '.join(f'{k} {v / 1e6:.2f} M' for k, v in num_parameters.items())}.",

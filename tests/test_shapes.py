@@ -93,19 +93,24 @@ def _shipped_folder(run_model: str = "lvd_shapes"):
     return folder
 
 
-def test_shapes_run_models_load_the_shipped_weights_by_name():
+@pytest.mark.parametrize("lvd_name, baseline_name", [("lvd_shapes", "baseline_shapes"),
+                                                     ("lvd_wan_shapes", "wan_shapes")])
+def test_shapes_run_models_load_the_shipped_weights_by_name(lvd_name, baseline_name):
     from models.attention import check_guided_layers
     from models.loading import load_video_model
     from models.registry import get_run_model
+    from models.wan_attention import check_wan_guided_layers
 
-    folder = _shipped_folder()
-    lvd = load_video_model(get_run_model("lvd_shapes"), device="cpu")
-    baseline = load_video_model(get_run_model("baseline_shapes"), device="cpu")
+    folder = _shipped_folder(lvd_name)
+    lvd = load_video_model(get_run_model(lvd_name), device="cpu")
+    baseline = load_video_model(get_run_model(baseline_name), device="cpu")
     assert lvd.source == baseline.source == str(folder)
-    assert lvd.unet.dtype == torch.float32
-    # LVD's six guided layers exist at ModelScope's module paths.
-    check_guided_layers(lvd.unet, get_run_model("lvd_shapes").guided_layers)
-    for a, b in zip(lvd.unet.parameters(), baseline.unet.parameters()):
+    wan = lvd_name == "lvd_wan_shapes"
+    denoiser, baseline_denoiser = (lvd.transformer, baseline.transformer) if wan else (lvd.unet, baseline.unet)
+    assert denoiser.dtype == torch.float32
+    # LVD's guided layers exist at the full-size family's module paths (ModelScope's six; Wan's blocks.<i>.attn2).
+    (check_wan_guided_layers if wan else check_guided_layers)(denoiser, get_run_model(lvd_name).guided_layers)
+    for a, b in zip(denoiser.parameters(), baseline_denoiser.parameters()):
         assert torch.equal(a, b)
 
 
@@ -192,7 +197,7 @@ def test_the_wan_family_trains_loads_by_name_and_equals_wan_pipeline(tmp_path, m
     ours = generate_video(model, prompt, sampling, seed=4)
     pipe = WanPipeline.from_pretrained(str(tmp_path / "wan"), dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    latents = pipe(prompt, negative_prompt="", num_frames=17, height=128, width=128, num_inference_steps=4,
+    latents = pipe(prompt, negative_prompt="", num_frames=17, height=64, width=64, num_inference_steps=4,
                    guidance_scale=sampling.guidance_scale, generator=torch.Generator("cpu").manual_seed(4),
                    output_type="latent").frames
     assert ours.latents.shape == latents.shape == (1, 16, 5, 16, 16)

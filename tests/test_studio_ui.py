@@ -26,7 +26,7 @@ def test_the_page_builds_offline_and_opens_on_the_shipped_shapes_model(tmp_path,
     assert app.analytics_enabled is False
     assert app.studio.default_run_model() == "lvd_shapes"
     assert app.studio.available_run_models() == ["lvd_tiny", "lvd-gligen_tiny", "lvd-plus_tiny", "lvd_shapes",
-                                                 "lvd_wan_tiny"]
+                                                 "lvd_wan_shapes", "lvd_wan_tiny"]
     assert "<code>lvd_zeroscope</code>" in app.studio.unavailable_html()
     assert app.studio.default_cache() == DEMO_CACHE.name
 
