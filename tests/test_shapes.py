@@ -223,6 +223,7 @@ def test_the_attention_term_on_a_worked_example():
     assert float(compute_attention_loss(maps, [], 2)) == 0.0
 
 
+@pytest.mark.slow
 def test_a_wan_step_trains_the_text_side_of_the_guided_layers():
     """The Wan denoiser step records its guided layers with the text keys in the graph (a guided pass at sampling
     time caches them as constants): the attention term reaches the text encoder and each guided block's to_k."""

@@ -230,6 +230,7 @@ def test_cli_zeroscope_xl_writes_three_formats_and_resumes(tmp_path, script, cap
     assert "already done: 1" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_cli_sdxl_and_chained_outputs(tmp_path, script):
     video = write_input_video(tmp_path)
     argv = ["--videos", str(video), "--prompts", PROMPT, "--tiny", "--use_sdxl", "--use_zssdxl", "--horizontal",
