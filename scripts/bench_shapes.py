@@ -7,9 +7,11 @@ index, as the benchmark does), evaluates the run with ``scripts/eval_owl_vit.py 
 accuracy), and measures, the same way for every arm, prompt following (every requested (colour, shape)
 detected in at least half of the frames where the planned layout has it) and adherence to the planned layout
 (mIoU, coverage, CD, AP50 over all frames; `shapes.measure`), and, colour-blind, the mIoU of the largest
-salient blob against the box of one-object prompts (it sees where a partly trained model put *something*). It prints a markdown table (and writes it
-with the raw figures as JSON); wall time is each arm's
-mean seconds per video (video_<r>.json) relative to the baseline's, in this one run.
+salient blob against the box of one-object prompts (it sees where a partly trained model put *something*).
+The ``reconstruction`` arm generates nothing: it passes each prompt's planned scene, drawn by the shapes world,
+through the model's VAE, and measures that the same way; no sampler over those latents can do better, so it
+tells a denoiser's limits from its VAE's. It prints a markdown table (and writes it with the raw figures as
+JSON); wall time is each arm's mean seconds per video (video_<r>.json) relative to the baseline's, in this one run.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ PRESETS = {
     "mask+lvd-tuned": (1, ["--control", "mask", "energy", *TUNED]),
     "modulate+lvd-tuned": (1, ["--control", "modulate", "energy", *TUNED]),
 }
+RECONSTRUCTION = "reconstruction"   # the planned scenes through the VAE (no generation, no five-task verdicts)
 DEFAULT_ARMS = ("baseline", "lvd", "lvd-tuned")
 
 
@@ -47,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--family", choices=tuple(FAMILIES), default="unet3d")
     parser.add_argument("--per-task", type=int_in(1, PROMPTS_PER_TASK), default=8, help="prompts per task (<= 20)")
-    parser.add_argument("--arms", nargs="+", choices=tuple(PRESETS), default=list(DEFAULT_ARMS),
+    parser.add_argument("--arms", nargs="+", choices=(*PRESETS, RECONSTRUCTION), default=list(DEFAULT_ARMS),
                         help=f"default: {' '.join(DEFAULT_ARMS)}")
     parser.add_argument("--out", type=Path, default=Path("bench_shapes"), help="runs and results go here")
     parser.add_argument("--model-path", default=None, help="another trained folder instead of the shipped one")
@@ -79,6 +82,38 @@ def generate_arm(arm: str, run_model: str, flags: list[str], args) -> Path:
     if len(runs) != 1:
         raise RuntimeError(f"expected one run folder under {root}, found {runs}")
     return runs[0]
+
+
+def reconstruct_arm(args) -> Path:
+    """The first ``per_task`` prompts of each task, planned, drawn (seed = prompt index) and passed through the
+    VAE of the model under test, saved where a generated run would put them."""
+    import numpy as np
+    from diffusers import AutoencoderKL, AutoencoderKLWan
+
+    from models.registry import SHAPES_WAN_NUM_FRAMES, get_run_model
+    from prompt import get_prompt_entries
+    from shapes.measure import reconstruct_video
+    from shapes.planner import plan_scene
+    from shapes.world import NUM_FRAMES, render_video
+    from utils.video_io import write_joblib
+
+    wan = args.family == "wan"
+    folder = Path(args.model_path or get_run_model(FAMILIES[args.family][1]).bundled_folder)
+    vae = (AutoencoderKLWan if wan else AutoencoderKL).from_pretrained(folder / "vae").eval()
+    entries = get_prompt_entries("shapes")
+    run_dir = args.out / RECONSTRUCTION / "run0"
+    for task_index in range(len(TASKS)):
+        for index in range(task_index * PROMPTS_PER_TASK, task_index * PROMPTS_PER_TASK + args.per_task):
+            scene = plan_scene(entries[index][0])
+            frames = render_video(scene, num_frames=SHAPES_WAN_NUM_FRAMES if wan else NUM_FRAMES,
+                                  rng=np.random.default_rng(index))
+            started = time.perf_counter()
+            video = reconstruct_video(vae, frames)
+            (run_dir / str(index)).mkdir(parents=True, exist_ok=True)
+            write_joblib(video, run_dir / str(index) / "video_0.joblib")
+            atomic_write_json(run_dir / str(index) / "video_0.json",
+                              {"elapsed_s": round(time.perf_counter() - started, 3)})
+    return run_dir
 
 
 def evaluate_arm(run_dir: Path, args) -> dict:
@@ -136,6 +171,11 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     results = {}
     for arm in args.arms:
+        if arm == RECONSTRUCTION:
+            run_dir = reconstruct_arm(args)
+            results[arm] = {"run": str(run_dir), "flags": [], "seconds_per_video": mean_seconds_per_video(run_dir),
+                            **measure_videos(run_dir), "tasks": {}, "overall": None}
+            continue
         model_index, flags = PRESETS[arm]
         run_dir = generate_arm(arm, FAMILIES[args.family][model_index], flags, args)
         summary = evaluate_arm(run_dir, args)
@@ -152,7 +192,7 @@ def main(argv=None) -> int:
         adherence = r["adherence"]
         following = r["prompt_following"]
         cells = [arm, f"{rate(following['single_object']):.2f}", f"{rate(following['all']):.2f}",
-                 *tasks, f"{r['overall']['correct']}/{r['overall']['total']}",
+                 *tasks, f"{r['overall']['correct']}/{r['overall']['total']}" if r["overall"] else "-",
                  *("-" if adherence.get(k) is None else f"{adherence[k]:.3f}"
                    for k in ("miou", "coverage", "centroid_distance", "ap50")),
                  "-" if r["salient_miou_single_object"] is None else f"{r['salient_miou_single_object']:.3f}",

@@ -98,3 +98,18 @@ def compute_salient_miou(scene: Scene, frames: np.ndarray) -> float:
     ious = [compute_iou_matrix(planned[f][None], found[f][None])[0, 0] if found[f].any() else 0.0
             for f in np.nonzero(present)[0]]
     return float(np.mean(ious)) if ious else 0.0
+
+
+def reconstruct_video(vae, frames: np.ndarray) -> np.ndarray:
+    """(F, H, W, 3) uint8 through a VAE (the posterior's mean, then the decoder): the best video any sampler over
+    that VAE's latents can give, so what the detector makes of it bounds every arm. ``AutoencoderKLWan`` takes
+    the clip at once (F = 4k + 1); an image VAE (``AutoencoderKL``) takes the frames as a batch."""
+    import torch
+
+    pixels = torch.from_numpy(frames).to(vae.device, vae.dtype).permute(0, 3, 1, 2) / 127.5 - 1
+    video_vae = type(vae).__name__ == "AutoencoderKLWan"
+    with torch.no_grad():
+        inputs = pixels.permute(1, 0, 2, 3)[None] if video_vae else pixels
+        decoded = vae.decode(vae.encode(inputs).latent_dist.mode()).sample
+    decoded = decoded[0].permute(1, 0, 2, 3) if video_vae else decoded
+    return ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

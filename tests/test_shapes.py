@@ -223,6 +223,48 @@ def test_the_attention_term_on_a_worked_example():
     assert float(compute_attention_loss(maps, [], 2)) == 0.0
 
 
+def test_the_vae_loss_weights_the_pixels_of_objects():
+    """On a drawn frame, an error on the object costs (1 + weight) times what the same error costs on the
+    background; weight 0 is plain MSE; clips (B, 3, F, H, W) are weighted frame by frame."""
+    from shapes.training import reconstruction_loss
+
+    scene, video = sample_video(5, "dynamic_spatial", background="gray")
+    target = torch.from_numpy(video[:1]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    drawn = torch.from_numpy(render_video(dataclasses.replace(scene, objects=()), num_frames=1,
+                                          rng=np.random.default_rng(0))).permute(0, 3, 1, 2).float() / 127.5 - 1
+    on_object = (target - drawn).abs().amax(1, keepdim=True) > 0.25              # where the shape is drawn
+    assert 0 < on_object.float().mean() < 0.2
+    error = torch.zeros_like(target)
+    error[:, 0] = 0.5
+    object_cost = reconstruction_loss(target + error * on_object, target, 10.0)
+    background_cost = reconstruction_loss(target + error * ~on_object, target, 10.0)
+    count_object, count_background = on_object.sum(), (~on_object).sum()
+    assert float(object_cost / count_object) == pytest.approx(11 * float(background_cost / count_background))
+    assert float(reconstruction_loss(target + error, target, 0.0)) == pytest.approx(0.25 / 3)
+    clip = target.permute(1, 0, 2, 3)[None].expand(2, 3, 4, 64, 64)
+    assert float(reconstruction_loss(clip + 0.1, clip, 10.0)) == pytest.approx(
+        float(reconstruction_loss(target + 0.1, target, 10.0)))
+
+
+@pytest.mark.parametrize("family", ["unet3d", "wan"])
+def test_a_video_through_the_vae_keeps_its_shape_and_type(family):
+    from shapes.measure import reconstruct_video
+
+    if family == "wan":
+        from diffusers import AutoencoderKLWan
+        vae = AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                               attn_scales=[])
+        num_frames = 5
+    else:
+        from diffusers import AutoencoderKL
+        vae = AutoencoderKL(block_out_channels=(8, 8), down_block_types=("DownEncoderBlock2D",) * 2,
+                            up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, latent_channels=4)
+        num_frames = 3
+    frames = sample_video(1, num_frames=num_frames)[1]
+    out = reconstruct_video(vae.eval(), frames)
+    assert out.shape == frames.shape and out.dtype == np.uint8
+
+
 @pytest.mark.slow
 def test_a_wan_step_trains_the_text_side_of_the_guided_layers():
     """The Wan denoiser step records its guided layers with the text keys in the graph (a guided pass at sampling
