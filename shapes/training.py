@@ -616,6 +616,22 @@ def _planned(config: TrainConfig) -> str:
     return f"a {config.denoiser_minutes:g}-minute denoiser budget"
 
 
+_CLI_OPTIONS = {"seed": "--seed", "steps": "--steps", "vae_steps": "--vae-steps", "batch_size": "--batch-size",
+                "attention_loss_weight": "--attention-loss-weight", "lr": "--lr", "vae_lr": "--vae-lr",
+                "denoiser_minutes": "--denoiser-minutes", "checkpoint_every": "--checkpoint-every"}
+
+
+def training_command(family: str, config: TrainConfig, threads: int) -> str:
+    """The `train_shapes.py` command line that trains ``config`` from nothing (options that differ from the recipe)."""
+    recipe = train_config(family)
+    words = ["python scripts/train_shapes.py", f"--family {family}"]
+    words += [f"{option} {getattr(config, field):g}" for field, option in _CLI_OPTIONS.items()
+              if getattr(config, field) != getattr(recipe, field)]
+    if threads != 1:
+        words.append(f"--threads {threads}")
+    return " ".join(words)
+
+
 def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: TrainState, num_parameters: dict,
                      device: str, threads: int) -> None:
     denoiser = state.losses.get("denoiser", [])
@@ -644,8 +660,8 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
     lines = [
         f"# LVD-Shapes ({family})",
         "",
-        "A small text-to-video model trained from nothing by `python scripts/train_shapes.py "
-        f"--family {family}` on the procedural shapes world (`shapes/world.py`).",
+        f"A small text-to-video model trained from nothing by `{training_command(family, config, threads)}` "
+        "on the procedural shapes world (`shapes/world.py`).",
         "",
         f"- Data: {record['data']}.",
         f"- Steps: VAE {record['steps_done']['vae']}, denoiser {record['steps_done']['denoiser']} "

@@ -496,6 +496,30 @@ def test_training_on_a_device_this_machine_lacks_is_one_line(tmp_path, capsys, m
     assert not (tmp_path / "c").exists() and not (tmp_path / "o").exists()
 
 
+
+def test_the_model_card_names_the_command_that_retrains_it():
+    """The card's command, parsed by train_shapes.py, gives back the config that trained the model."""
+    import importlib.util
+    import shlex
+
+    from shapes.training import train_config, training_command
+
+    spec = importlib.util.spec_from_file_location("train_shapes", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "train_shapes.py")
+    train_shapes = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_shapes)
+    for family, overrides, threads in [("unet3d", {"steps": 100000, "denoiser_minutes": 90.0}, 2),
+                                       ("wan", {"seed": 3, "vae_lr": 5e-4, "batch_size": 2}, 1)]:
+        config = train_config(family, **overrides)
+        command = training_command(family, config, threads)
+        args = train_shapes.parse_args(shlex.split(command)[2:])
+        again = train_config(args.family, seed=args.seed, steps=args.steps, vae_steps=args.vae_steps,
+                             batch_size=args.batch_size, attention_loss_weight=args.attention_loss_weight,
+                             lr=args.lr, vae_lr=args.vae_lr, denoiser_minutes=args.denoiser_minutes,
+                             checkpoint_every=args.checkpoint_every)
+        assert (again, args.threads) == (config, threads), command
+    assert training_command("wan", train_config("wan"), 1) == "python scripts/train_shapes.py --family wan"
+
 @pytest.mark.slow
 def test_the_gpu_training_script_runs_on_the_cpu_and_packs_what_comes_back(tmp_path):
     """scripts/gpu_train_shapes.sh, the device tool's one command, as a CPU dry run (2 + 2 steps of both families
