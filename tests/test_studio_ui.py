@@ -141,7 +141,7 @@ def test_requests_the_handlers_never_see_are_answered_with_gradios_message(studi
 def test_page_files_stay_in_the_output_folder_and_bounded(studio):
     assert studio.scratch_dir.resolve().is_relative_to(studio.settings.output_dir.resolve())
     state = studio.plan(ui.SOURCE_CACHE, DEMO_CACHE.name, DEMO_PROMPT, 0, "", "lvd_tiny")[0]
-    for step in range(40):
+    for step in range(backend.MAX_PREVIEW_FOLDERS // 2 + 4):   # two files per edit: enough to pass the bound
         studio.edited(editor.move_box(state, 0, 0, step / 512, 0), "lvd_tiny")
     files = [p for p in studio.scratch_dir.rglob("*") if p.is_file()]
     assert len(files) <= backend.MAX_PREVIEW_FOLDERS
