@@ -181,7 +181,9 @@ def test_ctrl_c_prints_one_line_with_the_resume_hint(tmp_path, lvd_cache):
 
     command = [sys.executable, "generate.py", "--run-model", "lvd_tiny", "--prompt-type", "lvd", "--model", "test-llm",
                "--cache-dir", str(lvd_cache), "--output-dir", str(tmp_path), "--num_frames", "4", "--force_run_ind", "3"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job ignores SIGINT and children inherit that: give the CLI the default handler back.
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while time.time() < deadline and not list(tmp_path.glob("*/run3/0/layout.json")):
         time.sleep(0.2)

@@ -358,7 +358,9 @@ def test_ctrl_c_prints_one_line(tmp_path):
                                     "--model", "m", "--template_version", "v0.1", "--auto-query", "--always-save",
                                     "--no-visualize", "--cache-dir", str(cache_dir), "--llm-base-url",
                                     slow.base_url], cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE, text=True)
+                                   stderr=subprocess.PIPE, text=True,
+                                   # a shell's background job ignores SIGINT, and children inherit that
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 90
         while not (cache_dir / "cache_lvd_v0.1_m.json").exists() and time.monotonic() < deadline:
             time.sleep(0.1)
