@@ -10,8 +10,13 @@ detected in at least half of the frames where the planned layout has it) and adh
 salient blob against the box of one-object prompts (it sees where a partly trained model put *something*).
 The ``reconstruction`` arm generates nothing: it passes each prompt's planned scene, drawn by the shapes world,
 through the model's VAE, and measures that the same way; no sampler over those latents can do better, so it
-tells a denoiser's limits from its VAE's. It prints a markdown table (and writes it with the raw figures as
-JSON); wall time is each arm's mean seconds per video (video_<r>.json) relative to the baseline's, in this one run.
+tells a denoiser's limits from its VAE's. It prints a markdown table (and writes it with the raw figures, per
+video too, as JSON); wall time is each arm's mean seconds per video (video_<r>.json) relative to the baseline's,
+in this one run. Rerun on the same ``--out``, it generates nothing new and measures again.
+
+``--compare A B`` compares two such runs (two models, or two methods, on the same prompts and seeds) prompt by
+prompt: per arm and measure, the means, the paired difference B - A and its standard error over the prompts;
+a difference within two standard errors is noise at this many prompts.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ import argparse
 import json
 import subprocess
 import sys
+import math
 import time
 from pathlib import Path
 
@@ -44,6 +50,10 @@ PRESETS = {
 }
 RECONSTRUCTION = "reconstruction"   # the planned scenes through the VAE (no generation, no five-task verdicts)
 DEFAULT_ARMS = ("baseline", "lvd", "lvd-tuned")
+# --compare: (measure, per-video key, one-object prompts only).
+COMPARED = (("single-object prompt following", "followed", True), ("all-prompt following", "followed", False),
+            ("five-task accuracy", "task_success", False), ("mIoU", "miou", False),
+            ("salient mIoU (1 object)", "salient_miou", True))
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -55,6 +65,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench_shapes"), help="runs and results go here")
     parser.add_argument("--model-path", default=None, help="another trained folder instead of the shipped one")
     parser.add_argument("--threads", type=int_in(1), default=None, help="passed to torch via OMP_NUM_THREADS")
+    parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), default=None,
+                        help="compare two earlier runs (their --out folders) prompt by prompt; runs nothing")
     return parser.parse_args(argv)
 
 
@@ -136,7 +148,7 @@ def measure_videos(run_dir: Path) -> dict:
     entries = get_prompt_entries("shapes")
     single = {"followed": 0, "total": 0}
     every = {"followed": 0, "total": 0}
-    adherence, salient = [], []
+    adherence, salient, per_video = [], [], []
     for folder in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.isdigit()):
         video_path = folder / "video_0.joblib"
         if not video_path.is_file():
@@ -151,9 +163,63 @@ def measure_videos(run_dir: Path) -> dict:
         adherence.append(score_video_adherence(scene, detections, *frames.shape[1:3]).to_dict())
         if len(scene.objects) == 1:
             salient.append(compute_salient_miou(scene, frames))
+        per_video.append({"index": int(folder.name), "objects": len(scene.objects), "followed": bool(followed),
+                          "miou": adherence[-1]["miou"],
+                          "salient_miou": salient[-1] if len(scene.objects) == 1 else None})
     return {"prompt_following": {"single_object": single, "all": every},
             "adherence": summarize_adherence(adherence),
-            "salient_miou_single_object": sum(salient) / len(salient) if salient else None}
+            "salient_miou_single_object": sum(salient) / len(salient) if salient else None,
+            "per_video": per_video}
+
+
+def compare_results(a: dict, b: dict) -> list[dict]:
+    """Paired differences B - A, per arm in both and measure of `COMPARED`, over the prompts both measured
+    (results.json of two runs): the means, the difference, its standard error (of the per-prompt
+    differences), and whether it is within two of them."""
+    rows = []
+    for arm in (arm for arm in a["results"] if arm in b["results"]):
+        videos = []
+        for side in (a, b):
+            if "per_video" not in side["results"][arm]:
+                raise ValueError(f"arm {arm!r} of one run has no per-video figures (run before they were recorded); "
+                                 "rerun bench_shapes.py with the same --out and arms: it generates nothing new")
+            videos.append({v["index"]: v for v in side["results"][arm]["per_video"]})
+        for measure, key, single_only in COMPARED:
+            pairs = [(float(videos[0][i][key]), float(videos[1][i][key])) for i in sorted(videos[0].keys() & videos[1])
+                     if videos[0][i].get(key) is not None and videos[1][i].get(key) is not None
+                     and (videos[0][i]["objects"] == 1 or not single_only)]
+            if not pairs:
+                continue
+            n = len(pairs)
+            differences = [y - x for x, y in pairs]
+            mean = sum(differences) / n
+            se = (math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1) / n) if n > 1 else float("nan"))
+            rows.append({"arm": arm, "measure": measure, "videos": n, "a": sum(x for x, _ in pairs) / n,
+                         "b": sum(y for _, y in pairs) / n, "difference": mean, "se": se,
+                         "within_noise": bool(abs(mean) <= 2 * se)})
+    return rows
+
+
+def compare_runs(folder_a: Path, folder_b: Path) -> str:
+    """`compare_results` of two --out folders as a markdown table."""
+    loaded = []
+    for folder in (folder_a, folder_b):
+        path = folder / "results.json" if folder.is_dir() else folder
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: expected a bench_shapes.py --out folder (or its results.json)")
+        loaded.append(json.loads(path.read_text()))
+    if loaded[0]["family"] != loaded[1]["family"]:
+        raise ValueError(f"the runs are of different families: {loaded[0]['family']} and {loaded[1]['family']}")
+    rows = compare_results(*loaded)
+    if not rows:
+        raise ValueError("the two runs share no arm with measured videos")
+    lines = [f"B = {folder_b}, A = {folder_a}: paired over the prompts both ran (seed = prompt index); "
+             "within noise: |B - A| <= 2 standard errors.", "",
+             "| arm | measure | videos | A | B | B - A | SE | within noise |", "|---" * 8 + "|"]
+    for r in rows:
+        lines.append(f"| {r['arm']} | {r['measure']} | {r['videos']} | {r['a']:.3f} | {r['b']:.3f} | "
+                     f"{r['difference']:+.3f} | {r['se']:.3f} | {'yes' if r['within_noise'] else 'no'} |")
+    return "\n".join(lines)
 
 
 def mean_seconds_per_video(run_dir: Path) -> float:
@@ -167,6 +233,9 @@ def rate(part: dict) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        print(compare_runs(*args.compare))
+        return 0
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = {}
@@ -179,8 +248,12 @@ def main(argv=None) -> int:
         model_index, flags = PRESETS[arm]
         run_dir = generate_arm(arm, FAMILIES[args.family][model_index], flags, args)
         summary = evaluate_arm(run_dir, args)
+        measured = measure_videos(run_dir)
+        verdicts = {v["index"]: v["success"] for v in summary["videos"] if not v.get("skipped")}
+        for video in measured["per_video"]:
+            video["task_success"] = verdicts.get(video["index"])
         results[arm] = {"run": str(run_dir), "flags": flags, "seconds_per_video": mean_seconds_per_video(run_dir),
-                        **measure_videos(run_dir), "tasks": summary["tasks"], "overall": summary["overall"]}
+                        **measured, "tasks": summary["tasks"], "overall": summary["overall"]}
     base_time = results.get("baseline", {}).get("seconds_per_video")
     header = ["arm", "single-object prompt following", "all prompts", *TASKS, "overall", "mIoU", "coverage", "CD",
               "AP50", "salient mIoU (1 object)", "s/video", "time vs baseline"]

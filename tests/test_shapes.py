@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -550,3 +551,66 @@ def test_the_gpu_training_script_runs_on_the_cpu_and_packs_what_comes_back(tmp_p
                 names |= set(tar.getnames())
         assert {f"{family}/{name}" for name in files} <= names, family
         assert "wrote" in (tmp_path / "out" / f"train_{family}.log").read_text()
+
+
+# The shapes benchmark's comparison of two runs (scripts/bench_shapes.py --compare)
+
+
+def _bench_results(per_video_by_arm: dict) -> dict:
+    return {"family": "unet3d", "results": {arm: {"per_video": videos} for arm, videos in per_video_by_arm.items()}}
+
+
+def test_two_runs_compare_prompt_by_prompt_with_a_standard_error():
+    from tests.eval_run_fixtures import load_script
+
+    bench = load_script("bench_shapes")
+
+    def video(index, objects, followed, miou, task_success=True):
+        return {"index": index, "objects": objects, "followed": followed, "miou": miou,
+                "salient_miou": miou if objects == 1 else None, "task_success": task_success}
+
+    a = _bench_results({"lvd": [video(0, 1, False, 0.1), video(1, 1, False, 0.2), video(2, 2, True, 0.3),
+                                video(3, 1, True, 0.4)],
+                        "baseline": [video(0, 1, True, 0.0)]})
+    b = _bench_results({"lvd": [video(0, 1, True, 0.5), video(1, 1, True, 0.6), video(2, 2, True, 0.7),
+                                video(3, 1, True, 0.8)],
+                        "mask": [video(0, 1, True, 0.0)]})
+    rows = {(r["arm"], r["measure"]): r for r in bench.compare_results(a, b)}
+    assert {arm for arm, _ in rows} == {"lvd"}                      # only arms both runs have
+    single = rows["lvd", "single-object prompt following"]
+    assert single["videos"] == 3 and single["a"] == pytest.approx(1 / 3) and single["b"] == 1.0
+    # Differences (1, 1, 0): mean 2/3, sample std 0.577, SE 0.333; 2/3 <= 2 x 0.333 is (just) noise.
+    assert single["difference"] == pytest.approx(2 / 3) and single["se"] == pytest.approx(1 / 3)
+    assert single["within_noise"]
+    # Every prompt gains exactly 0.4: the difference is certain, far outside noise.
+    miou = rows["lvd", "mIoU"]
+    assert miou["videos"] == 4 and miou["difference"] == pytest.approx(0.4) and miou["se"] == pytest.approx(0, abs=1e-12)
+    assert not miou["within_noise"]
+    assert rows["lvd", "salient mIoU (1 object)"]["videos"] == 3
+    assert rows["lvd", "five-task accuracy"]["difference"] == 0 and rows["lvd", "five-task accuracy"]["within_noise"]
+
+    del b["results"]["lvd"]["per_video"]
+    with pytest.raises(ValueError, match="no per-video figures.*rerun bench_shapes.py with the same --out"):
+        bench.compare_results(a, b)
+
+
+def test_the_benchmark_records_every_video_and_compares_a_run_with_itself(tmp_path, capsys):
+    """The reconstruction arm (the shipped VAE over the planned scenes: no sampling, seconds) end to end."""
+    from tests.eval_run_fixtures import load_script
+
+    _shipped_folder()
+    bench = load_script("bench_shapes")
+    assert bench.main(["--arms", "reconstruction", "--per-task", "1", "--out", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    videos = results["results"]["reconstruction"]["per_video"]
+    assert [v["index"] for v in videos] == [0, 20, 40, 60, 80]
+    assert all(0 <= v["miou"] <= 1 for v in videos) and all(isinstance(v["followed"], bool) for v in videos)
+    following = results["results"]["reconstruction"]["prompt_following"]["all"]
+    assert following["followed"] == sum(v["followed"] for v in videos) and following["total"] == 5
+    capsys.readouterr()
+    assert bench.main(["--compare", str(tmp_path / "run"), str(tmp_path / "run" / "results.json")]) == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| reconstruction |")]
+    assert len(rows) == 4 and all(" +0.000 | 0.000 | yes |" in row for row in rows)   # no task verdicts: 4 measures
+    with pytest.raises(FileNotFoundError, match="expected a bench_shapes.py --out folder"):
+        bench.main(["--compare", str(tmp_path / "run"), str(tmp_path / "nothing")])
