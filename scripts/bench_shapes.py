@@ -24,7 +24,6 @@ import argparse
 import json
 import subprocess
 import sys
-import math
 import time
 from pathlib import Path
 
@@ -176,6 +175,8 @@ def compare_results(a: dict, b: dict) -> list[dict]:
     """Paired differences B - A, per arm in both and measure of `COMPARED`, over the prompts both measured
     (results.json of two runs): the means, the difference, its standard error (of the per-prompt
     differences), and whether it is within two of them."""
+    from shapes.measure import paired_difference
+
     rows = []
     for arm in (arm for arm in a["results"] if arm in b["results"]):
         videos = []
@@ -191,9 +192,7 @@ def compare_results(a: dict, b: dict) -> list[dict]:
             if not pairs:
                 continue
             n = len(pairs)
-            differences = [y - x for x, y in pairs]
-            mean = sum(differences) / n
-            se = (math.sqrt(sum((d - mean) ** 2 for d in differences) / (n - 1) / n) if n > 1 else float("nan"))
+            mean, se = paired_difference([x for x, _ in pairs], [y for _, y in pairs])
             rows.append({"arm": arm, "measure": measure, "videos": n, "a": sum(x for x, _ in pairs) / n,
                          "b": sum(y for _, y in pairs) / n, "difference": mean, "se": se,
                          "within_noise": bool(abs(mean) <= 2 * se)})

@@ -100,6 +100,15 @@ def compute_salient_miou(scene: Scene, frames: np.ndarray) -> float:
     return float(np.mean(ious)) if ious else 0.0
 
 
+def paired_difference(a, b) -> tuple[float, float]:
+    """Mean of the paired differences ``b - a`` and its standard error (the per-pair differences' sample
+    standard deviation over sqrt(n); nan below two pairs): the one paired statistic of the shapes benchmark."""
+    differences = np.asarray(b, dtype=float) - np.asarray(a, dtype=float)
+    if differences.size < 2:
+        return (float(differences.mean()) if differences.size else float("nan")), float("nan")
+    return float(differences.mean()), float(differences.std(ddof=1) / np.sqrt(differences.size))
+
+
 def reconstruct_video(vae, frames: np.ndarray) -> np.ndarray:
     """(F, H, W, 3) uint8 through a VAE (the posterior's mean, then the decoder): the best video any sampler over
     that VAE's latents can give, so what the detector makes of it bounds every arm. ``AutoencoderKLWan`` takes

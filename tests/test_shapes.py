@@ -364,7 +364,7 @@ def test_lvd_follows_the_layout_better_than_the_baseline_on_shapes_prompts():
     from models.loading import load_video_model
     from models.registry import get_run_model
     from prompt import get_prompt_entries
-    from shapes.measure import compute_salient_miou
+    from shapes.measure import compute_salient_miou, paired_difference
     from shapes.planner import plan_scene
 
     _shipped_folder()
@@ -378,10 +378,10 @@ def test_lvd_follows_the_layout_better_than_the_baseline_on_shapes_prompts():
     lvd = generate_videos(model, [VideoRequest(entries[i][0], i, backbone.build_condition(scenes[i].layout(), 16))
                                   for i in EFFECT_PROMPT_INDICES], sampling, guidance=shapes_preset())
     baseline = generate_videos(model, [VideoRequest(entries[i][0], i) for i in EFFECT_PROMPT_INDICES], sampling)
-    differences = np.asarray([compute_salient_miou(scenes[i], a.frames) - compute_salient_miou(scenes[i], b.frames)
-                              for a, b, i in zip(lvd, baseline, EFFECT_PROMPT_INDICES)])
-    margin = 2 * differences.std(ddof=1) / np.sqrt(len(differences))
-    assert differences.mean() > margin, f"LVD - baseline mIoU per video: {np.round(differences, 3)}"
+    guided = [compute_salient_miou(scenes[i], video.frames) for video, i in zip(lvd, EFFECT_PROMPT_INDICES)]
+    unguided = [compute_salient_miou(scenes[i], video.frames) for video, i in zip(baseline, EFFECT_PROMPT_INDICES)]
+    mean, se = paired_difference(unguided, guided)
+    assert mean > 2 * se, f"LVD - baseline mIoU per video: {np.round(np.subtract(guided, unguided), 3)}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,6 +558,15 @@ def test_the_gpu_training_script_runs_on_the_cpu_and_packs_what_comes_back(tmp_p
 
 def _bench_results(per_video_by_arm: dict) -> dict:
     return {"family": "unet3d", "results": {arm: {"per_video": videos} for arm, videos in per_video_by_arm.items()}}
+
+
+def test_the_paired_difference_is_the_mean_of_the_differences_with_their_standard_error():
+    from shapes.measure import paired_difference
+
+    mean, se = paired_difference([1.0, 1.0, 2.0], [2.0, 3.0, 5.0])  # differences 1, 2, 3
+    assert mean == pytest.approx(2.0) and se == pytest.approx(1.0 / np.sqrt(3.0))
+    mean, se = paired_difference([0.5], [0.25])
+    assert mean == pytest.approx(-0.25) and np.isnan(se)
 
 
 def test_two_runs_compare_prompt_by_prompt_with_a_standard_error():
