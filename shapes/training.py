@@ -153,8 +153,9 @@ def load_checkpoint(folder: Path, components: dict) -> tuple[TrainState, dict] |
 
 def load_exported_model(folder: Path, components: dict) -> TrainState:
     """Start from an exported model folder (e.g. the shipped weights) instead of nothing: its weights (fp16
-    copies are upcast) and the progress its ``training.json`` records. The optimiser state is not exported, so
-    a run continued this way is close to, not equal to, one continued from its checkpoint."""
+    copies are upcast) and the progress its ``training.json`` records, denoiser minutes included (so a
+    ``--denoiser-minutes`` budget and its learning-rate schedule count the minutes already spent). The optimiser
+    state is not exported, so a run continued this way is close to, not equal to, one continued from its checkpoint."""
     import json
 
     record_path = folder / "training.json"
@@ -171,6 +172,7 @@ def load_exported_model(folder: Path, components: dict) -> TrainState:
     history = record.get("loss_history", {})
     return TrainState(stage="denoiser" if vae_finished else "vae", step=done["denoiser"] if vae_finished else 0,
                       seconds=60.0 * record["wall_time_minutes"],
+                      denoiser_seconds=60.0 * record.get("denoiser_wall_time_minutes", 0.0),
                       losses={"vae": list(history.get("vae", [])), "denoiser": list(history.get("denoiser", []))})
 
 

@@ -454,12 +454,14 @@ def test_training_continues_from_an_exported_folder(tmp_path):
     state = train_shapes_model(components, config, tmp_path / "ck", max_seconds=0.0)   # the VAE step
     state = train_shapes_model(components, config, tmp_path / "ck", max_seconds=0.0)   # one denoiser step
     assert (state.stage, state.step) == ("denoiser", 1)
+    state.denoiser_seconds = 600.0   # as after a 10-minute budget: a continued run's schedule must go on from it
     save_unet3d_pipeline_folder(tmp_path / "out", components)
     write_model_card(tmp_path / "out", family="unet3d", config=config, state=state, num_parameters={},
                      device="cpu", threads=1)
     fresh = build_shapes_unet3d_components(0)
     restored = load_exported_model(tmp_path / "out", fresh)
     assert (restored.stage, restored.step) == ("denoiser", 1) and len(restored.losses["denoiser"]) == 1
+    assert restored.denoiser_seconds == pytest.approx(600.0)
     assert torch.equal(fresh["unet"].conv_in.weight, components["unet"].conv_in.weight)
     assert fresh["vae"].config.scaling_factor == components["vae"].config.scaling_factor
     final = train_shapes_model(fresh, config, tmp_path / "ck2", init_from=tmp_path / "out")
