@@ -95,6 +95,7 @@ class TrainState:
     step: int = 0
     seconds: float = 0.0              # training wall time so far, over every resumed run
     denoiser_seconds: float = 0.0     # of which in the denoiser stage
+    continued_from: str | None = None  # the exported folder an --init-from run started from (None: from nothing)
     losses: dict = dataclasses.field(default_factory=lambda: {"vae": [], "denoiser": []})
 
 
@@ -173,6 +174,7 @@ def load_exported_model(folder: Path, components: dict) -> TrainState:
     return TrainState(stage="denoiser" if vae_finished else "vae", step=done["denoiser"] if vae_finished else 0,
                       seconds=60.0 * record["wall_time_minutes"],
                       denoiser_seconds=60.0 * record.get("denoiser_wall_time_minutes", 0.0),
+                      continued_from=str(folder),
                       losses={"vae": list(history.get("vae", [])), "denoiser": list(history.get("denoiser", []))})
 
 
@@ -650,6 +652,7 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
         "steps_done": {"vae": len(state.losses.get("vae", [])), "denoiser": len(denoiser)},
         "wall_time_minutes": round(state.seconds / 60, 1),
         "denoiser_wall_time_minutes": round(state.denoiser_seconds / 60, 1),
+        "continued_from": state.continued_from,
         "device": device,
         "threads": threads,
         "final_loss_epsilon_last50": round(final_eps, 5),
@@ -662,8 +665,12 @@ def write_model_card(folder: Path, *, family: str, config: TrainConfig, state: T
     lines = [
         f"# LVD-Shapes ({family})",
         "",
-        f"A small text-to-video model trained from nothing by `{training_command(family, config, threads)}` "
-        "on the procedural shapes world (`shapes/world.py`).",
+        (f"A small text-to-video model trained from nothing by `{training_command(family, config, threads)}` "
+         "on the procedural shapes world (`shapes/world.py`)." if state.continued_from is None else
+         f"A small text-to-video model continued from `{state.continued_from}` (its weights and recorded progress; "
+         f"the optimiser state started afresh) by `{training_command(family, config, threads)} --init-from "
+         f"{state.continued_from}` on the procedural shapes world (`shapes/world.py`); the steps, times and losses "
+         "below count the earlier training too."),
         "",
         f"- Data: {record['data']}.",
         f"- Steps: VAE {record['steps_done']['vae']}, denoiser {record['steps_done']['denoiser']} "

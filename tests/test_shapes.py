@@ -466,6 +466,11 @@ def test_training_continues_from_an_exported_folder(tmp_path):
     assert fresh["vae"].config.scaling_factor == components["vae"].config.scaling_factor
     final = train_shapes_model(fresh, config, tmp_path / "ck2", init_from=tmp_path / "out")
     assert final.stage == "done" and final.step == 3 and len(final.losses["denoiser"]) == 3
+    (tmp_path / "continued").mkdir()
+    write_model_card(tmp_path / "continued", family="unet3d", config=config, state=final, num_parameters={},
+                     device="cpu", threads=1)
+    card = (tmp_path / "continued" / "README.md").read_text()
+    assert "trained from nothing" not in card and f"--init-from {tmp_path / 'out'}" in card
 
 
 def test_the_studio_opens_on_the_run_model_asked_for(tmp_path):
