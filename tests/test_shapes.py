@@ -610,6 +610,7 @@ def test_two_runs_compare_prompt_by_prompt_with_a_standard_error():
         bench.compare_results(a, b)
 
 
+@pytest.mark.slow
 def test_the_benchmark_records_every_video_and_compares_a_run_with_itself(tmp_path, capsys):
     """The reconstruction arm (the shipped VAE over the planned scenes: no sampling, seconds) end to end."""
     from tests.eval_run_fixtures import load_script
