@@ -1,8 +1,9 @@
 """Shared fixtures and the ``slow`` marker.
 
 - Tiny random-weight models (the real classes, shrunken configs; models/tiny.py) are built once per
-  session (per worker under ``-n auto``: tests must not share files outside ``tmp_path``): every test module that needs one asks for ``tiny_model`` / ``tiny_grounded_model``. Tests
-  must not change their weights (processors are installed by context managers that restore them).
+  session (once per worker under ``-n auto``, so tests share no files outside ``tmp_path``): every test
+  module that needs one asks for ``tiny_model`` / ``tiny_grounded_model``. Tests must not change their
+  weights (processors are installed by context managers that restore them).
 - ``@pytest.mark.slow`` tests (subprocess launches, multi-process runs, long equivalence runs) are
   skipped, with that reason, unless ``--run-slow`` is given; ``.ci/run`` runs them in a second pass.
 - Torch runs on one thread in the test process (``LVD_TEST_THREADS`` overrides): tiny models gain
