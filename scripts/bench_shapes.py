@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -64,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=Path("bench_shapes"), help="runs and results go here")
     parser.add_argument("--model-path", default=None, help="another trained folder instead of the shipped one")
     parser.add_argument("--threads", type=int_in(1), default=None, help="passed to torch via OMP_NUM_THREADS")
+    parser.add_argument("--flags", type=shlex.split, default=[],
+                        help="more generate.py flags for every generated arm, after the arm's own (a sweep: e.g. "
+                             "--arms lvd-tuned --flags '--guided-blocks 1 2'); give each setting its own --out")
     parser.add_argument("--compare", nargs=2, type=Path, metavar=("A", "B"), default=None,
                         help="compare two earlier runs (their --out folders) prompt by prompt; runs nothing")
     return parser.parse_args(argv)
@@ -85,7 +89,7 @@ def generate_arm(arm: str, run_model: str, flags: list[str], args) -> Path:
         command = [sys.executable, "generate.py", "--run-model", run_model, "--prompt-type", "shapes",
                    "--model", "rule-based", "--template_version", "v0.1", "--output-dir", str(root),
                    "--force_run_ind", "0", "--seed_offset", "0", "--skip_first_prompts",
-                   str(task_index * PROMPTS_PER_TASK), "--num_prompts", str(args.per_task), *flags]
+                   str(task_index * PROMPTS_PER_TASK), "--num_prompts", str(args.per_task), *flags, *args.flags]
         if args.model_path:
             command += ["--model-path", args.model_path]
         run(command, args.threads)
@@ -251,7 +255,8 @@ def main(argv=None) -> int:
         verdicts = {v["index"]: v["success"] for v in summary["videos"] if not v.get("skipped")}
         for video in measured["per_video"]:
             video["task_success"] = verdicts.get(video["index"])
-        results[arm] = {"run": str(run_dir), "flags": flags, "seconds_per_video": mean_seconds_per_video(run_dir),
+        results[arm] = {"run": str(run_dir), "flags": [*flags, *args.flags],
+                        "seconds_per_video": mean_seconds_per_video(run_dir),
                         **measured, "tasks": summary["tasks"], "overall": summary["overall"]}
     base_time = results.get("baseline", {}).get("seconds_per_video")
     header = ["arm", "single-object prompt following", "all prompts", *TASKS, "overall", "mIoU", "coverage", "CD",

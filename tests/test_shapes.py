@@ -576,6 +576,22 @@ def test_the_paired_difference_is_the_mean_of_the_differences_with_their_standar
     assert mean == pytest.approx(-0.25) and np.isnan(se)
 
 
+def test_bench_flags_reach_every_generate_command_after_the_arms_own(tmp_path, monkeypatch):
+    from tests.eval_run_fixtures import load_script
+
+    bench = load_script("bench_shapes")
+    args = bench.parse_args(["--family", "wan", "--per-task", "1", "--out", str(tmp_path),
+                             "--flags", "--guided-blocks 1 2 --loss_scale 40"])
+    commands = []
+    monkeypatch.setattr(bench, "run", lambda command, threads: commands.append(command))
+    (tmp_path / "lvd-tuned" / "imgs_x" / "run0").mkdir(parents=True)
+    _, flags = bench.PRESETS["lvd-tuned"]
+    bench.generate_arm("lvd-tuned", "lvd_wan_shapes", flags, args)
+    assert len(commands) == len(bench.TASKS)
+    for command in commands:
+        assert command[-9:] == [*bench.TUNED, "--guided-blocks", "1", "2", "--loss_scale", "40"]
+
+
 def test_two_runs_compare_prompt_by_prompt_with_a_standard_error():
     from tests.eval_run_fixtures import load_script
 
