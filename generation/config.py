@@ -11,8 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from models.registry import (GUIDED_METHODS, LVD_GUIDED_LAYERS, WAN_FAMILY, WAN_LVD_CORRECTOR_OFF_STEPS, RunModelError,
-                             RunModelSpec, validate_num_frames, validate_size)
+from models.registry import (GUIDED_METHODS, LVD_GUIDED_LAYERS, UNET3D_FAMILY, WAN_FAMILY, WAN_LVD_CORRECTOR_OFF_STEPS,
+                             RunModelError, RunModelSpec, validate_num_frames, validate_size)
 
 if TYPE_CHECKING:
     from generation.energies import EnergyWeights
@@ -167,11 +167,18 @@ def weak_guidance_preset(base_model: str = "zeroscope") -> GuidanceConfig:
                           bg_weight=2.0)
 
 
-def shapes_preset() -> GuidanceConfig:
-    """LVD-Shapes (models/shapes.py; measured in docs/BENCHMARKS.md): its energies stay below the paper's
-    threshold of 200, which stops guidance after one iteration, so every guided iteration runs
-    (threshold 0) with a stronger step (loss_scale 20)."""
-    return GuidanceConfig(loss_scale=20.0, loss_threshold=0.0)
+# The LVD-Shapes models' tuned loss scales, per family (docs/BENCHMARKS.md: "LVD-Shapes", "The Wan sibling's
+# guidance"): the same step moves the Wan sibling's latents far less than the UNet's.
+SHAPES_LOSS_SCALES = {UNET3D_FAMILY: 20.0, WAN_FAMILY: 300.0}
+
+
+def shapes_preset(family: str = UNET3D_FAMILY) -> GuidanceConfig:
+    """The tuned guidance of an LVD-Shapes model (models/shapes.py): its energies stay below the paper's threshold
+    of 200, which stops guidance after one iteration, so every guided iteration runs (threshold 0), with the
+    family's stronger step (`SHAPES_LOSS_SCALES`)."""
+    if family not in SHAPES_LOSS_SCALES:
+        raise ValueError(f"unknown family {family!r}; expected one of {', '.join(SHAPES_LOSS_SCALES)}")
+    return GuidanceConfig(loss_scale=SHAPES_LOSS_SCALES[family], loss_threshold=0.0)
 
 
 def benchmark_preset() -> GuidanceConfig:

@@ -128,13 +128,17 @@ WAN_1_3B_GUIDED_LAYERS = wan_guided_layers(WAN_GUIDED_BLOCKS_1_3B)
 WAN_14B_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, WAN_NUM_LAYERS_14B))
 WAN_TINY_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, WAN_TINY_NUM_LAYERS))
 # The Wan shapes model: the UNet's 64x64 world, a 4x VAE (Wan's own is 8x), so 16x16 latents -> guided maps 8x8; 17
-# frames -> 5 latent frames (Wan's 4x in time). 8 blocks; LVD guides the 1.3B's relative depths: blocks 2-5.
+# frames -> 5 latent frames (Wan's 4x in time). 8 blocks.
 SHAPES_WAN_HEIGHT = 64
 SHAPES_WAN_WIDTH = 64
 SHAPES_WAN_NUM_FRAMES = 17
 SHAPES_WAN_NUM_LAYERS = 8
 SHAPES_WAN_FOLDER = "wan"
-SHAPES_WAN_GUIDED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, SHAPES_WAN_NUM_LAYERS))
+# Its training localises the attention of the 1.3B's guided depths, blocks 2-5 (shapes/training.py), but LVD guides
+# blocks 0-3: measured on the shapes benchmark (docs/BENCHMARKS.md, "The Wan sibling's guidance"), guiding 2-5 moved
+# the object into its box and lost its colour and shape; 0-3 kept them (prompt following 0.62 against 0.05).
+SHAPES_WAN_TRAINED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, SHAPES_WAN_NUM_LAYERS))
+SHAPES_WAN_GUIDED_LAYERS = wan_guided_layers((0, 1, 2, 3))
 
 
 class RunModelError(ValueError):

@@ -34,19 +34,19 @@ from utils.io import atomic_write_json, atomic_write_text
 FAMILIES = {"unet3d": ("baseline_shapes", "lvd_shapes"), "wan": ("wan_shapes", "lvd_wan_shapes")}
 PROMPTS_PER_TASK = 20          # --prompt-type shapes: 20 prompts per task, task by task
 TASKS = ("numeracy", "attribution", "visibility", "dynamic_spatial", "sequential")
-# generation.config.shapes_preset(): every guided iteration runs (the paper's threshold stops this model's
-# guidance after one), with a stronger step.
-TUNED = ["--loss_scale", "20", "--loss_threshold", "0"]
+# Stands, in an arm's flags, for the family's tuned preset (generation.config.shapes_preset: every guided
+# iteration runs, with the family's stronger step).
+TUNED = "<tuned>"
 # Arms: (name, run-model index in FAMILIES (0 baseline, 1 LVD), extra generate.py flags).
 PRESETS = {
     "baseline": (0, []),
     "lvd": (1, []),
-    "lvd-tuned": (1, TUNED),
+    "lvd-tuned": (1, [TUNED]),
     # The other layout control families (README "Layout control families"), alone and under tuned energy.
     "mask": (1, ["--control", "mask"]),
     "modulate": (1, ["--control", "modulate"]),
-    "mask+lvd-tuned": (1, ["--control", "mask", "energy", *TUNED]),
-    "modulate+lvd-tuned": (1, ["--control", "modulate", "energy", *TUNED]),
+    "mask+lvd-tuned": (1, ["--control", "mask", "energy", TUNED]),
+    "modulate+lvd-tuned": (1, ["--control", "modulate", "energy", TUNED]),
 }
 RECONSTRUCTION = "reconstruction"   # the planned scenes through the VAE (no generation, no five-task verdicts)
 DEFAULT_ARMS = ("baseline", "lvd", "lvd-tuned")
@@ -81,6 +81,15 @@ def run(command: list[str], env_threads: int | None) -> None:
         env["OMP_NUM_THREADS"] = str(env_threads)
     print("+", " ".join(command), flush=True)
     subprocess.run(command, check=True, env=env)
+
+
+def arm_flags(arm: str, family: str) -> list[str]:
+    """The arm's generate.py flags, the family's tuned preset in place of ``TUNED``."""
+    from generation.config import shapes_preset
+
+    preset = shapes_preset(family)
+    tuned = ["--loss_scale", f"{preset.loss_scale:g}", "--loss_threshold", f"{preset.loss_threshold:g}"]
+    return [part for flag in PRESETS[arm][1] for part in (tuned if flag == TUNED else [flag])]
 
 
 def generate_arm(arm: str, run_model: str, flags: list[str], args) -> Path:
@@ -248,7 +257,7 @@ def main(argv=None) -> int:
             results[arm] = {"run": str(run_dir), "flags": [], "seconds_per_video": mean_seconds_per_video(run_dir),
                             **measure_videos(run_dir), "tasks": {}, "overall": None}
             continue
-        model_index, flags = PRESETS[arm]
+        model_index, flags = PRESETS[arm][0], arm_flags(arm, args.family)
         run_dir = generate_arm(arm, FAMILIES[args.family][model_index], flags, args)
         summary = evaluate_arm(run_dir, args)
         measured = measure_videos(run_dir)

@@ -433,7 +433,7 @@ def guidance_preset_values(preset: str, run_model: str) -> dict[str, float | int
 
     values = guidance_defaults()
     if preset == PRESET_SHAPES:
-        tuned = shapes_preset()
+        tuned = shapes_preset(get_spec(run_model).family)
         values.update({name: getattr(tuned, name) for name in GUIDANCE_FIELDS})
     elif preset == PRESET_WEAK:
         spec = get_spec(run_model)

@@ -191,7 +191,7 @@ def test_the_wan_family_trains_loads_by_name_and_equals_wan_pipeline(tmp_path, m
     lvd = load_video_model(registry.get_run_model("lvd_wan_shapes"), device="cpu")
     model = load_video_model(registry.get_run_model("wan_shapes"), device="cpu")
     assert lvd.source == model.source == str(tmp_path / "wan")
-    assert registry.get_run_model("lvd_wan_shapes").guided_layers == tuple(f"blocks.{i}.attn2" for i in (2, 3, 4, 5))
+    assert registry.get_run_model("lvd_wan_shapes").guided_layers == tuple(f"blocks.{i}.attn2" for i in (0, 1, 2, 3))
     check_wan_guided_layers(lvd.transformer, registry.get_run_model("lvd_wan_shapes").guided_layers)
     sampling = dataclasses.replace(sampling_config_for(registry.get_run_model("wan_shapes")), num_inference_steps=4)
     prompt = "a red circle moving from the left to the right"
@@ -270,7 +270,7 @@ def test_a_video_through_the_vae_keeps_its_shape_and_type(family):
 def test_a_wan_step_trains_the_text_side_of_the_guided_layers():
     """The Wan denoiser step records its guided layers with the text keys in the graph (a guided pass at sampling
     time caches them as constants): the attention term reaches the text encoder and each guided block's to_k."""
-    from models.registry import SHAPES_WAN_GUIDED_LAYERS
+    from models.registry import SHAPES_WAN_TRAINED_LAYERS
     from models.shapes import build_shapes_wan_components
     from shapes.training import TrainConfig, _step_generator, wan_denoiser_step
 
@@ -281,7 +281,7 @@ def test_a_wan_step_trains_the_text_side_of_the_guided_layers():
     assert flow > 0 and attention > 0
     total.backward()
     assert components["text_encoder"].shared.weight.grad.abs().sum() > 0
-    for name in SHAPES_WAN_GUIDED_LAYERS:
+    for name in SHAPES_WAN_TRAINED_LAYERS:
         assert components["transformer"].get_submodule(name).to_k.weight.grad.abs().sum() > 0, name
 
 
@@ -290,8 +290,8 @@ def test_each_family_starts_from_its_recipe_and_flags_win():
 
     assert train_config("unet3d") == TrainConfig()
     wan = train_config("wan", seed=3, batch_size=None)
-    assert (wan.vae_lr, wan.lr, wan.seed, wan.batch_size) == (2e-4, 3e-4, 3, TrainConfig().batch_size)
-    assert train_config("wan", vae_lr=1e-3).vae_lr == 1e-3
+    assert (wan.vae_lr, wan.lr, wan.seed, wan.batch_size) == (1e-3, 3e-4, 3, TrainConfig().batch_size)
+    assert train_config("wan", vae_lr=2e-4).vae_lr == 2e-4
     with pytest.raises(ValueError, match="unknown family 'dit'; expected one of unet3d, wan"):
         train_config("dit")
 
@@ -438,6 +438,8 @@ def test_the_studio_opens_on_the_shapes_model_its_cache_and_tuned_guidance(tmp_p
     assert backend.default_preset("lvd_tiny") == backend.PRESET_PAPER
     values = backend.guidance_preset_values(backend.PRESET_SHAPES, "lvd_shapes")
     assert values["loss_threshold"] == 0.0 and values["loss_scale"] == 20.0
+    values = backend.guidance_preset_values(backend.PRESET_SHAPES, "lvd_wan_shapes")
+    assert values["loss_threshold"] == 0.0 and values["loss_scale"] == 300.0
     # The opening prompt has a layout in that cache.
     plan = backend.plan_from_cache(settings.cache_dir / "cache_shapes_v0.1_rule-based.json",
                                    backend.opening_prompt("lvd_shapes"))
@@ -585,11 +587,21 @@ def test_bench_flags_reach_every_generate_command_after_the_arms_own(tmp_path, m
     commands = []
     monkeypatch.setattr(bench, "run", lambda command, threads: commands.append(command))
     (tmp_path / "lvd-tuned" / "imgs_x" / "run0").mkdir(parents=True)
-    _, flags = bench.PRESETS["lvd-tuned"]
-    bench.generate_arm("lvd-tuned", "lvd_wan_shapes", flags, args)
+    bench.generate_arm("lvd-tuned", "lvd_wan_shapes", bench.arm_flags("lvd-tuned", "wan"), args)
     assert len(commands) == len(bench.TASKS)
     for command in commands:
-        assert command[-9:] == [*bench.TUNED, "--guided-blocks", "1", "2", "--loss_scale", "40"]
+        assert command[-9:] == ["--loss_scale", "300", "--loss_threshold", "0", "--guided-blocks", "1", "2",
+                                "--loss_scale", "40"]
+
+
+def test_the_tuned_arms_take_their_familys_preset():
+    from tests.eval_run_fixtures import load_script
+
+    bench = load_script("bench_shapes")
+    assert bench.arm_flags("lvd-tuned", "unet3d") == ["--loss_scale", "20", "--loss_threshold", "0"]
+    assert bench.arm_flags("mask+lvd-tuned", "wan") == ["--control", "mask", "energy", "--loss_scale", "300",
+                                                        "--loss_threshold", "0"]
+    assert bench.arm_flags("mask", "wan") == ["--control", "mask"]
 
 
 def test_two_runs_compare_prompt_by_prompt_with_a_standard_error():
