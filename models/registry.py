@@ -136,7 +136,7 @@ SHAPES_WAN_NUM_LAYERS = 8
 SHAPES_WAN_FOLDER = "wan"
 # Its training localises the attention of the 1.3B's guided depths, blocks 2-5 (shapes/training.py), but LVD guides
 # blocks 0-3: measured on the shapes benchmark (docs/BENCHMARKS.md, "The Wan sibling's guidance"), guiding 2-5 moved
-# the object into its box and lost its colour and shape; 0-3 kept them (prompt following 0.62 against 0.05).
+# the object into its box and lost its colour and shape; 0-3 kept them (one-object prompts followed: 0.62 against 0).
 SHAPES_WAN_TRAINED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, SHAPES_WAN_NUM_LAYERS))
 SHAPES_WAN_GUIDED_LAYERS = wan_guided_layers((0, 1, 2, 3))
 
