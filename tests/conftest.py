@@ -9,13 +9,19 @@
 - Torch runs on one thread in the test process (``LVD_TEST_THREADS`` overrides): tiny models gain
   nothing from a second thread, and on a busy 2-core machine two threads spin. A test that changes the
   thread count gets it restored after it, so nothing leaks into the next test.
+- MKL runs in strict conditional-numerical-reproducibility mode (``MKL_CBWR=AUTO,STRICT``, set before torch
+  loads it): otherwise its kernels round by the memory alignment of their operands, and on AVX-512 Xeons one
+  Linear on equal inputs and weights gave 1e-6 apart in two loaded copies of a model, which the equivalence
+  tests' tolerances (loop == pipeline, batch == batch 1) do not allow for after a few steps.
 """
 from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+os.environ.setdefault("MKL_CBWR", "AUTO,STRICT")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 TEST_THREADS = int(os.environ.get("LVD_TEST_THREADS", "1"))
 
