@@ -32,6 +32,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attention-loss-weight", type=float, default=None)
     parser.add_argument("--lr", type=float, default=None, help="the denoiser's peak learning rate")
     parser.add_argument("--vae-lr", type=float, default=None, help="the VAE's learning rate")
+    parser.add_argument("--ema-decay", type=float, default=None,
+                        help="export an exponential moving average of the denoiser's weights with this decay "
+                             "(e.g. 0.999; default: TrainConfig's, 0 = the last weights)")
+    parser.add_argument("--snr-gamma", type=float, default=None,
+                        help="min-SNR-gamma weighting of the UNet's epsilon loss (e.g. 5; default 0 = uniform)")
     parser.add_argument("--denoiser-minutes", type=float, default=None,
                         help="anneal the learning rate over this many minutes of denoiser training and stop there, "
                              "instead of over --steps (a fixed GPU budget; the steps done are recorded)")
@@ -72,8 +77,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     overrides = {"steps": args.steps, "vae_steps": args.vae_steps, "batch_size": args.batch_size,
                  "attention_loss_weight": args.attention_loss_weight, "lr": args.lr, "vae_lr": args.vae_lr,
-                 "denoiser_minutes": args.denoiser_minutes, "checkpoint_every": args.checkpoint_every}
-    config = train_config(args.family, seed=args.seed, **overrides)
+                 "denoiser_minutes": args.denoiser_minutes, "checkpoint_every": args.checkpoint_every,
+                 "ema_decay": args.ema_decay, "snr_gamma": args.snr_gamma}
+    try:
+        config = train_config(args.family, seed=args.seed, **overrides)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     repo = Path(__file__).resolve().parent.parent
     checkpoint_dir = args.checkpoint_dir or repo / ".train_shapes" / args.family
     out = args.out or get_run_model(FAMILIES[args.family]).bundled_folder
