@@ -32,9 +32,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--attention-loss-weight", type=float, default=None)
     parser.add_argument("--lr", type=float, default=None, help="the denoiser's peak learning rate")
     parser.add_argument("--vae-lr", type=float, default=None, help="the VAE's learning rate")
-    parser.add_argument("--ema-decay", type=float, default=None,
-                        help="export an exponential moving average of the denoiser's weights with this decay "
-                             "(e.g. 0.999; default: TrainConfig's, 0 = the last weights)")
     parser.add_argument("--snr-gamma", type=float, default=None,
                         help="min-SNR-gamma weighting of the UNet's epsilon loss (e.g. 5; default 0 = uniform)")
     parser.add_argument("--denoiser-minutes", type=float, default=None,
@@ -78,7 +75,7 @@ def main(argv=None) -> int:
     overrides = {"steps": args.steps, "vae_steps": args.vae_steps, "batch_size": args.batch_size,
                  "attention_loss_weight": args.attention_loss_weight, "lr": args.lr, "vae_lr": args.vae_lr,
                  "denoiser_minutes": args.denoiser_minutes, "checkpoint_every": args.checkpoint_every,
-                 "ema_decay": args.ema_decay, "snr_gamma": args.snr_gamma}
+                 "snr_gamma": args.snr_gamma}
     try:
         config = train_config(args.family, seed=args.seed, **overrides)
     except ValueError as exc:

@@ -71,9 +71,6 @@ class TrainConfig:
     attention_loss_weight: float = 0.1
     grad_clip: float = 1.0
     checkpoint_every: int = 20
-    # Export an exponential moving average of the denoiser's and text encoder's weights (0: the last weights). The
-    # decay ramps up as min(ema_decay, (1 + step) / (10 + step)), so early averages do not hold the initial weights.
-    ema_decay: float = 0.0
     # Min-SNR-gamma loss weighting (Hang et al., 2023) of the UNet's epsilon loss: each video's error times
     # min(SNR, gamma) / SNR, which lowers the nearly clean timesteps' share (0: uniform, the recipe).
     snr_gamma: float = 0.0
@@ -95,8 +92,6 @@ def train_config(family: str, **overrides) -> TrainConfig:
     if family == "wan" and config.snr_gamma:
         raise ValueError(f"snr_gamma={config.snr_gamma:g}: min-SNR weighting is defined here for the UNet's epsilon "
                          "objective only; the Wan family trains by flow matching (leave it at 0)")
-    if not 0.0 <= config.ema_decay < 1.0:
-        raise ValueError(f"ema_decay={config.ema_decay:g}: expected 0 (off) or a decay in (0, 1), e.g. 0.999")
     return config
 
 
@@ -142,13 +137,11 @@ def frames_to_tensor(frames: np.ndarray) -> torch.Tensor:
 # Checkpoints
 
 
-def save_checkpoint(folder: Path, components: dict, optimizers: dict, state: TrainState,
-                    ema: dict | None = None) -> None:
+def save_checkpoint(folder: Path, components: dict, optimizers: dict, state: TrainState) -> None:
     payload = {
         "state": dataclasses.asdict(state),
         "models": {name: components[name].state_dict() for name in trained_names(components)},
         "optimizers": {name: opt.state_dict() for name, opt in optimizers.items()},
-        "ema": ema,
         # Set on the VAE's config at the end of its stage, not in its weights: a run resumed in the denoiser stage
         # needs them back, or it trains on (and exports) the config's defaults.
         "latent_stats": {key: components["vae"].config[key] for key in LATENT_STATS if key in components["vae"].config},
@@ -157,7 +150,7 @@ def save_checkpoint(folder: Path, components: dict, optimizers: dict, state: Tra
         torch.save(payload, tmp)
 
 
-def load_checkpoint(folder: Path, components: dict) -> tuple[TrainState, dict, dict | None] | None:
+def load_checkpoint(folder: Path, components: dict) -> tuple[TrainState, dict] | None:
     path = folder / CHECKPOINT_NAME
     if not path.is_file():
         return None
@@ -168,7 +161,7 @@ def load_checkpoint(folder: Path, components: dict) -> tuple[TrainState, dict, d
     for name, weights in payload["models"].items():
         components[name].load_state_dict(weights)
     components["vae"].register_to_config(**payload.get("latent_stats", {}))
-    return TrainState(**payload["state"]), payload["optimizers"], payload.get("ema")
+    return TrainState(**payload["state"]), payload["optimizers"]
 
 
 def load_exported_model(folder: Path, components: dict) -> TrainState:
@@ -482,32 +475,6 @@ def learning_rate(config: TrainConfig, step: int, base: float, denoiser_seconds:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def ema_names(components: dict) -> tuple[str, ...]:
-    """The modules an EMA averages: those the denoiser stage trains."""
-    return trained_names(components)[0], "text_encoder"
-
-
-def start_ema(components: dict) -> dict:
-    """An EMA holding copies of the current weights: {module: {parameter name: tensor}}."""
-    return {name: {key: p.detach().clone() for key, p in components[name].named_parameters()}
-            for name in ema_names(components)}
-
-
-@torch.no_grad()
-def update_ema(ema: dict, components: dict, decay: float, step: int) -> None:
-    rate = 1.0 - min(decay, (1 + step) / (10 + step))
-    for name in ema_names(components):
-        averages = ema[name]
-        params = [p.detach() for key, p in components[name].named_parameters()]
-        torch._foreach_lerp_(list(averages.values()), params, rate)
-
-
-def load_ema(ema: dict, components: dict) -> None:
-    """Copy the averaged weights into the components (what an export writes)."""
-    for name, weights in ema.items():
-        components[name].load_state_dict(weights, strict=False)
-
-
 def train_shapes_model(components: dict, config: TrainConfig, checkpoint_dir: Path, *,
                        max_seconds: float | None = None, progress: Callable | None = None,
                        init_from: Path | None = None, stop_after_step: int | None = None,
@@ -530,19 +497,16 @@ def train_shapes_model(components: dict, config: TrainConfig, checkpoint_dir: Pa
     denoiser_params = list(components[denoiser].parameters()) + list(components["text_encoder"].parameters())
     denoiser_opt = torch.optim.AdamW(denoiser_params, lr=config.lr, weight_decay=0.0)
     optimizers = {"vae": vae_opt, "denoiser": denoiser_opt}
-    state, ema = TrainState(), None
+    state = TrainState()
     loaded = load_checkpoint(checkpoint_dir, components)
     if loaded is None and init_from is not None:
         state = load_exported_model(init_from, components)
         logger.info("starting from %s: stage %s, step %d", init_from, state.stage, state.step)
     if loaded is not None:
-        state, optimizer_states, ema = loaded
+        state, optimizer_states = loaded
         for name, opt in optimizers.items():
             opt.load_state_dict(optimizer_states[name])
         logger.info("resumed from %s: stage %s, step %d", checkpoint_dir / CHECKPOINT_NAME, state.stage, state.step)
-    if config.ema_decay:
-        ema = start_ema(components) if ema is None else {
-            name: {key: value.to(device) for key, value in weights.items()} for name, weights in ema.items()}
     with contextlib.ExitStack() as stack:
         draw = map
         if workers > 0:
@@ -551,16 +515,14 @@ def train_shapes_model(components: dict, config: TrainConfig, checkpoint_dir: Pa
             pool = stack.enter_context(multiprocessing.get_context("spawn").Pool(workers))
             draw = pool.map
         _train_loop(components, config, checkpoint_dir, optimizers, state, draw, max_seconds, progress,
-                    stop_after_step, ema)
-    if ema is not None:
-        load_ema(ema, components)
+                    stop_after_step)
     for name in trained_names(components):
         components[name].eval().to("cpu")
     return state
 
 
 def _train_loop(components, config, checkpoint_dir, optimizers, state, draw, max_seconds, progress,
-                stop_after_step, ema) -> None:
+                stop_after_step) -> None:
     wan = "transformer" in components
     denoiser = trained_names(components)[0]
     vae_opt, denoiser_opt = optimizers["vae"], optimizers["denoiser"]
@@ -623,8 +585,6 @@ def _train_loop(components, config, checkpoint_dir, optimizers, state, draw, max
                 total.backward()
             torch.nn.utils.clip_grad_norm_(denoiser_params, config.grad_clip)
             denoiser_opt.step()
-            if ema is not None:
-                update_ema(ema, components, config.ema_decay, state.step)
             state.losses["denoiser"].append([eps, attention])
             state.step += 1
             if progress:
@@ -634,11 +594,40 @@ def _train_loop(components, config, checkpoint_dir, optimizers, state, draw, max
                 state.stage = "done"
         tick(stage)
         if state.step % config.checkpoint_every == 0 or state.stage == "done":
-            save_checkpoint(checkpoint_dir, components, optimizers, state, ema)
+            save_checkpoint(checkpoint_dir, components, optimizers, state)
         if max_seconds is not None and time.monotonic() - started > max_seconds:
             break  # after at least one step, so every call makes progress
     tick(state.stage)
-    save_checkpoint(checkpoint_dir, components, optimizers, state, ema)
+    save_checkpoint(checkpoint_dir, components, optimizers, state)
+
+
+HELD_OUT_TIMESTEPS = (50, 150, 250, 350, 450, 550, 650, 750, 850, 950)
+
+
+@torch.no_grad()
+def held_out_epsilon_loss(components: dict, *, num_videos: int = 32, batch_size: int = 4,
+                          timesteps: tuple[int, ...] = HELD_OUT_TIMESTEPS, seed: int = 123) -> dict[int, float]:
+    """A UNet's epsilon loss on videos no training run draws (world seeds from 10**9), per timestep, with the
+    same noise for every model: paired and far less noisy than sampled-video measures, so two recipes' fits
+    compare on a few dozen videos. Uses the components' ``unet``, ``vae``, ``text_encoder`` and ``tokenizer``
+    (captions without the background suffix)."""
+    unet, vae, text_encoder, tokenizer = (components[k] for k in ("unet", "vae", "text_encoder", "tokenizer"))
+    scheduler = _ddpm_scheduler()
+    generator = torch.Generator().manual_seed(seed)
+    sums = dict.fromkeys(timesteps, 0.0)
+    batches = math.ceil(num_videos / batch_size)
+    for batch in range(batches):
+        drawn = [sample_video(10 ** 9 + batch * batch_size + i) for i in range(batch_size)]
+        pixels = torch.cat([frames_to_tensor(video) for _, video in drawn]).to(vae.device, vae.dtype)
+        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+        latents = latents.unflatten(0, (batch_size, NUM_FRAMES)).permute(0, 2, 1, 3, 4).to(unet.dtype)
+        text = encode_prompts(text_encoder, tokenizer, [scene.caption for scene, _ in drawn])
+        for t in timesteps:
+            noise = torch.randn(latents.shape, generator=generator).to(latents)
+            steps = torch.full((batch_size,), t, device=latents.device)
+            prediction = unet(scheduler.add_noise(latents, noise, steps), steps, encoder_hidden_states=text).sample
+            sums[t] += float((prediction.float() - noise.float()).square().mean())
+    return {t: total / batches for t, total in sums.items()}
 
 
 # --------------------------------------------------------------------------------------------
@@ -681,7 +670,7 @@ def _planned(config: TrainConfig) -> str:
 _CLI_OPTIONS = {"seed": "--seed", "steps": "--steps", "vae_steps": "--vae-steps", "batch_size": "--batch-size",
                 "attention_loss_weight": "--attention-loss-weight", "lr": "--lr", "vae_lr": "--vae-lr",
                 "denoiser_minutes": "--denoiser-minutes", "checkpoint_every": "--checkpoint-every",
-                "ema_decay": "--ema-decay", "snr_gamma": "--snr-gamma"}
+                "snr_gamma": "--snr-gamma"}
 
 
 def training_command(family: str, config: TrainConfig, threads: int) -> str:

@@ -345,14 +345,12 @@ def test_training_resumed_from_a_checkpoint_equals_training_straight_through(tmp
 
 
 
-def test_ema_and_min_snr_are_checked_against_the_family():
+def test_min_snr_weighting_is_refused_for_the_flow_matching_family():
     from shapes.training import train_config
 
-    assert train_config("unet3d", ema_decay=0.999, snr_gamma=5.0).snr_gamma == 5.0
+    assert train_config("unet3d", snr_gamma=5.0).snr_gamma == 5.0
     with pytest.raises(ValueError, match="min-SNR weighting is defined here for the UNet's epsilon objective only"):
         train_config("wan", snr_gamma=5.0)
-    with pytest.raises(ValueError, match="ema_decay=1: expected 0 \\(off\\) or a decay in \\(0, 1\\)"):
-        train_config("unet3d", ema_decay=1.0)
 
 
 def test_min_snr_weighs_the_fitted_loss_and_reports_the_plain_epsilon_loss():
@@ -371,40 +369,39 @@ def test_min_snr_weighs_the_fitted_loss_and_reports_the_plain_epsilon_loss():
     assert weighted_total < plain_total   # every weight min(SNR, 5) / SNR is at most 1, below 1 where SNR > 5
 
 
-def test_the_ema_ramps_up_and_averages_towards_the_weights():
-    from shapes.training import load_ema, start_ema, update_ema
+def test_the_held_out_loss_script_scores_the_shipped_unet_and_refuses_other_folders(tmp_path, capsys):
+    import importlib.util
 
-    components = {"unet": torch.nn.Linear(2, 1, bias=False), "text_encoder": torch.nn.Linear(1, 1, bias=False),
-                  "vae": torch.nn.Identity()}
-    for module in ("unet", "text_encoder"):
-        torch.nn.init.zeros_(components[module].weight)
-    ema = start_ema(components)
-    with torch.no_grad():
-        components["unet"].weight.fill_(1.0)
-    update_ema(ema, components, 0.999, step=0)          # the ramp: decay min(0.999, 1 / 10) = 0.1
-    assert torch.allclose(ema["unet"]["weight"], torch.full((1, 2), 0.9))
-    update_ema(ema, components, 0.5, step=1000)         # past the ramp: the configured decay
-    assert torch.allclose(ema["unet"]["weight"], torch.full((1, 2), 0.95))
-    load_ema(ema, components)
-    assert torch.allclose(components["unet"].weight, torch.full((1, 2), 0.95))
+    from models.video_model import load_components_from_folder
+    from shapes.training import HELD_OUT_TIMESTEPS, held_out_epsilon_loss
+
+    folder = _shipped_folder()
+    spec = importlib.util.spec_from_file_location("shapes_loss", Path(__file__).parent.parent / "scripts/shapes_loss.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main([str(folder), "--videos", "4"]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1].strip("| ").split(" | ")
+    direct = held_out_epsilon_loss(load_components_from_folder(folder, torch.float32), num_videos=4)
+    assert [float(v) for v in row[1:-1]] == pytest.approx([direct[t] for t in HELD_OUT_TIMESTEPS], abs=1e-4)
+    assert 0 < direct[950] < direct[50] < 1   # a trained model: near-clean latents are the hardest to denoise
+
+    assert script.main([str(tmp_path), "--videos", "4"]) == 2
+    assert "expected a folder written by `python scripts/train_shapes.py --family unet3d`" in capsys.readouterr().err
 
 
 @pytest.mark.slow
-def test_a_run_resumed_in_the_denoiser_stage_equals_one_straight_through_ema_included(tmp_path):
+def test_a_run_resumed_in_the_denoiser_stage_equals_one_straight_through(tmp_path):
     from models.shapes import build_shapes_unet3d_components
-    from shapes.training import CHECKPOINT_NAME, TrainConfig, train_shapes_model
+    from shapes.training import TrainConfig, train_shapes_model
 
     config = TrainConfig(vae_steps=1, vae_batch_frames=2, steps=3, batch_size=1, checkpoint_every=1, warmup_steps=1,
-                         ema_decay=0.9, snr_gamma=5.0)
+                         snr_gamma=5.0)
     straight = build_shapes_unet3d_components(0)
     assert train_shapes_model(straight, config, tmp_path / "straight").stage == "done"
-    last = torch.load(tmp_path / "straight" / CHECKPOINT_NAME, weights_only=False)["models"]["unet"]
-    assert any(not torch.equal(last[key], value) for key, value in straight["unet"].state_dict().items()), \
-        "the export should hold the average, not the last weights"
 
     first = build_shapes_unet3d_components(0)
     assert train_shapes_model(first, config, tmp_path / "resumed", stop_after_step=1).step == 1
-    again = build_shapes_unet3d_components(0)   # a fresh process: weights and average come from the checkpoint
+    again = build_shapes_unet3d_components(0)   # a fresh process: the weights come from the checkpoint
     assert train_shapes_model(again, config, tmp_path / "resumed").stage == "done"
     # The latent scale measured after the VAE stage lives in its config: a resumed run must get it back.
     assert again["vae"].config.scaling_factor == straight["vae"].config.scaling_factor != 1.0
