@@ -370,15 +370,12 @@ def test_min_snr_weighs_the_fitted_loss_and_reports_the_plain_epsilon_loss():
 
 
 def test_the_held_out_loss_script_scores_the_shipped_unet_and_refuses_other_folders(tmp_path, capsys):
-    import importlib.util
-
     from models.video_model import load_components_from_folder
     from shapes.training import HELD_OUT_TIMESTEPS, held_out_epsilon_loss
+    from tests.eval_run_fixtures import load_script
 
     folder = _shipped_folder()
-    spec = importlib.util.spec_from_file_location("shapes_loss", Path(__file__).parent.parent / "scripts/shapes_loss.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("shapes_loss")
     assert script.main([str(folder), "--videos", "4"]) == 0
     row = capsys.readouterr().out.strip().splitlines()[-1].strip("| ").split(" | ")
     direct = held_out_epsilon_loss(load_components_from_folder(folder, torch.float32), num_videos=4)
