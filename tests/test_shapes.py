@@ -363,7 +363,7 @@ def test_min_snr_weighs_the_fitted_loss_and_reports_the_plain_epsilon_loss():
         config = TrainConfig(batch_size=2, attention_loss_weight=0.0, snr_gamma=gamma)
         rng, generator = _step_generator(0, "denoiser", 7)
         total, epsilon, _ = denoiser_step(components, _ddpm_scheduler(), rng, generator, config, 0, 7)
-        results.append((float(total), epsilon))
+        results.append((float(total.detach()), epsilon))
     (plain_total, plain_eps), (weighted_total, weighted_eps) = results
     assert weighted_eps == plain_eps and plain_total == pytest.approx(plain_eps, rel=1e-6)
     assert weighted_total < plain_total   # every weight min(SNR, 5) / SNR is at most 1, below 1 where SNR > 5
