@@ -286,6 +286,13 @@ def normalise_wan_latents(vae, latents: torch.Tensor) -> torch.Tensor:
 # Denoiser
 
 
+def encode_unet_latents(vae, videos) -> torch.Tensor:
+    """[(F, H, W, 3) uint8] -> (B, C, F, h, w): the encoder's mode, scaled, as the UNet takes it."""
+    pixels = torch.cat([frames_to_tensor(video) for video in videos]).to(vae.device, vae.dtype)   # (B*F, 3, H, W)
+    latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
+    return latents.unflatten(0, (len(videos), -1)).permute(0, 2, 1, 3, 4)
+
+
 @dataclasses.dataclass(frozen=True)
 class DenoiserBatch:
     latents: torch.Tensor              # (B, C, F, h, w), scaled
@@ -336,9 +343,7 @@ def build_denoiser_batch(vae, tokenizer, rng: np.random.Generator, config: Train
         if wan:
             latents = normalise_wan_latents(vae, vae.encode(clips_to_tensor(videos).to(vae.device)).latent_dist.mode())
         else:
-            pixels = torch.cat([frames_to_tensor(video) for video in videos]).to(vae.device)   # (B*F, 3, H, W)
-            latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
-            latents = latents.unflatten(0, (config.batch_size, NUM_FRAMES)).permute(0, 2, 1, 3, 4)
+            latents = encode_unet_latents(vae, videos)
     return DenoiserBatch(latents=latents.contiguous(), prompts=tuple(prompts), targets=tuple(targets))
 
 
@@ -618,9 +623,7 @@ def held_out_epsilon_loss(components: dict, *, num_videos: int = 32, batch_size:
     batches = math.ceil(num_videos / batch_size)
     for batch in range(batches):
         drawn = [sample_video(10 ** 9 + batch * batch_size + i) for i in range(batch_size)]
-        pixels = torch.cat([frames_to_tensor(video) for _, video in drawn]).to(vae.device, vae.dtype)
-        latents = vae.encode(pixels).latent_dist.mode() * vae.config.scaling_factor
-        latents = latents.unflatten(0, (batch_size, NUM_FRAMES)).permute(0, 2, 1, 3, 4).to(unet.dtype)
+        latents = encode_unet_latents(vae, [video for _, video in drawn]).to(unet.dtype)
         text = encode_prompts(text_encoder, tokenizer, [scene.caption for scene, _ in drawn])
         for t in timesteps:
             noise = torch.randn(latents.shape, generator=generator).to(latents)
