@@ -5,7 +5,8 @@ control families, attention masking and modulation, alone and combined with tune
 ``--per-task`` prompts of each of the five tasks of ``--prompt-type shapes`` with generate.py (seed = prompt
 index, as the benchmark does), evaluates the run with ``scripts/eval_owl_vit.py --detector shapes`` (five-task
 accuracy), and measures, the same way for every arm, prompt following (every requested (colour, shape)
-detected in at least half of the frames where the planned layout has it) and adherence to the planned layout
+detected in at least half of the frames where the planned layout has it; for one-object prompts also its colour
+alone and its shape alone, which tells what a missed prompt misses) and adherence to the planned layout
 (mIoU, coverage, CD, AP50 over all frames; `shapes.measure`), and, colour-blind, the mIoU of the largest
 salient blob against the box of one-object prompts (it sees where a partly trained model put *something*).
 The ``reconstruction`` arm generates nothing: it passes each prompt's planned scene, drawn by the shapes world,
@@ -52,6 +53,8 @@ RECONSTRUCTION = "reconstruction"   # the planned scenes through the VAE (no gen
 DEFAULT_ARMS = ("baseline", "lvd", "lvd-tuned")
 # --compare: (measure, per-video key, one-object prompts only).
 COMPARED = (("single-object prompt following", "followed", True), ("all-prompt following", "followed", False),
+            ("single-object colour found", "colour_followed", True),
+            ("single-object shape found", "shape_followed", True),
             ("five-task accuracy", "task_success", False), ("mIoU", "miou", False),
             ("salient mIoU (1 object)", "salient_miou", True))
 
@@ -158,7 +161,7 @@ def measure_videos(run_dir: Path) -> dict:
     from utils.video_io import load_video
 
     entries = get_prompt_entries("shapes")
-    single = {"followed": 0, "total": 0}
+    single = {"followed": 0, "total": 0, "colour": 0, "shape": 0}
     every = {"followed": 0, "total": 0}
     adherence, salient, per_video = [], [], []
     for folder in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name.isdigit()):
@@ -172,12 +175,20 @@ def measure_videos(run_dir: Path) -> dict:
         for tally in (every, single) if len(scene.objects) == 1 else (every,):
             tally["followed"] += followed
             tally["total"] += 1
+        # What a missed one-object prompt misses: its colour (any shape) or its shape (any colour).
+        parts = {}
+        if len(scene.objects) == 1:
+            parts = {"colour": follows_prompt(scene, detections, shape=False),
+                     "shape": follows_prompt(scene, detections, colour=False)}
+            for key, found in parts.items():
+                single[key] += found
         adherence.append(score_video_adherence(scene, detections, *frames.shape[1:3]).to_dict())
         if len(scene.objects) == 1:
             salient.append(compute_salient_miou(scene, frames))
         per_video.append({"index": int(folder.name), "objects": len(scene.objects), "followed": bool(followed),
                           "miou": adherence[-1]["miou"],
-                          "salient_miou": salient[-1] if len(scene.objects) == 1 else None})
+                          "salient_miou": salient[-1] if len(scene.objects) == 1 else None,
+                          **{f"{key}_followed": found for key, found in parts.items()}})
     return {"prompt_following": {"single_object": single, "all": every},
             "adherence": summarize_adherence(adherence),
             "salient_miou_single_object": sum(salient) / len(salient) if salient else None,
@@ -239,8 +250,8 @@ def mean_seconds_per_video(run_dir: Path) -> float:
     return sum(times) / max(len(times), 1)
 
 
-def rate(part: dict) -> float:
-    return part["followed"] / part["total"] if part["total"] else float("nan")
+def rate(part: dict, key: str = "followed") -> float:
+    return part[key] / part["total"] if part["total"] and key in part else float("nan")
 
 
 def main(argv=None) -> int:
@@ -268,8 +279,8 @@ def main(argv=None) -> int:
                         "seconds_per_video": mean_seconds_per_video(run_dir),
                         **measured, "tasks": summary["tasks"], "overall": summary["overall"]}
     base_time = results.get("baseline", {}).get("seconds_per_video")
-    header = ["arm", "single-object prompt following", "all prompts", *TASKS, "overall", "mIoU", "coverage", "CD",
-              "AP50", "salient mIoU (1 object)", "s/video", "time vs baseline"]
+    header = ["arm", "single-object prompt following", "colour found", "shape found", "all prompts", *TASKS, "overall",
+              "mIoU", "coverage", "CD", "AP50", "salient mIoU (1 object)", "s/video", "time vs baseline"]
     lines = [f"Shapes benchmark, {args.family}, first {args.per_task} prompts of each task (seed = prompt index).",
              "",
              "| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
@@ -277,7 +288,8 @@ def main(argv=None) -> int:
         tasks = [f"{r['tasks'][t]['correct']}/{r['tasks'][t]['total']}" if t in r["tasks"] else "-" for t in TASKS]
         adherence = r["adherence"]
         following = r["prompt_following"]
-        cells = [arm, f"{rate(following['single_object']):.2f}", f"{rate(following['all']):.2f}",
+        cells = [arm, *(f"{rate(following['single_object'], key):.2f}" for key in ("followed", "colour", "shape")),
+                 f"{rate(following['all']):.2f}",
                  *tasks, f"{r['overall']['correct']}/{r['overall']['total']}" if r["overall"] else "-",
                  *("-" if adherence.get(k) is None else f"{adherence[k]:.3f}"
                    for k in ("miou", "coverage", "centroid_distance", "ap50")),

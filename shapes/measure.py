@@ -22,15 +22,19 @@ def detect_video(frames: np.ndarray) -> list[list[ShapeDetection]]:
     return [detect_frame(frame) for frame in frames]
 
 
-def follows_prompt(scene: Scene, detections: list[list[ShapeDetection]]) -> bool:
-    """Every requested (colour, shape) is detected in at least half of the frames where the plan has it."""
+def follows_prompt(scene: Scene, detections: list[list[ShapeDetection]], *, colour: bool = True,
+                   shape: bool = True) -> bool:
+    """Every requested (colour, shape) is detected in at least half of the frames where the plan has it.
+
+    ``colour=False`` or ``shape=False`` leaves that attribute out of the query (any colour / any shape): which
+    of the two a model misses, when it misses the prompt."""
     present = scene_boxes(scene, len(detections)).any(axis=-1)                    # (objects, F)
     first_of_kind = {}
     for index, obj in enumerate(scene.objects):
-        first_of_kind.setdefault((obj.colour, obj.shape), index)
-    for (colour, shape), index in first_of_kind.items():
+        first_of_kind.setdefault((obj.colour if colour else None, obj.shape if shape else None), index)
+    for (wanted_colour, wanted_shape), index in first_of_kind.items():
         frames = np.nonzero(present[index])[0]
-        hits = sum(any(d.score(colour, shape) >= MIN_SCORE for d in detections[f]) for f in frames)
+        hits = sum(any(d.score(wanted_colour, wanted_shape) >= MIN_SCORE for d in detections[f]) for f in frames)
         if hits * 2 < len(frames):
             return False
     return True

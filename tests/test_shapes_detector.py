@@ -114,6 +114,30 @@ def test_clean_videos_no_spurious_detections():
                 assert count == present, (seed, frame, scene.caption)
 
 
+@pytest.mark.parametrize("drawn, colour, shape", [
+    ({}, True, True),
+    ({"colour": "yellow"}, False, True),
+    ({"shape": "triangle"}, True, False),
+    ({"colour": "yellow", "shape": "triangle"}, False, False),
+])
+def test_prompt_following_tells_a_wrong_colour_from_a_wrong_shape(drawn, colour, shape):
+    """A one-object prompt ("a blue square ..."), and videos of it drawn with another colour, shape or both:
+    following needs both; the colour-only and shape-only queries each miss only what was changed."""
+    import dataclasses
+
+    from shapes.measure import detect_video, follows_prompt
+
+    scene = world.sample_video(0, "dynamic_spatial")[0]
+    scene = dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], colour="blue",
+                                                                    shape="square"),))
+    drawn_scene = dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], **drawn),))
+    detections = detect_video(world.render_video(drawn_scene))
+    assert follows_prompt(scene, detections) == (colour and shape)
+    assert follows_prompt(scene, detections, shape=False) == colour
+    assert follows_prompt(scene, detections, colour=False) == shape
+    assert follows_prompt(scene, detections, colour=False, shape=False)    # something is there either way
+
+
 @pytest.mark.parametrize("degradation", ["blur", "noise", "shift", "all", "fade", "desaturate"])
 def test_degraded_videos(degradation):
     """Blurred (sigma 1 px), noisy (sigma 12), colour-shifted (+-25 per channel), all three; faded to half
