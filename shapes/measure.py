@@ -23,17 +23,23 @@ def detect_video(frames: np.ndarray) -> list[list[ShapeDetection]]:
 
 
 def follows_prompt(scene: Scene, detections: list[list[ShapeDetection]], *, colour: bool = True,
-                   shape: bool = True) -> bool:
+                   shape: bool = True, main: bool = False) -> bool:
     """Every requested (colour, shape) is detected in at least half of the frames where the plan has it.
 
-    ``colour=False`` or ``shape=False`` leaves that attribute out of the query (any colour / any shape): which
-    of the two a model misses, when it misses the prompt."""
-    present = scene_boxes(scene, len(detections)).any(axis=-1)                    # (objects, F)
+    ``main``: only each frame's largest detections count, as many as the plan has objects in that frame, so the
+    objects a video mainly shows must be the requested ones. Without it, a cluttered video, whose dozens of
+    coloured specks include the requested kind by chance, follows every prompt. ``colour=False`` or
+    ``shape=False`` leaves that attribute out of the query (any colour / any shape): which of the two a model
+    misses, when it misses the prompt."""
+    planned = scene_boxes(scene, len(detections)).any(axis=-1)                    # (objects, F)
+    if main:
+        detections = [sorted(frame, key=lambda d: d.area_px, reverse=True)[:int(planned[:, index].sum())]
+                      for index, frame in enumerate(detections)]
     first_of_kind = {}
     for index, obj in enumerate(scene.objects):
         first_of_kind.setdefault((obj.colour if colour else None, obj.shape if shape else None), index)
     for (wanted_colour, wanted_shape), index in first_of_kind.items():
-        frames = np.nonzero(present[index])[0]
+        frames = np.nonzero(planned[index])[0]
         hits = sum(any(d.score(wanted_colour, wanted_shape) >= MIN_SCORE for d in detections[f]) for f in frames)
         if hits * 2 < len(frames):
             return False

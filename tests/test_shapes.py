@@ -718,13 +718,14 @@ def test_the_benchmark_records_every_video_and_compares_a_run_with_itself(tmp_pa
     single = [v for v in videos if v["objects"] == 1]
     single_following = results["results"]["reconstruction"]["prompt_following"]["single_object"]
     assert single and single_following["total"] == len(single)
-    for key in ("colour", "shape"):   # what a missed one-object prompt misses; following needs both
-        assert single_following[key] == sum(v[f"{key}_followed"] for v in single)
-    assert all(v["colour_followed"] and v["shape_followed"] for v in single if v["followed"])
+    for key in ("main", "main_colour", "main_shape"):
+        assert single_following[key] == sum(v[key] for v in single)
+    assert all(v["main_colour"] and v["main_shape"] for v in single if v["main"])   # the main object needs both
+    assert all(v["followed"] for v in videos if v["main"])                         # stricter than following
     capsys.readouterr()
     assert bench.main(["--compare", str(tmp_path / "run"), str(tmp_path / "run" / "results.json")]) == 0
     table = capsys.readouterr().out
     rows = [line for line in table.splitlines() if line.startswith("| reconstruction |")]
-    assert len(rows) == 6 and all(" +0.000 | 0.000 | yes |" in row for row in rows)   # no task verdicts: 6 measures
+    assert len(rows) == 8 and all(" +0.000 | 0.000 | yes |" in row for row in rows)   # no task verdicts: 8 measures
     with pytest.raises(FileNotFoundError, match="expected a bench_shapes.py --out folder"):
         bench.main(["--compare", str(tmp_path / "run"), str(tmp_path / "nothing")])

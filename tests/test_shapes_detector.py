@@ -19,7 +19,7 @@ from utils.eval.config import EvalConfig, RunSelection
 from utils.eval.detector import DetectionRequest, run_detector
 from utils.eval.evaluation import evaluate_run
 from utils.eval.metrics import compute_iou_matrix
-from utils.layout import layout_to_dict, parse_layout
+from utils.layout import NUM_KEYFRAMES, Box, layout_to_dict, parse_layout
 
 EVAL_FRAMES = (0, 5, 10, 15)
 
@@ -132,10 +132,32 @@ def test_prompt_following_tells_a_wrong_colour_from_a_wrong_shape(drawn, colour,
                                                                     shape="square"),))
     drawn_scene = dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], **drawn),))
     detections = detect_video(world.render_video(drawn_scene))
-    assert follows_prompt(scene, detections) == (colour and shape)
-    assert follows_prompt(scene, detections, shape=False) == colour
-    assert follows_prompt(scene, detections, colour=False) == shape
-    assert follows_prompt(scene, detections, colour=False, shape=False)    # something is there either way
+    for main in (False, True):   # one object drawn: it is the main one
+        assert follows_prompt(scene, detections, main=main) == (colour and shape)
+        assert follows_prompt(scene, detections, main=main, shape=False) == colour
+        assert follows_prompt(scene, detections, main=main, colour=False) == shape
+        assert follows_prompt(scene, detections, main=main, colour=False, shape=False)   # something is there
+
+
+def test_a_requested_object_beside_a_larger_wrong_one_is_found_but_not_the_main_object():
+    """The requested blue square is drawn, and beside it a larger red circle: detected (prompt following), but
+    not what the video mainly shows, which is what `main=True` asks; with the circle smaller, it is again."""
+    import dataclasses
+
+    from shapes.measure import detect_video, follows_prompt
+
+    def square_and_circle(circle_size: float):
+        circle = world.ShapeObject("circle", "red", (Box(0.5, 0.5, 0.5 + circle_size, 0.5 + circle_size),)
+                                   * NUM_KEYFRAMES)
+        return dataclasses.replace(asked, objects=(*asked.objects, circle))
+
+    asked = world.sample_video(0, "visibility")[0]
+    asked = dataclasses.replace(asked, objects=(world.ShapeObject("square", "blue", (Box(0.1, 0.1, 0.3, 0.3),)
+                                                                   * NUM_KEYFRAMES),))
+    larger = detect_video(world.render_video(square_and_circle(0.45)))
+    assert follows_prompt(asked, larger) and not follows_prompt(asked, larger, main=True)
+    smaller = detect_video(world.render_video(square_and_circle(0.12)))
+    assert follows_prompt(asked, smaller) and follows_prompt(asked, smaller, main=True)
 
 
 @pytest.mark.parametrize("degradation", ["blur", "noise", "shift", "all", "fade", "desaturate"])
