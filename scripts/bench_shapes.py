@@ -8,8 +8,9 @@ accuracy), and measures, the same way for every arm, prompt following (every req
 detected in at least half of the frames where the planned layout has it; "main object right" counts only each
 frame's largest detections, as many as the plan has objects, which a cluttered video does not pass by chance; for
 one-object prompts also the main object's colour alone and shape alone: what a missed prompt misses) and
-adherence to the planned layout (mIoU, coverage, CD, AP50 over all frames; `shapes.measure`), and, colour-blind, the mIoU of the largest
-salient blob against the box of one-object prompts (it sees where a partly trained model put *something*).
+adherence to the planned layout (mIoU, coverage, CD, AP50 over all frames; `shapes.measure`), and, colour-blind,
+the mIoU of the largest salient blob against the box of one-object prompts (it sees where a partly trained model
+put *something*).
 The ``reconstruction`` arm generates nothing: it passes each prompt's planned scene, drawn by the shapes world,
 through the model's VAE, and measures that the same way; no sampler over those latents can do better, so it
 tells a denoiser's limits from its VAE's. It prints a markdown table (and writes it with the raw figures, per
