@@ -135,8 +135,9 @@ SHAPES_WAN_NUM_FRAMES = 17
 SHAPES_WAN_NUM_LAYERS = 8
 SHAPES_WAN_FOLDER = "wan"
 # Its training localises the attention of the 1.3B's guided depths, blocks 2-5 (shapes/training.py), but LVD guides
-# blocks 0-3: measured on the shapes benchmark (docs/BENCHMARKS.md, "The Wan sibling's guidance"), guiding 2-5 moved
-# the object into its box and lost its colour and shape; 0-3 kept them (one-object prompts followed: 0.62 against 0).
+# blocks 0-3: measured on the shapes benchmark (docs/BENCHMARKS.md, "The Wan sibling's guidance"), 0-3 has twice the
+# detector mIoU of 2-5 (0.031 against 0.016) at the same placement; no prompt-following measure on the main object
+# tells them apart (1/16 against 0/16: "Prompt following, measured on the main object").
 SHAPES_WAN_TRAINED_LAYERS = wan_guided_layers(scale_guided_blocks(WAN_GUIDED_BLOCKS_1_3B, SHAPES_WAN_NUM_LAYERS))
 SHAPES_WAN_GUIDED_LAYERS = wan_guided_layers((0, 1, 2, 3))
 
