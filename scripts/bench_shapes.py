@@ -250,7 +250,7 @@ def mean_seconds_per_video(run_dir: Path) -> float:
 
 
 def rate(part: dict, key: str = "followed") -> float:
-    return part[key] / part["total"] if part["total"] and key in part else float("nan")
+    return part[key] / part["total"] if part["total"] else float("nan")
 
 
 def main(argv=None) -> int:
