@@ -29,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 from utils.cli import int_in
@@ -158,7 +159,7 @@ def measure_videos(run_dir: Path) -> dict:
     (shapes.measure, all frames): the same measurement for every arm, baselines included (which have no
     layout of their own)."""
     from prompt import get_prompt_entries
-    from shapes.measure import compute_salient_miou, detect_video, follows_prompt, score_video_adherence
+    from shapes.measure import compute_salient_miou, detect_video, follows_prompt, main_colour, score_video_adherence
     from shapes.planner import plan_scene
     from utils.eval.metrics import summarize_adherence
     from utils.video_io import load_video
@@ -179,6 +180,7 @@ def measure_videos(run_dir: Path) -> dict:
         if one_object:  # what the main object gets wrong, when it is not the requested one: colour or shape
             found["main_colour"] = follows_prompt(scene, detections, main=True, shape=False)
             found["main_shape"] = follows_prompt(scene, detections, main=True, colour=False)
+            found["colour_asked"], found["colour_drawn"] = scene.objects[0].colour, main_colour(scene, detections)
         for tally in (every, single) if one_object else (every,):
             tally["total"] += 1
             for key in tally.keys() - {"total"}:
@@ -249,6 +251,16 @@ def mean_seconds_per_video(run_dir: Path) -> float:
     return sum(times) / max(len(times), 1)
 
 
+def colour_confusion(per_video: list[dict]) -> str:
+    """"green: yellow 4, green 3; red: red 4" over a run's one-object videos (`shapes.measure.main_colour`)."""
+    pairs = Counter((v["colour_asked"], v["colour_drawn"]) for v in per_video if v.get("colour_asked"))
+    parts = []
+    for asked in sorted({a for a, _ in pairs}):
+        drawn = sorted(((n, d) for (a, d), n in pairs.items() if a == asked), key=lambda nd: (-nd[0], nd[1]))
+        parts.append(f"{asked}: " + ", ".join(f"{d} {n}" for n, d in drawn))
+    return "; ".join(parts) or "-"
+
+
 def rate(part: dict, key: str = "followed") -> float:
     return part[key] / part["total"] if part["total"] else float("nan")
 
@@ -298,6 +310,9 @@ def main(argv=None) -> int:
                  f"{r['seconds_per_video']:.1f}",
                  f"{r['seconds_per_video'] / base_time:.2f}x" if base_time else "-"]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "The main object's colour in one-object videos, asked: drawn (videos):", ""]
+    for arm, r in results.items():
+        lines.append(f"- {arm}: {colour_confusion(r['per_video'])}")
     table = "\n".join(lines)
     print(table)
     atomic_write_json(args.out / "results.json", {"family": args.family, "per_task": args.per_task,

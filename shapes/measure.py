@@ -46,6 +46,17 @@ def follows_prompt(scene: Scene, detections: list[list[ShapeDetection]], *, colo
     return True
 
 
+def main_colour(scene: Scene, detections: list[list[ShapeDetection]]) -> str:
+    """The colour a one-object video mainly shows: that of each frame's largest detection, the most frequent one
+    over the frames where the plan has the object ("none" where a frame has no detection). What a one-object
+    prompt's colour turns into, when the main object has the wrong one."""
+    if len(scene.objects) != 1:
+        raise ValueError(f"main_colour is defined for one-object scenes; this one has {len(scene.objects)} objects")
+    frames = np.nonzero(scene_boxes(scene, len(detections))[0].any(axis=-1))[0]
+    colours = [max(detections[f], key=lambda d: d.area_px).colour if detections[f] else "none" for f in frames]
+    return max(dict.fromkeys(colours), key=colours.count) if colours else "none"
+
+
 def score_video_adherence(scene: Scene, detections: list[list[ShapeDetection]], height: int,
                           width: int) -> VideoAdherence:
     """mIoU, coverage, CD and AP50 of one video against ``scene``'s boxes, over every frame."""

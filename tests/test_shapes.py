@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -722,6 +723,9 @@ def test_the_benchmark_records_every_video_and_compares_a_run_with_itself(tmp_pa
         assert single_following[key] == sum(v[key] for v in single)
     assert all(v["main_colour"] and v["main_shape"] for v in single if v["main"])   # the main object needs both
     assert all(v["followed"] for v in videos if v["main"])                         # stricter than following
+    assert all(v["colour_asked"] in COLOURS and v["colour_drawn"] in (*COLOURS, "none") for v in single)
+    confusion = (tmp_path / "run" / "results.md").read_text().split("asked: drawn (videos):")[1]
+    assert sum(int(n) for n in re.findall(r" (\d+)(?=[,;\n])", confusion)) == len(single)
     capsys.readouterr()
     assert bench.main(["--compare", str(tmp_path / "run"), str(tmp_path / "run" / "results.json")]) == 0
     table = capsys.readouterr().out

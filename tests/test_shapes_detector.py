@@ -125,7 +125,7 @@ def test_prompt_following_tells_a_wrong_colour_from_a_wrong_shape(drawn, colour,
     following needs both; the colour-only and shape-only queries each miss only what was changed."""
     import dataclasses
 
-    from shapes.measure import detect_video, follows_prompt
+    from shapes.measure import detect_video, follows_prompt, main_colour
 
     scene = world.sample_video(0, "dynamic_spatial")[0]
     scene = dataclasses.replace(scene, objects=(dataclasses.replace(scene.objects[0], colour="blue",
@@ -137,6 +137,7 @@ def test_prompt_following_tells_a_wrong_colour_from_a_wrong_shape(drawn, colour,
         assert follows_prompt(scene, detections, main=main, shape=False) == colour
         assert follows_prompt(scene, detections, main=main, colour=False) == shape
         assert follows_prompt(scene, detections, main=main, colour=False, shape=False)   # something is there
+    assert main_colour(scene, detections) == drawn.get("colour", "blue")
 
 
 def test_a_requested_object_beside_a_larger_wrong_one_is_found_but_not_the_main_object():
@@ -144,7 +145,7 @@ def test_a_requested_object_beside_a_larger_wrong_one_is_found_but_not_the_main_
     not what the video mainly shows, which is what `main=True` asks; with the circle smaller, it is again."""
     import dataclasses
 
-    from shapes.measure import detect_video, follows_prompt
+    from shapes.measure import detect_video, follows_prompt, main_colour
 
     def square_and_circle(circle_size: float):
         circle = world.ShapeObject("circle", "red", (Box(0.5, 0.5, 0.5 + circle_size, 0.5 + circle_size),)
@@ -158,6 +159,11 @@ def test_a_requested_object_beside_a_larger_wrong_one_is_found_but_not_the_main_
     assert follows_prompt(asked, larger) and not follows_prompt(asked, larger, main=True)
     smaller = detect_video(world.render_video(square_and_circle(0.12)))
     assert follows_prompt(asked, smaller) and follows_prompt(asked, smaller, main=True)
+    # the colour it mainly shows: the circle's, then the square's; nothing detected: "none"
+    assert (main_colour(asked, larger), main_colour(asked, smaller)) == ("red", "blue")
+    assert main_colour(asked, [[] for _ in larger]) == "none"
+    with pytest.raises(ValueError, match="one-object scenes; this one has 2 objects"):
+        main_colour(square_and_circle(0.12), smaller)
 
 
 @pytest.mark.parametrize("degradation", ["blur", "noise", "shift", "all", "fade", "desaturate"])
